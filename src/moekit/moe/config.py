@@ -1,0 +1,171 @@
+"""MoEConfig: every knob of one sparse MoE layer, validated at construction.
+
+One small dataclass so that a layer can be described in TOML/JSON, saved next to a checkpoint and
+rebuilt exactly. Validation happens here, once, with errors that name the field, the value and
+what is allowed, so a typo fails before any tensor is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+ROUTERS = (
+    "topk",  # softmax, then top-k (Mixtral, Qwen, OLMoE)
+    "topk_then_softmax",  # top-k of logits, softmax over the chosen (GPT-OSS)
+    "switch",  # top-1 with input jitter (Switch Transformer)
+    "gshard",  # top-2 with random routing of the second expert (GShard)
+    "noisy_topk",  # Shazeer 2017 noisy gating with learned noise scale
+    "sigmoid_bias",  # sigmoid scores + non-gradient bias, aux-loss-free balancing (DeepSeek-V3)
+    "expert_choice",  # each expert picks its top-C tokens (Zhou 2022)
+)
+ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu", "silu", "gpt_oss")
+GLU_ACTIVATIONS = ("swiglu", "geglu", "gpt_oss")
+DROP_POLICIES = ("position", "probability")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"MoEConfig.{name}={value!r} is invalid: expected {allowed}")
+
+
+@dataclass
+class MoEConfig:
+    """Configuration of one MoE layer. `MoE(config)` or `MoE(dim=..., ...)` builds it."""
+
+    dim: int
+    hidden_dim: int
+    num_experts: int
+    top_k: int = 2
+
+    # --- router ---
+    router: str = "topk"
+    norm_topk_prob: bool = True  # renormalize the k chosen weights to sum 1 (softmax routers)
+    router_bias: bool = False  # a learned bias on the router logits (GPT-OSS)
+    router_init_scale: float = 1.0  # multiply the router's init std (Switch: 0.1 stabilizes training)
+    jitter_eps: float = 1e-2  # Switch multiplicative input jitter, training only; 0 disables
+    random_routing: bool = True  # GShard: keep the 2nd expert with probability min(1, 2 * g2)
+    noise_eps: float = 1e-2  # noisy top-k: floor added to softplus noise std
+    n_group: int = 1  # sigmoid_bias: experts split into groups (group-limited routing)
+    topk_group: int = 1  # sigmoid_bias: number of groups a token may use
+    routed_scaling_factor: float = 1.0  # sigmoid_bias: scale on the combine weights
+    bias_update_rate: float = 1e-3  # sigmoid_bias: gamma in b_i += gamma * sign(mean_load - load_i)
+    causal: bool = False  # set by decoders; expert choice refuses causal use unless allowed
+    allow_causal_expert_choice: bool = False
+    check_finite: bool = True  # raise on NaN/Inf router logits (one host sync per call)
+
+    # --- capacity ---
+    capacity_factor: float | None = None  # None = dropless
+    eval_capacity_factor: float | None = None  # None = same as capacity_factor
+    min_capacity: int = 0
+    drop_policy: str = "position"  # "position" (first tokens win) or "probability" (batch priority)
+
+    # --- experts ---
+    activation: str = "swiglu"
+    expert_bias: bool = False
+    expert_dropout: float = 0.0  # dropout on the experts' hidden activations, separate from the model's
+    num_shared_experts: int = 0
+    shared_hidden_dim: int | None = None  # default: hidden_dim * num_shared_experts
+    shared_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x W_s)
+    inner: MoEConfig | None = None  # hierarchical MoE: every expert is an MoE layer with this config
+
+    # --- losses (coefficients; a loss with coefficient 0 still appears in MoEOutput.losses) ---
+    load_balance_coef: float = 1e-2  # Switch: E * sum_i f_i P_i
+    z_loss_coef: float = 1e-3  # ST-MoE: mean (logsumexp logits)^2
+    importance_coef: float = 0.0  # Shazeer: CV^2 of importance
+    load_coef: float = 0.0  # Shazeer: CV^2 of (smooth) load
+    seq_balance_coef: float = 0.0  # DeepSeek-V3: Switch loss per sequence, averaged
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form metadata, never read by the layer
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inner, dict):
+            self.inner = MoEConfig.from_dict(self.inner)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        for name in ("dim", "hidden_dim", "num_experts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                _fail(name, v, "a positive integer")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            _fail("top_k", self.top_k, f"an integer in [1, num_experts={self.num_experts}]")
+        if self.router not in ROUTERS:
+            _fail("router", self.router, f"one of {list(ROUTERS)}")
+        if self.activation not in ACTIVATIONS:
+            _fail("activation", self.activation, f"one of {list(ACTIVATIONS)}")
+        if self.drop_policy not in DROP_POLICIES:
+            _fail("drop_policy", self.drop_policy, f"one of {list(DROP_POLICIES)}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+                _fail(name, v, "None (dropless) or a finite number > 0")
+        if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+            _fail("min_capacity", self.min_capacity, "an integer >= 0")
+        if not 0.0 <= self.expert_dropout < 1.0:
+            _fail("expert_dropout", self.expert_dropout, "a float in [0, 1)")
+        if self.jitter_eps < 0 or self.jitter_eps >= 1:
+            _fail("jitter_eps", self.jitter_eps, "a float in [0, 1)")
+        if self.router_init_scale <= 0:
+            _fail("router_init_scale", self.router_init_scale, "a float > 0")
+        if self.num_shared_experts < 0:
+            _fail("num_shared_experts", self.num_shared_experts, "an integer >= 0")
+        if self.shared_hidden_dim is not None and self.shared_hidden_dim < 1:
+            _fail("shared_hidden_dim", self.shared_hidden_dim, "None or a positive integer")
+        for name in ("load_balance_coef", "z_loss_coef", "importance_coef", "load_coef", "seq_balance_coef"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                _fail(name, v, "a finite number >= 0")
+        if self.router == "switch" and self.top_k != 1:
+            _fail("top_k", self.top_k, "1 for router='switch' (Switch routes each token to one expert)")
+        if self.router == "gshard" and self.top_k != 2:
+            _fail("top_k", self.top_k, "2 for router='gshard' (GShard routes to two experts)")
+        if self.router == "sigmoid_bias":
+            if self.n_group < 1 or self.num_experts % self.n_group:
+                _fail("n_group", self.n_group, f"a divisor of num_experts={self.num_experts}")
+            if not 1 <= self.topk_group <= self.n_group:
+                _fail("topk_group", self.topk_group, f"an integer in [1, n_group={self.n_group}]")
+            if self.top_k > self.topk_group * (self.num_experts // self.n_group):
+                _fail("top_k", self.top_k, "<= topk_group * experts per group")
+        if self.router == "expert_choice":
+            if self.causal and not self.allow_causal_expert_choice:
+                raise ValueError(
+                    "MoEConfig.router='expert_choice' with causal=True is refused: each expert picks its "
+                    "tokens by looking at the whole batch, which leaks future tokens into a causal "
+                    "decoder. Use it in encoders, or set allow_causal_expert_choice=True to accept that."
+                )
+            if self.inner is not None:
+                _fail("inner", "MoEConfig", "None with router='expert_choice'")
+        if self.inner is not None and self.inner.dim != self.dim:
+            _fail("inner.dim", self.inner.dim, f"equal to dim={self.dim}")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def is_glu(self) -> bool:
+        return self.activation in GLU_ACTIVATIONS
+
+    def capacity(self, num_assignments: int, training: bool) -> int | None:
+        """Slots per expert for `num_assignments` = k * T routed assignments; None when dropless.
+
+        C = ceil(CF * k * T / E), at least `min_capacity` (and at least 1).
+        """
+        cf = self.capacity_factor if training or self.eval_capacity_factor is None else self.eval_capacity_factor
+        if cf is None:
+            return None
+        return max(1, self.min_capacity, math.ceil(cf * num_assignments / self.num_experts))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.inner is not None:
+            d["inner"] = self.inner.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise ValueError(f"unknown MoEConfig keys {unknown}; valid keys are {sorted(valid)}")
+        return cls(**d)

@@ -1,0 +1,119 @@
+"""Dispatch and combine: move token assignments to their experts and the results back.
+
+The routing gives A assignments (token, expert, weight). Dispatch sorts them by expert (stable,
+in priority order within an expert), applies the capacity rule, and gathers the kept tokens into
+one contiguous `[N, D]` block where expert e owns `counts[e]` consecutive rows. The experts run a
+grouped product over those groups. Combine scales each result by its weight and adds it into the
+token's output row; a dropped assignment contributes exactly zero (the token still has the
+residual connection outside this layer).
+
+Capacity (C slots per expert, see MoEConfig.capacity) drops the assignments past C in priority
+order: "position" gives priority to all first choices before any second choice, and within a rank
+to earlier tokens (Switch, GShard); "probability" orders each rank by router weight, so the least
+confident assignments are dropped first (batch-priority routing, V-MoE/Tutel).
+
+`LocalDispatcher` keeps everything on this process; an all-to-all dispatcher for expert
+parallelism implements the same two methods.
+
+Shape legend: T tokens, D dim, E experts, K experts per token, A assignments, N kept assignments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moekit.moe.router import Routing
+
+
+@dataclass
+class SlotAssignment:
+    """Which assignments run, grouped by expert."""
+
+    perm_N: Tensor  # [N] assignment index of every kept row, sorted by expert
+    counts: list[int]  # kept rows per expert (host ints: they size the grouped products)
+    routed_E: Tensor  # [E] float32 valid assignments per expert before capacity
+    kept_E: Tensor  # [E] float32 kept assignments per expert
+
+
+def priority_order(routing: Routing, policy: str) -> Tensor | None:
+    """[A] assignment indices in drop priority (first = kept first); None = natural order."""
+    k = routing.top_k
+    if k == 0:  # expert choice: already exactly C per expert
+        return None
+    num_tokens = routing.num_assignments // k
+    idx_KT = torch.arange(routing.num_assignments, device=routing.expert_idx_A.device).view(num_tokens, k).t()
+    if policy == "probability":
+        w_KT = routing.weight_A.detach().view(num_tokens, k).t()
+        order_KT = torch.argsort(w_KT, dim=1, descending=True, stable=True)
+        idx_KT = idx_KT.gather(1, order_KT)
+    return idx_KT.reshape(-1)  # rank-major: every first choice before any second choice
+
+
+def assign_slots(
+    expert_idx_A: Tensor,
+    valid_A: Tensor | None,
+    num_experts: int,
+    capacity: int | None,
+    order_A: Tensor | None = None,
+) -> SlotAssignment:
+    """Sort valid assignments by expert (priority order within an expert) and drop those past capacity."""
+    num_assignments = expert_idx_A.numel()
+    # Invalid assignments go to a sentinel bucket E, sorted last and never computed.
+    bucket_A = expert_idx_A if valid_A is None else expert_idx_A.masked_fill(~valid_A, num_experts)
+    if order_A is None:
+        perm_A = torch.argsort(bucket_A, stable=True)
+    else:
+        perm_A = order_A[torch.argsort(bucket_A[order_A], stable=True)]
+    routed_E1 = torch.bincount(bucket_A, minlength=num_experts + 1)  # [E + 1]
+    routed_E = routed_E1[:num_experts]
+    if capacity is None:
+        kept_E = routed_E
+        perm_N = perm_A[: int(routed_E.sum())]
+    else:
+        start_E1 = torch.cumsum(routed_E1, 0) - routed_E1
+        sorted_bucket_A = bucket_A[perm_A]
+        position_A = torch.arange(num_assignments, device=perm_A.device) - start_E1[sorted_bucket_A]
+        keep_A = (position_A < capacity) & (sorted_bucket_A < num_experts)
+        perm_N = perm_A[keep_A]
+        kept_E = routed_E.clamp(max=capacity)
+    return SlotAssignment(perm_N, kept_E.tolist(), routed_E.float(), kept_E.float())
+
+
+@dataclass
+class DispatchState:
+    """What combine needs to bring expert outputs home, plus the counts for statistics."""
+
+    token_N: Tensor  # [N] token of every kept row
+    weight_N: Tensor  # [N] combine weight of every kept row
+    num_tokens: int
+    routed_E: Tensor  # [E] valid assignments per expert before capacity
+    kept_E: Tensor  # [E] assignments per expert that ran
+
+
+class LocalDispatcher:
+    """Single-process dispatch: gather kept assignments in expert order, scatter-add them back."""
+
+    def dispatch(
+        self,
+        x_TD: Tensor,
+        routing: Routing,
+        valid_A: Tensor | None,
+        capacity: int | None,
+        order_A: Tensor | None,
+        num_experts: int,
+    ) -> tuple[Tensor, list[int], DispatchState]:
+        """-> rows `[N, D]` grouped by expert, rows per expert, state for combine."""
+        slots = assign_slots(routing.expert_idx_A, valid_A, num_experts, capacity, order_A)
+        token_N = routing.token_index()[slots.perm_N]
+        weight_N = routing.weight_A[slots.perm_N]
+        x_ND = x_TD[token_N]  # [N, D]
+        return x_ND, slots.counts, DispatchState(token_N, weight_N, x_TD.shape[0], slots.routed_E, slots.kept_E)
+
+    def combine(self, y_ND: Tensor, state: DispatchState) -> Tensor:
+        """[T, D] = sum over a token's kept assignments of weight * expert output."""
+        weighted_ND = y_ND * state.weight_N.to(y_ND.dtype)[:, None]
+        out_TD = y_ND.new_zeros(state.num_tokens, y_ND.shape[1])
+        return out_TD.index_add(0, state.token_N, weighted_ND)

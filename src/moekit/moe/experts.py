@@ -1,0 +1,167 @@
+"""Expert banks: E feed-forward experts held as fused `[E, ...]` tensors.
+
+An expert is `down(act(up(x)))` (FFN: ReLU, GELU, SiLU) or `down(act(gate(x)) * up(x))` (GLU:
+SwiGLU, GeGLU, and GPT-OSS's clamped variant). Gate and up projections of all experts live in one
+tensor `w_in_EDF` of shape [E, D, 2F] for GLU (columns 0..F-1 gate, F..2F-1 up) or [E, D, F] for
+FFN, the down projections in `w_out_EFD` [E, F, D]. The bank computes on rows already sorted by
+expert (see dispatch.py) with grouped matrix products.
+
+Shared experts (DeepSeek, Qwen2-MoE) are a bank of one expert applied to every token, optionally
+scaled by a sigmoid gate. Hierarchical MoE (Shazeer 2017) makes every expert an MoE layer itself.
+
+Shape legend: N sorted rows, D model dim, F expert hidden dim, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.moe.config import MoEConfig
+from moekit.moe.grouped import expert_of_rows, grouped_mm
+
+GPT_OSS_ALPHA = 1.702
+GPT_OSS_LIMIT = 7.0
+
+
+def glu_activation(name: str, gate: Tensor, up: Tensor) -> Tensor:
+    """act(gate) * up for the GLU family."""
+    if name == "swiglu":
+        return F.silu(gate) * up
+    if name == "geglu":
+        return F.gelu(gate, approximate="tanh") * up
+    if name == "gpt_oss":  # clamped SwiGLU of GPT-OSS: (up + 1) * g * sigmoid(1.702 g)
+        gate = gate.clamp(max=GPT_OSS_LIMIT)
+        up = up.clamp(-GPT_OSS_LIMIT, GPT_OSS_LIMIT)
+        return (up + 1) * gate * torch.sigmoid(GPT_OSS_ALPHA * gate)
+    raise ValueError(f"unknown GLU activation {name!r}: expected swiglu, geglu or gpt_oss")
+
+
+def ffn_activation(name: str, h: Tensor) -> Tensor:
+    if name == "relu":
+        return F.relu(h)
+    if name == "gelu":
+        return F.gelu(h)
+    if name == "silu":
+        return F.silu(h)
+    raise ValueError(f"unknown FFN activation {name!r}: expected relu, gelu or silu")
+
+
+def apply_activation(name: str, h_NF: Tensor, is_glu: bool) -> Tensor:
+    """Hidden activation of either family; GLU hidden is [gate | up] along the last dim."""
+    if is_glu:
+        gate, up = h_NF.chunk(2, dim=-1)
+        return glu_activation(name, gate, up)
+    return ffn_activation(name, h_NF)
+
+
+class ExpertBank(nn.Module):
+    """E experts of one shape, computed group by group on expert-sorted rows."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        activation: str = "swiglu",
+        bias: bool = False,
+        dropout: float = 0.0,
+        is_glu: bool | None = None,
+    ):
+        super().__init__()
+        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+        self.activation = activation
+        self.is_glu = activation in ("swiglu", "geglu", "gpt_oss") if is_glu is None else is_glu
+        in_features = 2 * hidden_dim if self.is_glu else hidden_dim
+        self.w_in_EDF = nn.Parameter(torch.empty(num_experts, dim, in_features))
+        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.b_in_EF = nn.Parameter(torch.zeros(num_experts, in_features)) if bias else None
+        self.b_out_ED = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w_in_EDF, std=1.0 / math.sqrt(self.dim))
+        nn.init.normal_(self.w_out_EFD, std=1.0 / math.sqrt(self.hidden_dim))
+        for b in (self.b_in_EF, self.b_out_ED):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def forward(self, x_ND: Tensor, counts: Sequence[int]) -> Tensor:
+        """Rows of x_ND sorted by expert, `counts[e]` rows for expert e -> [N, D]."""
+        h_NF = grouped_mm(x_ND, self.w_in_EDF, counts)  # [N, F] or [N, 2F]
+        row_expert_N = None
+        if self.b_in_EF is not None:
+            row_expert_N = expert_of_rows(counts, x_ND.device)
+            h_NF = h_NF + self.b_in_EF[row_expert_N]
+        h_NF = self.dropout(apply_activation(self.activation, h_NF, self.is_glu))
+        y_ND = grouped_mm(h_NF, self.w_out_EFD, counts)  # [N, D]
+        if self.b_out_ED is not None:
+            y_ND = y_ND + self.b_out_ED[row_expert_N]
+        return y_ND
+
+    @classmethod
+    def from_config(cls, config: MoEConfig) -> ExpertBank:
+        return cls(
+            config.num_experts,
+            config.dim,
+            config.hidden_dim,
+            config.activation,
+            config.expert_bias,
+            config.expert_dropout,
+        )
+
+
+class SharedExperts(nn.Module):
+    """Always-on experts added to the routed output; Qwen2-MoE scales them by sigmoid(x W_s)."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        hidden = config.shared_hidden_dim or config.hidden_dim * config.num_shared_experts
+        # One fused expert of the combined hidden size equals the sum of num_shared_experts experts.
+        self.bank = ExpertBank(1, config.dim, hidden, config.activation, config.expert_bias, config.expert_dropout)
+        self.gate = nn.Linear(config.dim, 1, bias=False) if config.shared_gate else None
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        y_TD = self.bank(x_TD, [x_TD.shape[0]])
+        if self.gate is not None:
+            y_TD = y_TD * torch.sigmoid(self.gate(x_TD))
+        return y_TD
+
+
+class HierarchicalExperts(nn.Module):
+    """Every expert is an MoE layer (Shazeer 2017's hierarchical MoE).
+
+    Returns the outputs and the inner layers' aux and z losses, averaged over the inner layers
+    that received tokens (an inner layer with no tokens runs nothing and adds no loss).
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        from moekit.moe.layer import MoE  # the layer module imports this one
+
+        assert config.inner is not None
+        self.num_experts = config.num_experts
+        self.layers = nn.ModuleList(MoE(config.inner) for _ in range(config.num_experts))
+
+    def forward(self, x_ND: Tensor, counts: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        outputs, aux, z = [], [], []
+        start = 0
+        for layer, c in zip(self.layers, counts):
+            if c:
+                inner = layer(x_ND[start : start + c])
+                outputs.append(inner.output)
+                aux.append(inner.aux_loss)
+                z.append(inner.z_loss)
+            start += c
+        zero = x_ND.new_zeros((), dtype=torch.float32)
+        if not outputs:
+            return x_ND.new_zeros(x_ND.shape), zero, zero
+        y_ND = torch.cat(outputs, dim=0)
+        if y_ND.shape[0] < x_ND.shape[0]:
+            y_ND = torch.cat([y_ND, x_ND.new_zeros(x_ND.shape[0] - y_ND.shape[0], x_ND.shape[1])])
+        return y_ND, torch.stack(aux).mean(), torch.stack(z).mean()

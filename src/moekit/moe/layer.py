@@ -1,0 +1,209 @@
+"""The sparse MoE layer: route -> dispatch -> experts -> combine (+ shared experts), with its losses.
+
+Follow one token through `MoE.forward`:
+  1. the router scores it against every expert (float32) and picks its experts and weights;
+  2. the dispatcher sorts all assignments by expert, drops those past capacity, and gathers the
+     kept tokens into contiguous per-expert groups;
+  3. the expert bank runs each group through its expert with grouped matrix products;
+  4. the combine scales each result by its routing weight and sums it into the token's output;
+  5. shared experts, if any, add their output for every token.
+Losses and statistics of the call come back in the `MoEOutput`; nothing is kept in globals.
+
+Shape legend: T tokens, D model dim, E experts, K experts per token, A assignments, N kept rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from moekit.moe import losses as L
+from moekit.moe.config import MoEConfig
+from moekit.moe.dispatch import LocalDispatcher, priority_order
+from moekit.moe.experts import ExpertBank, HierarchicalExperts, SharedExperts
+from moekit.moe.router import Routing, build_router
+
+
+@dataclass
+class MoEStats:
+    """Routing statistics of one call (detached tensors; no host sync needed to build them)."""
+
+    tokens_per_expert: Tensor  # [E] assignments each expert computed (after capacity)
+    routed_per_expert: Tensor  # [E] assignments routed to each expert (before capacity): the load
+    dropped_fraction: Tensor  # share of routed assignments dropped by capacity
+    router_entropy: Tensor  # mean entropy (nats) of the router distribution over real tokens
+    max_load_violation: Tensor  # max load / mean load - 1 (0 = perfectly balanced)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tokens_per_expert": self.tokens_per_expert.tolist(),
+            "routed_per_expert": self.routed_per_expert.tolist(),
+            "dropped_fraction": float(self.dropped_fraction),
+            "router_entropy": float(self.router_entropy),
+            "max_load_violation": float(self.max_load_violation),
+        }
+
+
+class MoEOutput(NamedTuple):
+    output: Tensor  # [..., D], same shape and dtype as the input
+    aux_loss: Tensor  # balance losses times their coefficients, summed (float32 scalar)
+    z_loss: Tensor  # router z-loss times its coefficient (float32 scalar)
+    stats: MoEStats
+    losses: dict[str, Tensor]  # every loss unweighted: load_balance, z, importance, load, seq_balance
+
+
+class MoE(nn.Module):
+    """A sparse Mixture-of-Experts feed-forward layer mapping [..., dim] -> [..., dim].
+
+    Build it from a config or keyword arguments:
+        MoE(MoEConfig(dim=512, hidden_dim=1408, num_experts=8, top_k=2))
+        MoE(512, 1408, 8, 2, router="switch", capacity_factor=1.25)
+    Components are attributes you may swap: `router`, `dispatcher`, `experts`, `shared`.
+    """
+
+    def __init__(
+        self,
+        dim: int | MoEConfig | None = None,
+        hidden_dim: int | None = None,
+        num_experts: int | None = None,
+        top_k: int = 2,
+        *,
+        config: MoEConfig | None = None,
+        dispatcher: Any = None,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        if isinstance(dim, MoEConfig):
+            config, dim = dim, None
+        if config is None:
+            if dim is None or hidden_dim is None or num_experts is None:
+                raise ValueError("MoE needs a MoEConfig or dim, hidden_dim and num_experts")
+            config = MoEConfig(dim=dim, hidden_dim=hidden_dim, num_experts=num_experts, top_k=top_k, **kwargs)
+        elif kwargs or hidden_dim is not None or num_experts is not None:
+            raise ValueError("pass either a MoEConfig or keyword arguments, not both")
+        self.config = config
+        self.router = build_router(config)
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        self.experts: nn.Module = (
+            HierarchicalExperts(config) if config.inner is not None else ExpertBank.from_config(config)
+        )
+        self.shared = SharedExperts(config) if config.num_shared_experts > 0 else None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> MoEOutput:
+        cfg = self.config
+        x_TD, mask_T = self._check_input(x, mask)
+
+        # 1. route
+        routing = self.router(x_TD, mask_T)
+        token_A = routing.token_index()
+        real_A = None if mask_T is None else mask_T[token_A]  # assignments of real (non-padding) tokens
+        valid_A = _and(real_A, routing.keep_A)
+
+        # 2. dispatch (with capacity for token-choice routers; expert choice has its own)
+        capacity, order_A = None, None
+        if routing.top_k > 0:
+            num_real = x_TD.shape[0] if mask_T is None else int(mask_T.sum())
+            capacity = cfg.capacity(num_real * routing.top_k, self.training)
+            if capacity is not None:
+                order_A = priority_order(routing, cfg.drop_policy)
+        x_ND, counts, state = self.dispatcher.dispatch(x_TD, routing, valid_A, capacity, order_A, cfg.num_experts)
+
+        # 3. experts
+        inner_aux = inner_z = None
+        expert_out = self.experts(x_ND, counts)
+        if isinstance(expert_out, tuple):  # hierarchical experts also return their inner losses
+            y_ND, inner_aux, inner_z = expert_out
+        else:
+            y_ND = expert_out
+
+        # 4. combine, 5. shared experts
+        out_TD = self.dispatcher.combine(y_ND, state)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+
+        losses = self._losses(x, routing, token_A, real_A, mask_T)
+        aux_loss = (
+            cfg.load_balance_coef * losses["load_balance"]
+            + cfg.importance_coef * losses["importance"]
+            + cfg.load_coef * losses["load"]
+            + cfg.seq_balance_coef * losses["seq_balance"]
+        )
+        z_loss = cfg.z_loss_coef * losses["z"]
+        if inner_aux is not None:
+            aux_loss, z_loss = aux_loss + inner_aux, z_loss + inner_z
+        stats = self._stats(routing, state.routed_E, state.kept_E, mask_T)
+        return MoEOutput(out_TD.view(x.shape), aux_loss, z_loss, stats, losses)
+
+    def _check_input(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            dtype = getattr(x, "dtype", type(x).__name__)
+            raise ValueError(f"MoE input must be a floating-point tensor, got {dtype}")
+        if x.ndim < 1 or x.shape[-1] != self.config.dim:
+            raise ValueError(f"MoE input has shape {tuple(x.shape)}: expected [..., dim={self.config.dim}]")
+        x_TD = x.reshape(-1, self.config.dim)
+        if mask is None:
+            return x_TD, None
+        if tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"mask has shape {tuple(mask.shape)}: expected the input's leading shape {tuple(x.shape[:-1])}")
+        return x_TD, mask.reshape(-1).to(torch.bool)
+
+    def _losses(
+        self, x: Tensor, routing: Routing, token_A: Tensor, real_A: Tensor | None, mask_T: Tensor | None
+    ) -> dict[str, Tensor]:
+        cfg, num_experts = self.config, self.config.num_experts
+        zero = routing.logits_TE.new_zeros(())
+        # f_i counts every selection of a real token, before random routing or capacity drops.
+        selected_E = L.expert_counts(routing.expert_idx_A, real_A, num_experts)
+        losses = {
+            "load_balance": L.switch_load_balance_loss(routing.probs_TE, selected_E, mask_T),
+            "z": L.router_z_loss(routing.logits_TE, mask_T),
+            "importance": zero,
+            "load": zero,
+            "seq_balance": zero,
+        }
+        if cfg.importance_coef > 0:
+            losses["importance"] = L.importance_loss(routing.weight_A, routing.expert_idx_A, real_A, num_experts)
+        if cfg.load_coef > 0:
+            losses["load"] = L.load_loss(routing.load_E if routing.load_E is not None else selected_E)
+        if cfg.seq_balance_coef > 0:
+            num_sequences = math.prod(x.shape[:-2]) if x.ndim >= 3 else 1
+            losses["seq_balance"] = L.sequence_balance_loss(
+                routing.probs_TE, routing.expert_idx_A, token_A, num_sequences, mask_T
+            )
+        return losses
+
+    @torch.no_grad()
+    def _stats(self, routing: Routing, routed_E: Tensor, kept_E: Tensor, mask_T: Tensor | None) -> MoEStats:
+        total = routed_E.sum()
+        dropped = torch.where(total > 0, 1.0 - kept_E.sum() / total.clamp_min(1.0), total.new_zeros(()))
+        return MoEStats(
+            tokens_per_expert=kept_E.detach(),
+            routed_per_expert=routed_E.detach(),
+            dropped_fraction=dropped,
+            router_entropy=L.router_entropy(routing.probs_TE.detach(), mask_T),
+            max_load_violation=L.max_load_violation(routed_E),
+        )
+
+    # ------------------------------------------------------------------ training hooks
+    def update_bias(self, tokens_per_expert_E: Tensor) -> None:
+        """Aux-loss-free balancing: call after the optimizer step with the routed load
+        (`stats.routed_per_expert`, summed over accumulation steps). No-op for other routers."""
+        self.router.update_bias(tokens_per_expert_E)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        cf = "dropless" if c.capacity_factor is None else f"capacity_factor={c.capacity_factor}"
+        return f"dim={c.dim}, hidden_dim={c.hidden_dim}, experts={c.num_experts}, top_k={c.top_k}, router={c.router}, {cf}"
+
+
+def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b

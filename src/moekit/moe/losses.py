@@ -1,0 +1,108 @@
+"""Auxiliary losses of MoE routing, computed explicitly from one call's routing.
+
+Nothing here keeps state: each function takes tensors and returns a scalar tensor. Padding is
+excluded everywhere through `mask_T` (True = real token), so padded batches give the same losses
+as the unpadded tokens alone. None of these losses is scaled by a data-parallel world size or by
+gradient-accumulation steps; that is the caller's choice and a classic bug when made implicitly.
+
+Shape legend: T tokens, E experts, A assignments, B sequences, S tokens per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _mask_or_ones(mask_T: Tensor | None, num_tokens: int, device: torch.device) -> Tensor:
+    if mask_T is None:
+        return torch.ones(num_tokens, dtype=torch.float32, device=device)
+    return mask_T.to(torch.float32)
+
+
+def expert_counts(expert_idx_A: Tensor, valid_A: Tensor | None, num_experts: int) -> Tensor:
+    """[E] float32 number of (valid) assignments per expert."""
+    weights = None if valid_A is None else valid_A.to(torch.float32)
+    return torch.bincount(expert_idx_A, weights=weights, minlength=num_experts).to(torch.float32)
+
+
+def switch_load_balance_loss(probs_TE: Tensor, counts_E: Tensor, mask_T: Tensor | None = None) -> Tensor:
+    """Switch Transformer balance loss `E * sum_i f_i * P_i`, exactly 1 at perfect balance.
+
+    f_i: fraction of the routed assignments (top-k selections of real tokens, before any
+    capacity drop) that chose expert i; P_i: mean router probability of expert i over real tokens.
+    """
+    num_tokens, num_experts = probs_TE.shape
+    m_T = _mask_or_ones(mask_T, num_tokens, probs_TE.device)
+    f_E = counts_E / counts_E.sum().clamp_min(1.0)
+    p_E = (probs_TE * m_T[:, None]).sum(dim=0) / m_T.sum().clamp_min(1.0)
+    return num_experts * (f_E * p_E).sum()
+
+
+def router_z_loss(logits_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
+    """ST-MoE router z-loss: mean over real tokens of (logsumexp_j logits_tj)^2."""
+    m_T = _mask_or_ones(mask_T, logits_TE.shape[0], logits_TE.device)
+    lse_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    return (lse_T.square() * m_T).sum() / m_T.sum().clamp_min(1.0)
+
+
+def cv_squared(v_E: Tensor, eps: float = 1e-10) -> Tensor:
+    """Squared coefficient of variation var/mean^2 (population variance), 0 for a single expert."""
+    if v_E.numel() <= 1:
+        return v_E.new_zeros(())
+    return v_E.float().var(unbiased=False) / (v_E.float().mean().square() + eps)
+
+
+def importance_loss(weight_A: Tensor, expert_idx_A: Tensor, valid_A: Tensor | None, num_experts: int) -> Tensor:
+    """Shazeer 2017: CV^2 of importance, importance_i = sum over the batch of expert i's gate values."""
+    w_A = weight_A if valid_A is None else weight_A * valid_A.to(weight_A.dtype)
+    importance_E = torch.zeros(num_experts, dtype=torch.float32, device=w_A.device)
+    importance_E = importance_E.index_add(0, expert_idx_A, w_A.float())
+    return cv_squared(importance_E)
+
+
+def load_loss(load_E: Tensor) -> Tensor:
+    """Shazeer 2017: CV^2 of the load (smooth estimate for noisy gating, else assignment counts)."""
+    return cv_squared(load_E)
+
+
+def sequence_balance_loss(
+    probs_TE: Tensor,
+    expert_idx_A: Tensor,
+    token_idx_A: Tensor,
+    num_sequences: int,
+    mask_T: Tensor | None = None,
+) -> Tensor:
+    """DeepSeek-V3 sequence-wise balance: the Switch loss computed within each sequence, averaged.
+
+    Tokens are laid out sequence-major (token t belongs to sequence t // S). Sequences with no real
+    token do not count.
+    """
+    num_tokens, num_experts = probs_TE.shape
+    seq_len = num_tokens // num_sequences
+    m_T = _mask_or_ones(mask_T, num_tokens, probs_TE.device)
+    m_BS = m_T.view(num_sequences, seq_len)
+    p_BE = (probs_TE.view(num_sequences, seq_len, num_experts) * m_BS[..., None]).sum(1)
+    real_B = m_BS.sum(dim=1)
+    p_BE = p_BE / real_B.clamp_min(1.0)[:, None]
+    seq_A = token_idx_A // seq_len
+    flat_idx = seq_A * num_experts + expert_idx_A
+    counts_BE = torch.bincount(flat_idx, weights=m_T[token_idx_A], minlength=num_sequences * num_experts)
+    counts_BE = counts_BE.view(num_sequences, num_experts).to(torch.float32)
+    f_BE = counts_BE / counts_BE.sum(dim=1, keepdim=True).clamp_min(1.0)
+    per_seq_B = num_experts * (f_BE * p_BE).sum(dim=1)
+    has_tokens_B = (real_B > 0).to(torch.float32)
+    return (per_seq_B * has_tokens_B).sum() / has_tokens_B.sum().clamp_min(1.0)
+
+
+def router_entropy(probs_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
+    """Mean over real tokens of the entropy (nats) of the router distribution."""
+    m_T = _mask_or_ones(mask_T, probs_TE.shape[0], probs_TE.device)
+    ent_T = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(dim=-1)
+    return (ent_T * m_T).sum() / m_T.sum().clamp_min(1.0)
+
+
+def max_load_violation(counts_E: Tensor) -> Tensor:
+    """MaxVio = max_i load_i / mean load - 1 (0 at perfect balance)."""
+    mean = counts_E.float().mean()
+    return torch.where(mean > 0, counts_E.float().max() / mean.clamp_min(1e-12) - 1.0, mean.new_zeros(()))
