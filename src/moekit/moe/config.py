@@ -151,7 +151,11 @@ class MoEConfig:
 
         C = ceil(CF * k * T / E), at least `min_capacity` (and at least 1).
         """
-        cf = self.capacity_factor if training or self.eval_capacity_factor is None else self.eval_capacity_factor
+        cf = (
+            self.capacity_factor
+            if training or self.eval_capacity_factor is None
+            else self.eval_capacity_factor
+        )
         if cf is None:
             return None
         return max(1, self.min_capacity, math.ceil(cf * num_assignments / self.num_experts))

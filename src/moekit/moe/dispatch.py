@@ -110,7 +110,11 @@ class LocalDispatcher:
         token_N = routing.token_index()[slots.perm_N]
         weight_N = routing.weight_A[slots.perm_N]
         x_ND = x_TD[token_N]  # [N, D]
-        return x_ND, slots.counts, DispatchState(token_N, weight_N, x_TD.shape[0], slots.routed_E, slots.kept_E)
+        return (
+            x_ND,
+            slots.counts,
+            DispatchState(token_N, weight_N, x_TD.shape[0], slots.routed_E, slots.kept_E),
+        )
 
     def combine(self, y_ND: Tensor, state: DispatchState) -> Tensor:
         """[T, D] = sum over a token's kept assignments of weight * expert output."""

@@ -123,7 +123,9 @@ class SharedExperts(nn.Module):
         super().__init__()
         hidden = config.shared_hidden_dim or config.hidden_dim * config.num_shared_experts
         # One fused expert of the combined hidden size equals the sum of num_shared_experts experts.
-        self.bank = ExpertBank(1, config.dim, hidden, config.activation, config.expert_bias, config.expert_dropout)
+        self.bank = ExpertBank(
+            1, config.dim, hidden, config.activation, config.expert_bias, config.expert_dropout
+        )
         self.gate = nn.Linear(config.dim, 1, bias=False) if config.shared_gate else None
 
     def forward(self, x_TD: Tensor) -> Tensor:

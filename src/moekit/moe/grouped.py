@@ -64,7 +64,9 @@ class _GroupedMM(torch.autograd.Function):
 def grouped_mm(x_ND: Tensor, w_EDF: Tensor, counts: Sequence[int]) -> Tensor:
     """[N, F] = per-expert `x_ND[group e] @ w_EDF[e]`; `counts` (host ints) sum to at most N."""
     if x_ND.shape[-1] != w_EDF.shape[1]:
-        raise ValueError(f"grouped_mm: x has {x_ND.shape[-1]} features but the weights expect {w_EDF.shape[1]}")
+        raise ValueError(
+            f"grouped_mm: x has {x_ND.shape[-1]} features but the weights expect {w_EDF.shape[1]}"
+        )
     if len(counts) != w_EDF.shape[0]:
         raise ValueError(f"grouped_mm: {len(counts)} group counts for {w_EDF.shape[0]} experts")
     return _GroupedMM.apply(x_ND, w_EDF, tuple(int(c) for c in counts))

@@ -111,7 +111,9 @@ class MoE(nn.Module):
             capacity = cfg.capacity(num_real * routing.top_k, self.training)
             if capacity is not None:
                 order_A = priority_order(routing, cfg.drop_policy)
-        x_ND, counts, state = self.dispatcher.dispatch(x_TD, routing, valid_A, capacity, order_A, cfg.num_experts)
+        x_ND, counts, state = self.dispatcher.dispatch(
+            x_TD, routing, valid_A, capacity, order_A, cfg.num_experts
+        )
 
         # 3. experts
         inner_aux = inner_z = None
@@ -149,7 +151,9 @@ class MoE(nn.Module):
         if mask is None:
             return x_TD, None
         if tuple(mask.shape) != tuple(x.shape[:-1]):
-            raise ValueError(f"mask has shape {tuple(mask.shape)}: expected the input's leading shape {tuple(x.shape[:-1])}")
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)}: expected the input's leading shape {tuple(x.shape[:-1])}"
+            )
         return x_TD, mask.reshape(-1).to(torch.bool)
 
     def _losses(
@@ -167,7 +171,9 @@ class MoE(nn.Module):
             "seq_balance": zero,
         }
         if cfg.importance_coef > 0:
-            losses["importance"] = L.importance_loss(routing.weight_A, routing.expert_idx_A, real_A, num_experts)
+            losses["importance"] = L.importance_loss(
+                routing.weight_A, routing.expert_idx_A, real_A, num_experts
+            )
         if cfg.load_coef > 0:
             losses["load"] = L.load_loss(routing.load_E if routing.load_E is not None else selected_E)
         if cfg.seq_balance_coef > 0:

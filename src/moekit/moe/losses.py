@@ -14,6 +14,10 @@ import torch
 from torch import Tensor
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _mask_or_ones(mask_T: Tensor | None, num_tokens: int, device: torch.device) -> Tensor:
     if mask_T is None:
         return torch.ones(num_tokens, dtype=torch.float32, device=device)
@@ -42,7 +46,7 @@ def switch_load_balance_loss(probs_TE: Tensor, counts_E: Tensor, mask_T: Tensor 
 def router_z_loss(logits_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
     """ST-MoE router z-loss: mean over real tokens of (logsumexp_j logits_tj)^2."""
     m_T = _mask_or_ones(mask_T, logits_TE.shape[0], logits_TE.device)
-    lse_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    lse_T = torch.logsumexp(_at_least_float32(logits_TE), dim=-1)
     return (lse_T.square() * m_T).sum() / m_T.sum().clamp_min(1.0)
 
 
@@ -50,14 +54,17 @@ def cv_squared(v_E: Tensor, eps: float = 1e-10) -> Tensor:
     """Squared coefficient of variation var/mean^2 (population variance), 0 for a single expert."""
     if v_E.numel() <= 1:
         return v_E.new_zeros(())
-    return v_E.float().var(unbiased=False) / (v_E.float().mean().square() + eps)
+    v_E = _at_least_float32(v_E)
+    return v_E.var(unbiased=False) / (v_E.mean().square() + eps)
 
 
-def importance_loss(weight_A: Tensor, expert_idx_A: Tensor, valid_A: Tensor | None, num_experts: int) -> Tensor:
+def importance_loss(
+    weight_A: Tensor, expert_idx_A: Tensor, valid_A: Tensor | None, num_experts: int
+) -> Tensor:
     """Shazeer 2017: CV^2 of importance, importance_i = sum over the batch of expert i's gate values."""
     w_A = weight_A if valid_A is None else weight_A * valid_A.to(weight_A.dtype)
-    importance_E = torch.zeros(num_experts, dtype=torch.float32, device=w_A.device)
-    importance_E = importance_E.index_add(0, expert_idx_A, w_A.float())
+    w_A = _at_least_float32(w_A)
+    importance_E = w_A.new_zeros(num_experts).index_add(0, expert_idx_A, w_A)
     return cv_squared(importance_E)
 
 

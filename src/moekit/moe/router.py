@@ -49,6 +49,11 @@ class Routing:
         return torch.arange(num_tokens, device=self.expert_idx_A.device).repeat_interleave(self.top_k)
 
 
+def router_dtype(x: Tensor) -> torch.dtype:
+    """float32 for every input dtype except float64 (kept, so float64 gradchecks stay exact)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class Router(nn.Module):
     """Base: a float32 linear gate `logits = x W^T (+ b)` with an optional small init."""
 
@@ -67,9 +72,10 @@ class Router(nn.Module):
             nn.init.zeros_(self.gate.bias)
 
     def compute_logits(self, x_TD: Tensor) -> Tensor:
-        weight = self.gate.weight.float()
-        bias = None if self.gate.bias is None else self.gate.bias.float()
-        logits_TE = F.linear(x_TD.float(), weight, bias)  # [T, E] float32
+        dtype = router_dtype(x_TD)
+        weight = self.gate.weight.to(dtype)
+        bias = None if self.gate.bias is None else self.gate.bias.to(dtype)
+        logits_TE = F.linear(x_TD.to(dtype), weight, bias)  # [T, E] float32 (float64 for float64 input)
         if self.config.check_finite and not torch.isfinite(logits_TE).all():
             bad = (~torch.isfinite(logits_TE)).sum().item()
             raise ValueError(
@@ -108,7 +114,9 @@ class TopKThenSoftmaxRouter(Router):
         logits_TE = self.compute_logits(x_TD)
         top_logits_TK, top_idx_TK = logits_TE.topk(self.top_k, dim=-1)
         weight_TK = top_logits_TK.softmax(dim=-1)
-        return Routing(logits_TE, logits_TE.softmax(-1), top_idx_TK.reshape(-1), weight_TK.reshape(-1), self.top_k)
+        return Routing(
+            logits_TE, logits_TE.softmax(-1), top_idx_TK.reshape(-1), weight_TK.reshape(-1), self.top_k
+        )
 
 
 class SwitchRouter(Router):
@@ -121,8 +129,9 @@ class SwitchRouter(Router):
     def forward(self, x_TD: Tensor, mask_T: Tensor | None = None) -> Routing:
         eps = self.config.jitter_eps
         if self.training and eps > 0:
-            noise_TD = torch.empty_like(x_TD, dtype=torch.float32).uniform_(1.0 - eps, 1.0 + eps)
-            x_TD = x_TD.float() * noise_TD
+            dtype = router_dtype(x_TD)
+            noise_TD = torch.empty_like(x_TD, dtype=dtype).uniform_(1.0 - eps, 1.0 + eps)
+            x_TD = x_TD.to(dtype) * noise_TD
         logits_TE = self.compute_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         top_val_T1, top_idx_T1 = probs_TE.max(dim=-1, keepdim=True)
@@ -162,7 +171,8 @@ class NoisyTopKRouter(Router):
     def forward(self, x_TD: Tensor, mask_T: Tensor | None = None) -> Routing:
         k, num_experts = self.top_k, self.num_experts
         clean_TE = self.compute_logits(x_TD)
-        std_TE = F.softplus(F.linear(x_TD.float(), self.noise.weight.float())) + self.config.noise_eps
+        dtype = clean_TE.dtype
+        std_TE = F.softplus(F.linear(x_TD.to(dtype), self.noise.weight.to(dtype))) + self.config.noise_eps
         noisy = self.training
         logits_TE = clean_TE + torch.randn_like(clean_TE) * std_TE if noisy else clean_TE
         top_vals, top_idx = logits_TE.topk(min(k + 1, num_experts), dim=-1)
@@ -201,7 +211,7 @@ class SigmoidBiasRouter(Router):
         cfg = self.config
         logits_TE = self.compute_logits(x_TD)
         scores_TE = logits_TE.sigmoid()
-        choice_TE = scores_TE.detach() + self.expert_bias.float()
+        choice_TE = scores_TE.detach() + self.expert_bias.to(scores_TE.dtype)
         if cfg.n_group > 1:
             num_tokens = choice_TE.shape[0]
             grouped_TGe = choice_TE.view(num_tokens, cfg.n_group, -1)
@@ -247,9 +257,7 @@ class ExpertChoiceRouter(Router):
         expert_idx_A = torch.arange(num_experts, device=x_TD.device).repeat_interleave(capacity)
         weight_A = probs_TE[token_idx_A, expert_idx_A]
         keep_A = None if mask_T is None else mask_T[token_idx_A]
-        return Routing(
-            logits_TE, probs_TE, expert_idx_A, weight_A, 0, token_idx_A=token_idx_A, keep_A=keep_A
-        )
+        return Routing(logits_TE, probs_TE, expert_idx_A, weight_A, 0, token_idx_A=token_idx_A, keep_A=keep_A)
 
 
 ROUTER_CLASSES: dict[str, type[Router]] = {

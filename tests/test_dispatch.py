@@ -1,0 +1,115 @@
+"""Property tests of slot assignment, dispatch and combine over random T, E, k and capacity factors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moekit.moe import LocalDispatcher, MoEConfig, assign_slots, grouped_mm, priority_order
+from moekit.moe.router import Routing
+
+
+def _routing(T, E, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g)
+    probs = logits.softmax(-1)
+    w, idx = probs.topk(k)
+    return Routing(logits, probs, idx.reshape(-1), w.reshape(-1), k)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    T=st.integers(0, 40),
+    E=st.integers(1, 9),
+    k_frac=st.floats(0, 1),
+    cf=st.one_of(st.none(), st.floats(0.1, 3.0)),
+    policy=st.sampled_from(["position", "probability"]),
+    seed=st.integers(0, 10_000),
+)
+def test_slot_assignment_properties(T, E, k_frac, cf, policy, seed):
+    k = max(1, min(E, 1 + int(k_frac * E)))
+    routing = _routing(T, E, k, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    valid = torch.rand(T * k, generator=g) > 0.2
+    capacity = (
+        None
+        if cf is None
+        else MoEConfig(dim=1, hidden_dim=1, num_experts=E, top_k=k, capacity_factor=cf).capacity(T * k, True)
+    )
+    order = priority_order(routing, policy) if capacity is not None else None
+    slots = assign_slots(routing.expert_idx_A, valid, E, capacity, order)
+    perm = slots.perm_N.tolist()
+
+    # every kept assignment is computed exactly once, and only valid ones are kept
+    assert len(perm) == len(set(perm))
+    assert all(bool(valid[a]) for a in perm)
+    # rows are grouped by expert in order and counts describe the groups
+    experts = [int(routing.expert_idx_A[a]) for a in perm]
+    assert experts == sorted(experts)
+    assert slots.counts == [experts.count(e) for e in range(E)]
+    # dropped counts follow the capacity rule
+    routed = [sum(1 for a in range(T * k) if valid[a] and routing.expert_idx_A[a] == e) for e in range(E)]
+    assert slots.routed_E.tolist() == routed
+    if capacity is None:
+        assert slots.counts == routed
+    else:
+        assert capacity == max(1, math.ceil(cf * T * k / E))
+        assert slots.counts == [min(r, capacity) for r in routed]
+        # the kept ones are the first in priority order within each expert (naive greedy)
+        used = [0] * E
+        want = set()
+        for a in order.tolist():
+            e = int(routing.expert_idx_A[a])
+            if valid[a] and used[e] < capacity:
+                used[e] += 1
+                want.add(a)
+        assert set(perm) == want
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 30), E=st.integers(1, 8), seed=st.integers(0, 10_000))
+def test_permutation_and_inverse_compose_to_identity(T, E, seed):
+    """Dispatch then combine with unit weights and identity experts returns every token k times."""
+    k = min(E, 2)
+    routing = _routing(T, E, k, seed)
+    routing.weight_A = torch.ones_like(routing.weight_A)
+    x = torch.randn(T, 5, generator=torch.Generator().manual_seed(seed))
+    dispatcher = LocalDispatcher()
+    x_ND, counts, state = dispatcher.dispatch(x, routing, None, None, None, E)
+    assert sum(counts) == T * k
+    back = dispatcher.combine(x_ND, state)
+    torch.testing.assert_close(back, k * x)
+    # the sorted rows are a permutation of the token copies
+    inverse = torch.empty_like(state.token_N)
+    perm = torch.argsort(state.token_N, stable=True)
+    inverse[perm] = torch.arange(len(perm))
+    torch.testing.assert_close(x_ND[perm].view(T, k, 5)[:, 0], x)
+
+
+@settings(max_examples=30, deadline=None)
+@given(counts=st.lists(st.integers(0, 6), min_size=1, max_size=6), seed=st.integers(0, 1000))
+def test_grouped_mm_against_loop(counts, seed):
+    g = torch.Generator().manual_seed(seed)
+    E, N = len(counts), sum(counts)
+    x = torch.randn(N, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(E, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y = grouped_mm(x, w, counts)
+    rows, start = [], 0
+    for e, c in enumerate(counts):
+        for r in range(start, start + c):
+            rows.append(x[r] @ w[e])
+        start += c
+    ref = torch.stack(rows) if rows else x.new_zeros(0, 4)
+    torch.testing.assert_close(y, ref)
+    probe = torch.randn(N, 4, generator=g, dtype=torch.float64)
+    gx, gw = torch.autograd.grad((y * probe).sum(), (x, w))
+    if rows:
+        rx, rw = torch.autograd.grad((ref * probe).sum(), (x, w), allow_unused=True)
+        torch.testing.assert_close(gx, rx)
+        torch.testing.assert_close(gw, rw if rw is not None else torch.zeros_like(w))
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert torch.equal(gw[e], torch.zeros_like(gw[e]))  # empty experts get exact zeros

@@ -1,0 +1,180 @@
+"""Router losses and statistics against hand-computed values, loops and float64 math."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moekit import MoE
+from moekit.moe import losses as L
+
+
+def test_switch_loss_is_exactly_one_at_perfect_balance():
+    """Hand-built perfect balance: uniform probabilities and equal counts give exactly 1.0."""
+    E, T, k = 4, 8, 2
+    probs = torch.full((T, E), 1.0 / E)
+    expert_idx = torch.tensor([t * k + j for t in range(T) for j in range(k)]) % E  # 4 assignments each
+    counts = L.expert_counts(expert_idx, None, E)
+    assert counts.tolist() == [4.0, 4.0, 4.0, 4.0]
+    assert L.switch_load_balance_loss(probs, counts).item() == 1.0
+
+
+def test_switch_loss_hand_example():
+    # E=2, both tokens to expert 0: f = [1, 0], P = [(0.9+0.7)/2, (0.1+0.3)/2] = [0.8, 0.2] -> 2 * 0.8
+    probs = torch.tensor([[0.9, 0.1], [0.7, 0.3]])
+    counts = L.expert_counts(torch.tensor([0, 0]), None, 2)
+    assert L.switch_load_balance_loss(probs, counts).item() == pytest.approx(1.6)
+
+
+def _naive_switch(probs, chosen, mask):
+    T, E = len(probs), len(probs[0])
+    real = [t for t in range(T) if mask[t]]
+    f = [0.0] * E
+    n = 0
+    for t in real:
+        for e in chosen[t]:
+            f[e] += 1
+            n += 1
+    P = [sum(probs[t][e] for t in real) / len(real) for e in range(E)]
+    return E * sum(f[e] / n * P[e] for e in range(E))
+
+
+def test_switch_loss_against_loop_with_mask():
+    torch.manual_seed(0)
+    T, E, k = 13, 5, 2
+    probs = torch.randn(T, E).softmax(-1)
+    idx = probs.topk(k).indices
+    mask = torch.rand(T) > 0.3
+    real_A = mask.repeat_interleave(k)
+    counts = L.expert_counts(idx.reshape(-1), real_A, E)
+    got = L.switch_load_balance_loss(probs, counts, mask).item()
+    want = _naive_switch(probs.tolist(), idx.tolist(), mask.tolist())
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_z_loss_against_float64_math():
+    torch.manual_seed(1)
+    logits = torch.randn(9, 7) * 5
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    total, n = 0.0, 0
+    for t, row in enumerate(logits.double().tolist()):
+        if mask[t]:
+            m = max(row)
+            lse = m + math.log(sum(math.exp(v - m) for v in row))
+            total += lse * lse
+            n += 1
+    assert L.router_z_loss(logits, mask).item() == pytest.approx(total / n, rel=1e-6)
+
+
+def _cv2(values):
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / len(values)
+    return var / (mean * mean + 1e-10)
+
+
+def test_importance_and_load_cv2_against_loop():
+    torch.manual_seed(2)
+    T, E, k = 11, 4, 2
+    idx = torch.randint(0, E, (T * k,))
+    w = torch.rand(T * k)
+    imp = [0.0] * E
+    load = [0.0] * E
+    for a in range(T * k):
+        imp[int(idx[a])] += float(w[a])
+        load[int(idx[a])] += 1
+    assert L.importance_loss(w, idx, None, E).item() == pytest.approx(_cv2(imp), rel=1e-5)
+    assert L.load_loss(L.expert_counts(idx, None, E)).item() == pytest.approx(_cv2(load), rel=1e-5)
+
+
+def test_noisy_topk_smooth_load_against_loop():
+    """Shazeer's P(x, i) = Phi((clean_i - kth_excluding_i(H)) / std_i) computed token by token."""
+    torch.manual_seed(3)
+    D, E, k, T = 6, 5, 2, 7
+    moe = MoE(D, 8, E, k, router="noisy_topk").train()
+    with torch.no_grad():
+        moe.router.noise.weight.normal_(0, 0.5)
+    x = torch.randn(T, D)
+    torch.manual_seed(5)
+    noise = torch.randn(T, E)
+    torch.manual_seed(5)
+    routing = moe.router(x)
+    clean = x @ moe.router.gate.weight.T
+    std = torch.nn.functional.softplus(x @ moe.router.noise.weight.T) + moe.config.noise_eps
+    H = clean + noise * std
+    load = [0.0] * E
+    for t in range(T):
+        for i in range(E):
+            others = sorted((float(H[t, j]) for j in range(E) if j != i), reverse=True)
+            kth_excluding_i = others[k - 1]
+            z = (float(clean[t, i]) - kth_excluding_i) / float(std[t, i])
+            load[i] += 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    torch.testing.assert_close(routing.load_E, torch.tensor(load), atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_balance_against_loop():
+    torch.manual_seed(4)
+    B, S, E, k = 3, 6, 4, 2
+    probs = torch.randn(B * S, E).softmax(-1)
+    idx = probs.topk(k).indices
+    mask = torch.rand(B * S) > 0.25
+    mask[S : 2 * S] = False  # a sequence of padding only does not count
+    token_idx = torch.arange(B * S).repeat_interleave(k)
+    got = L.sequence_balance_loss(probs, idx.reshape(-1), token_idx, B, mask).item()
+    per_seq = []
+    for b in range(B):
+        rows = range(b * S, (b + 1) * S)
+        if not any(mask[t] for t in rows):
+            continue
+        sub_probs = [probs[t].tolist() for t in rows]
+        sub_idx = [idx[t].tolist() for t in rows]
+        per_seq.append(_naive_switch(sub_probs, sub_idx, [bool(mask[t]) for t in rows]))
+    assert got == pytest.approx(sum(per_seq) / len(per_seq), rel=1e-6)
+
+
+def test_layer_reports_every_loss_with_its_coefficient():
+    torch.manual_seed(5)
+    moe = MoE(
+        8,
+        8,
+        4,
+        2,
+        load_balance_coef=0.3,
+        z_loss_coef=0.2,
+        importance_coef=0.7,
+        load_coef=0.5,
+        seq_balance_coef=0.11,
+    )
+    x = torch.randn(2, 5, 8)
+    out = moe(x)
+    ls = out.losses
+    probs = moe.router(x.reshape(-1, 8)).probs_TE
+    idx = probs.topk(2).indices
+    assert ls["load_balance"].item() == pytest.approx(
+        _naive_switch(probs.tolist(), idx.tolist(), [True] * 10), rel=1e-5
+    )
+    want_aux = 0.3 * ls["load_balance"] + 0.7 * ls["importance"] + 0.5 * ls["load"] + 0.11 * ls["seq_balance"]
+    torch.testing.assert_close(out.aux_loss, want_aux)
+    torch.testing.assert_close(out.z_loss, 0.2 * ls["z"])
+    assert all(v.item() > 0 for v in ls.values())
+
+
+def test_stats_against_direct_counts():
+    torch.manual_seed(6)
+    E = 4
+    moe = MoE(8, 8, E, 1, capacity_factor=1.0).eval()
+    with torch.no_grad():
+        moe.router.gate.weight.mul_(6)
+    x = torch.randn(24, 8)
+    out = moe(x)
+    probs = moe.router(x).probs_TE
+    chosen = probs.argmax(-1).tolist()
+    routed = [chosen.count(e) for e in range(E)]
+    kept = [min(c, 6) for c in routed]  # C = ceil(1.0 * 24 / 4) = 6
+    assert out.stats.routed_per_expert.tolist() == routed
+    assert out.stats.tokens_per_expert.tolist() == kept
+    assert out.stats.dropped_fraction.item() == pytest.approx(1 - sum(kept) / 24)
+    assert out.stats.max_load_violation.item() == pytest.approx(max(routed) / (24 / E) - 1)
+    ent = sum(-sum(p * math.log(p) for p in row) for row in probs.tolist()) / 24
+    assert out.stats.router_entropy.item() == pytest.approx(ent, rel=1e-5)

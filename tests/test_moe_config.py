@@ -1,0 +1,79 @@
+"""Bad input to the layer: a ValueError naming the parameter, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit import MoE, MoEConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(top_k=0), r"top_k=0 .*\[1, num_experts=4\]"),
+        (dict(top_k=5), r"top_k=5 .*\[1, num_experts=4\]"),
+        (dict(capacity_factor=0.0), r"capacity_factor=0.0 .*> 0"),
+        (dict(capacity_factor=-1.25), r"capacity_factor=-1.25"),
+        (dict(eval_capacity_factor=float("nan")), r"eval_capacity_factor=nan"),
+        (dict(router="top3"), r"router='top3' .*one of \['topk'"),
+        (dict(activation="swish"), r"activation='swish' .*one of"),
+        (dict(drop_policy="random"), r"drop_policy='random'"),
+        (dict(router="switch", top_k=2), r"top_k=2 .*router='switch'"),
+        (dict(router="gshard", top_k=1), r"top_k=1 .*router='gshard'"),
+        (dict(router="sigmoid_bias", n_group=3), r"n_group=3 .*divisor of num_experts=4"),
+        (dict(router="sigmoid_bias", n_group=2, topk_group=3), r"topk_group=3"),
+        (dict(expert_dropout=1.0), r"expert_dropout=1.0"),
+        (dict(load_balance_coef=-1.0), r"load_balance_coef=-1.0"),
+        (dict(dim=0), r"dim=0 .*positive integer"),
+        (dict(min_capacity=-2), r"min_capacity=-2"),
+    ],
+)
+def test_bad_config_raises_at_construction(kwargs, pattern):
+    base = dict(dim=8, hidden_dim=16, num_experts=4, top_k=2)
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=pattern):
+        MoE(**base)
+
+
+def test_dim_mismatch_and_non_float_input():
+    moe = MoE(8, 16, 4, 2)
+    with pytest.raises(ValueError, match=r"shape \(3, 7\): expected \[\.\.\., dim=8\]"):
+        moe(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="floating-point tensor, got torch.int64"):
+        moe(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="mask has shape"):
+        moe(torch.randn(2, 3, 8), mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_nan_or_inf_router_logits_rejected():
+    moe = MoE(8, 16, 4, 2)
+    x = torch.randn(3, 8)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        moe(x)
+    x[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        moe(x)
+
+
+def test_config_round_trip_and_unknown_keys():
+    cfg = MoEConfig(
+        dim=8,
+        hidden_dim=16,
+        num_experts=4,
+        top_k=1,
+        router="switch",
+        inner=MoEConfig(dim=8, hidden_dim=4, num_experts=2, top_k=1),
+    )
+    again = MoEConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    with pytest.raises(ValueError, match=r"unknown MoEConfig keys \['topk'\]"):
+        MoEConfig.from_dict({**cfg.to_dict(), "topk": 3})
+
+
+def test_capacity_rule():
+    cfg = MoEConfig(dim=8, hidden_dim=8, num_experts=8, top_k=2, capacity_factor=1.25, min_capacity=4)
+    assert cfg.capacity(2 * 100, training=True) == 32  # ceil(1.25 * 200 / 8) = 31.25 -> 32
+    assert cfg.capacity(2 * 4, training=True) == 4  # floor min_capacity
+    assert MoEConfig(dim=8, hidden_dim=8, num_experts=8).capacity(100, True) is None
