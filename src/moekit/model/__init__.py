@@ -1,0 +1,43 @@
+"""Whole models built from MoE layers: the decoder-only LM, the encoder-decoder, their config,
+their dense pieces, and parameter/FLOP counting."""
+
+from moekit.model.config import ModelConfig
+from moekit.model.decoder import ModelOutput, MoETransformer, sample_next_token
+from moekit.model.encdec import EncDecOutput, MoEEncoderDecoder
+from moekit.model.flops import FlopCount, ParamCount, count_params, dense_baseline, flops_per_token
+from moekit.model.layers import (
+    Attention,
+    AttentionMask,
+    Block,
+    FeedForward,
+    KVCache,
+    RMSNorm,
+    Rotary,
+    apply_rope,
+    build_attention_mask,
+    rope_tables,
+)
+
+__all__ = [
+    "Attention",
+    "AttentionMask",
+    "Block",
+    "EncDecOutput",
+    "FeedForward",
+    "FlopCount",
+    "KVCache",
+    "ModelConfig",
+    "ModelOutput",
+    "MoEEncoderDecoder",
+    "MoETransformer",
+    "ParamCount",
+    "RMSNorm",
+    "Rotary",
+    "apply_rope",
+    "build_attention_mask",
+    "count_params",
+    "dense_baseline",
+    "flops_per_token",
+    "rope_tables",
+    "sample_next_token",
+]

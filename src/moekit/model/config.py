@@ -1,0 +1,150 @@
+"""ModelConfig: the shape of a whole transformer (dense or MoE), validated at construction.
+
+One small dataclass serves the decoder-only LM (`MoETransformer`) and the encoder-decoder
+(`MoEEncoderDecoder`). The MoE layer keeps its own `MoEConfig` nested under `moe`; `moe=None`
+builds a dense model. Which layers are sparse is decided by one rule, `is_moe_layer`:
+
+    layer i is MoE  iff  moe is set and i >= n_dense_first and (i - n_dense_first) % moe_every == moe_every - 1
+
+    moe_every=1                -> every layer (Mixtral, OLMoE, Qwen3-MoE)
+    moe_every=2                -> layers 1, 3, 5, ... (GShard, Switch, Qwen2-MoE decoder_sparse_step=2)
+    moe_every=1, n_dense_first=k -> the first k layers dense, the rest MoE (DeepSeek first_k_dense_replace)
+
+With n_dense_first=0 this is Qwen2-MoE's `(i + 1) % decoder_sparse_step == 0`, shifted by the dense prefix.
+
+Pitfall: `n_kv_heads` and `head_dim` are filled in from `n_heads` and `dim` when left as None, so
+`dataclasses.replace(cfg, dim=...)` keeps the old head_dim; pass `head_dim=None` to re-derive it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from moekit.moe import MoEConfig
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"ModelConfig.{name}={value!r} is invalid: expected {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass
+class ModelConfig:
+    """Configuration of a transformer LM. `MoETransformer(cfg)` or `MoEEncoderDecoder(cfg)` builds it."""
+
+    vocab_size: int = 32000
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads (multi-head)
+    head_dim: int | None = None  # None = dim // n_heads
+    ffn_hidden_dim: int = 1408  # hidden size of the dense SwiGLU feed-forward layers
+    max_seq_len: int = 2048  # rotary tables and KV caches are sized for this
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0  # attention-probability and residual dropout
+    tie_embeddings: bool = False  # LM head shares the token embedding matrix
+
+    # --- attention flags, so Hugging Face families map onto one attention module ---
+    qkv_bias: bool = False  # bias on q, k, v projections (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3, OLMoE-style)
+
+    # --- mixture of experts ---
+    moe: MoEConfig | None = None  # None = dense model
+    moe_every: int = 1  # see the module docstring for the rule
+    n_dense_first: int = 0  # the first layers stay dense (DeepSeek)
+
+    n_encoder_layers: int | None = None  # encoder-decoder only; None = n_layers
+    init_std: float = 0.02  # std of the normal init of linear and embedding weights
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None and _is_int(self.dim) and _is_int(self.n_heads) and self.n_heads > 0:
+            self.head_dim = self.dim // self.n_heads
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden_dim", "max_seq_len"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                _fail(name, v, "a positive integer")
+        if not _is_int(self.n_kv_heads) or self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+            _fail("n_kv_heads", self.n_kv_heads, f"a positive divisor of n_heads={self.n_heads}")
+        if not _is_int(self.head_dim) or self.head_dim < 2 or self.head_dim % 2:
+            _fail("head_dim", self.head_dim, "a positive even integer (rotary rotates pairs)")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                _fail(name, v, "a finite number > 0")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            _fail("dropout", self.dropout, "a float in [0, 1)")
+        for name in ("tie_embeddings", "qkv_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "a bool")
+        if not _is_int(self.moe_every) or self.moe_every < 1:
+            _fail("moe_every", self.moe_every, "a positive integer (1 = every layer, 2 = every other)")
+        if self.n_encoder_layers is not None and (
+            not _is_int(self.n_encoder_layers) or self.n_encoder_layers < 1
+        ):
+            _fail("n_encoder_layers", self.n_encoder_layers, "None (= n_layers) or a positive integer")
+        deepest = max(self.n_layers, self.encoder_layers)  # the longer stack of an encoder-decoder
+        if not _is_int(self.n_dense_first) or not 0 <= self.n_dense_first <= deepest:
+            _fail(
+                "n_dense_first",
+                self.n_dense_first,
+                f"an integer in [0, {deepest}] (layers in the deeper stack)",
+            )
+        if self.moe is not None:
+            if not isinstance(self.moe, MoEConfig):
+                _fail("moe", type(self.moe).__name__, "None, a MoEConfig or its dict")
+            if self.moe.dim != self.dim:
+                _fail("moe.dim", self.moe.dim, f"equal to dim={self.dim}")
+            if not any(self.is_moe_layer(i) for i in range(deepest)):
+                _fail(
+                    "moe_every",
+                    self.moe_every,
+                    f"a value that makes at least one of {deepest} layers MoE "
+                    f"(n_dense_first={self.n_dense_first}); use moe=None for a dense model",
+                )
+
+    # ------------------------------------------------------------------ layer rule
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer `i` (0-based, within one stack) has an MoE feed-forward; see module docstring."""
+        if self.moe is None or i < self.n_dense_first:
+            return False
+        return (i - self.n_dense_first) % self.moe_every == self.moe_every - 1
+
+    def moe_layer_ids(self, n_layers: int | None = None) -> list[int]:
+        """Indices of the MoE layers in a stack of `n_layers` (default: the decoder's n_layers)."""
+        return [i for i in range(self.n_layers if n_layers is None else n_layers) if self.is_moe_layer(i)]
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.n_layers if self.n_encoder_layers is None else self.n_encoder_layers
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; `from_dict(to_dict())` rebuilds an equal config."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["moe"] = None if self.moe is None else self.moe.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; valid keys are {sorted(valid)}")
+        d = dict(d)
+        if isinstance(d.get("moe"), dict):
+            d["moe"] = MoEConfig.from_dict(d["moe"])
+        return cls(**d)

@@ -1,0 +1,228 @@
+"""MoETransformer: a decoder-only language model whose FFNs are MoE or dense per `ModelConfig`.
+
+    embedding -> n_layers x Block(pre-norm causal attention, MoE-or-dense FFN) -> RMSNorm -> LM head
+
+Every MoE layer returns its losses and statistics; the model gathers them explicitly into
+`ModelOutput` (no globals, no hooks): loss = ce_loss + aux_loss + z_loss, where aux_loss and
+z_loss are sums over the MoE layers, each already scaled by its MoEConfig coefficient.
+
+Incremental decoding: `cache = model.new_cache(batch_size)`, then `model(prompt, cache=cache)` and
+`model(next_token, cache=cache)` one step at a time; `generate` does exactly that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.model.config import ModelConfig
+from moekit.model.layers import Attention, Block, FeedForward, KVCache, RMSNorm, Rotary, build_attention_mask
+from moekit.moe import MoE, MoEOutput, MoEStats
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, S, V]
+    loss: torch.Tensor | None  # ce_loss + aux_loss + z_loss; None without targets
+    ce_loss: torch.Tensor | None  # mean over targets != -100; None without targets
+    aux_loss: torch.Tensor  # sum over MoE layers (0 for a dense model)
+    z_loss: torch.Tensor  # sum over MoE layers (0 for a dense model)
+    router_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in layer order
+
+
+def sum_router_losses(
+    moe_outputs: Sequence[MoEOutput], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[MoEStats]]:
+    """(aux_loss, z_loss, stats) summed / listed over the MoE layers of one stack."""
+    aux = torch.zeros((), device=device)
+    z = torch.zeros((), device=device)
+    for out in moe_outputs:
+        aux = aux + out.aux_loss.float()
+        z = z + out.z_loss.float()
+    return aux, z, [out.stats for out in moe_outputs]
+
+
+def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy in float32; targets equal to -100 are ignored."""
+    return F.cross_entropy(
+        logits_BSV.float().reshape(-1, logits_BSV.shape[-1]),
+        targets_BS.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def init_weights(model: nn.Module, std: float) -> None:
+    """Normal(0, std) for embeddings, attention and dense FFNs. MoE layers keep their own init
+    (the router's small init in particular) and norms stay at one; the caller inits its LM head."""
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, (Attention, FeedForward)):
+            module.reset_parameters(std)
+
+
+def moe_layers(blocks: nn.ModuleList) -> list[MoE]:
+    return [block.ffn for block in blocks if block.is_moe]
+
+
+def update_router_biases(layers: Sequence[MoE], stats_list: Sequence[MoEStats]) -> None:
+    """Aux-loss-free balancing: each MoE layer's `update_bias` with its own routed load.
+
+    The load is `stats.routed_per_expert` (before capacity drops), as `MoE.update_bias` expects:
+    a dropped token was still routed there, and steering must see it.
+    """
+    if len(stats_list) != len(layers):
+        raise ValueError(
+            f"stats_list has {len(stats_list)} entries; expected one per MoE layer ({len(layers)})"
+        )
+    for moe, stats in zip(layers, stats_list):
+        moe.update_bias(stats.routed_per_expert)
+
+
+def sample_next_token(
+    logits_BV: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row [B]: argmax when temperature == 0, else sample after top-k / top-p filtering."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    logits_BV = logits_BV.float() / temperature
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+        probs_BV = sorted_BV.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (keeps the first)
+        drop_BV = probs_BV.cumsum(dim=-1) - probs_BV >= top_p
+        sorted_BV = sorted_BV.masked_fill(drop_BV, float("-inf"))
+        logits_BV = torch.full_like(logits_BV, float("-inf")).scatter(-1, order_BV, sorted_BV)
+    probs_BV = logits_BV.softmax(dim=-1)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only LM. `forward(input_ids, targets, attention_mask, cache) -> ModelOutput`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i, causal=True) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rope = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        init_weights(self, cfg.init_std)
+        nn.init.normal_(self.output.weight, std=cfg.init_std)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return moe_layers(self.layers)
+
+    def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
+        """An empty KV cache on the model's device and dtype (default length: config.max_seq_len)."""
+        cfg = self.config
+        weight = self.tok_embeddings.weight
+        return KVCache(
+            cfg.n_layers,
+            batch_size,
+            max_seq_len or cfg.max_seq_len,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> ModelOutput:
+        """input_ids, targets, attention_mask: [B, S]. attention_mask: 1/True = real token, 0 = padding
+        (keys and routing exclude padding; mask padded targets yourself with -100). With `cache`,
+        input_ids are the next S tokens after the cache's `pos` and only their mask is passed."""
+        B, S = input_ids.shape
+        start = 0 if cache is None else cache.pos
+        if start + S > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + S} positions exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        device = input_ids.device
+        token_mask_BS = None if attention_mask is None else attention_mask.bool()
+        key_mask_BT = token_mask_BS if cache is None else cache.add_mask(token_mask_BS, S)  # [B, start + S]
+        mask = build_attention_mask(
+            S, start + S, causal=True, key_mask_BT=key_mask_BT, q_offset=start, device=device
+        )
+        rope = self.rope(torch.arange(start, start + S, device=device))  # cos, sin: [S, K/2]
+
+        x_BSD = self.tok_embeddings(input_ids)  # [B, S, D]
+        moe_outputs: list[MoEOutput] = []
+        for block in self.layers:
+            x_BSD, moe_out = block(x_BSD, mask, rope, token_mask_BS, cache=cache)
+            if moe_out is not None:
+                moe_outputs.append(moe_out)
+        if cache is not None:
+            cache.advance(S)
+        logits_BSV = self.output(self.norm(x_BSD))  # [B, S, V]
+
+        aux_loss, z_loss, stats = sum_router_losses(moe_outputs, device)
+        ce_loss = loss = None
+        if targets is not None:
+            ce_loss = lm_loss(logits_BSV, targets)
+            loss = ce_loss + aux_loss + z_loss
+        return ModelOutput(logits_BSV, loss, ce_loss, aux_loss, z_loss, stats)
+
+    def update_router_biases(self, stats_list: Sequence[MoEStats]) -> None:
+        """Call after the optimizer step with `output.router_stats` (aux-loss-free balancing)."""
+        update_router_biases(self.moe_layers, stats_list)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Prompt [B, S] -> [B, S + n] with n <= max_new_tokens, decoding through a KV cache.
+
+        Greedy when temperature == 0. Batched prompts of different lengths must be left-padded
+        (with attention_mask). A row that has produced eos_id continues with eos_id; decoding stops
+        early once every row has. Dropout is active in training mode: call `model.eval()` first.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: expected an integer >= 0")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature!r} is invalid: expected >= 0 (0 = greedy)")
+        B, S = input_ids.shape
+        cache = self.new_cache(B, S + max_new_tokens)
+        logits_BV = self(input_ids, attention_mask=attention_mask, cache=cache).logits[:, -1]
+        tokens = [input_ids]
+        done_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            next_B = sample_next_token(logits_BV, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_B = next_B.masked_fill(done_B, eos_id)
+                done_B = done_B | (next_B == eos_id)
+            tokens.append(next_B[:, None])
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(done_B.all())):
+                break
+            logits_BV = self(next_B[:, None], cache=cache).logits[:, -1]
+        return torch.cat(tokens, dim=1)

@@ -1,0 +1,302 @@
+"""Dense transformer pieces: RMSNorm, rotary embeddings, grouped-query attention, KV cache, SwiGLU,
+and the pre-norm `Block` whose feed-forward is MoE or dense.
+
+Shape legend (names carry these suffixes, torchtitan style):
+    B = batch, S = query length, T = key/value length (cache or encoder), D = model dim,
+    H = query heads, G = key/value heads (GQA groups), K = head dim, F = FFN hidden dim, V = vocab
+
+Rotary uses the half-split ("rotate_half") pairing of Hugging Face Llama/Mixtral: dimension j is
+rotated together with j + K/2, so HF checkpoints load without permuting q/k weights.
+Rotary encodes relative position only, so left padding (which shifts every real token of a row by
+the same amount) does not change attention between real tokens and needs no per-row positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.model.config import ModelConfig
+from moekit.moe import MoE, MoEOutput
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_f = x.float()
+        y = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).type_as(x)
+
+
+# ---------------------------------------------------------------------- rotary
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, each [max_seq_len, head_dim // 2], float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [K/2]
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # [T, K/2]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x_BHSK: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_j, x_{j+K/2}) by the position's angle. cos/sin: [S, K/2] for the S positions."""
+    x1, x2 = x_BHSK.float().chunk(2, dim=-1)  # [B, H, S, K/2] each
+    cos, sin = cos_SK.float(), sin_SK.float()  # [S, K/2], broadcast over B and H
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # [B, H, S, K]
+    return out.type_as(x_BHSK)
+
+
+class Rotary(nn.Module):
+    """Precomputed rotary tables; `forward(positions)` gives the cos/sin rows for those positions.
+
+    The tables are non-persistent buffers so they follow `.to(device)`; keep the model in float32
+    or mind that `.to(torch.bfloat16)` rounds them too (positions beyond ~256 lose precision).
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        cos, sin = rope_tables(head_dim, max_seq_len, theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, positions_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions_S], self.sin[positions_S]  # [S, K/2] each
+
+
+# ---------------------------------------------------------------------- masks
+
+
+@dataclass
+class AttentionMask:
+    """What `scaled_dot_product_attention` needs: a bool mask (True = attend) or the causal flag."""
+
+    mask: torch.Tensor | None = None  # [B or 1, 1, S, T]
+    is_causal: bool = False
+
+
+def build_attention_mask(
+    q_len: int,
+    k_len: int,
+    *,
+    causal: bool,
+    key_mask_BT: torch.Tensor | None = None,
+    q_offset: int = 0,
+    self_attention: bool = True,
+    device: torch.device | None = None,
+) -> AttentionMask:
+    """Mask for S = q_len queries at positions q_offset.. against T = k_len keys at positions 0..
+
+    key_mask_BT: True = real key; padded keys are never attended. In self-attention with padding
+    each query may always see itself, so a padded query (left padding) never has an empty row,
+    whose softmax is NaN on some GPU kernels; a padded query's output is unused anyway.
+    Returns no tensor at all when none is needed, so SDPA can take its fastest path.
+    """
+    if key_mask_BT is None:
+        if not causal or (q_len == 1 and q_offset == k_len - 1):
+            return AttentionMask()
+        if q_offset == 0 and q_len == k_len:
+            return AttentionMask(is_causal=True)  # SDPA aligns is_causal top-left; exact only here
+    q_pos_S1 = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]  # [S, 1]
+    k_pos_1T = torch.arange(k_len, device=device)[None, :]  # [1, T]
+    allowed_ST = k_pos_1T <= q_pos_S1 if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    mask = allowed_ST[None, None]  # [1, 1, S, T]
+    if key_mask_BT is not None:
+        mask = mask & key_mask_BT.bool()[:, None, None, :]  # [B, 1, S, T]
+        if self_attention:
+            mask = mask | (k_pos_1T == q_pos_S1)[None, None]
+    return AttentionMask(mask=mask)
+
+
+# ---------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Preallocated keys and values of every layer for incremental decoding.
+
+    `pos` counts the positions already written. A forward with the cache writes its S new keys at
+    [pos, pos + S) in every layer, then the model calls `advance(S)` once. The padding mask of the
+    keys is kept too, so a left-padded prompt stays masked during decoding.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        max_seq_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)  # [B, G, T, K]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.key_mask_BT = torch.ones(batch_size, max_seq_len, dtype=torch.bool, device=device)
+        self.has_padding = False
+        self.max_seq_len = max_seq_len
+        self.pos = 0
+
+    def add_mask(self, token_mask_BS: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+        """Record the new tokens' padding; returns the key mask [B, pos + S] (None if never padded)."""
+        end = self.pos + seq_len
+        if end > self.max_seq_len:
+            raise ValueError(f"KVCache holds {self.max_seq_len} positions; {self.pos} used + {seq_len} new")
+        if token_mask_BS is not None:
+            self.key_mask_BT[:, self.pos : end] = token_mask_BS.bool()
+            self.has_padding = True
+        return self.key_mask_BT[:, :end] if self.has_padding else None
+
+    def update(
+        self, layer_id: int, k_BGSK: torch.Tensor, v_BGSK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values of one layer; returns all keys/values so far, [B, G, pos + S, K]."""
+        end = self.pos + k_BGSK.shape[2]
+        self.k[layer_id][:, :, self.pos : end] = k_BGSK
+        self.v[layer_id][:, :, self.pos : end] = v_BGSK
+        return self.k[layer_id][:, :, :end], self.v[layer_id][:, :, :end]
+
+    def advance(self, seq_len: int) -> None:
+        self.pos += seq_len
+
+
+# ---------------------------------------------------------------------- attention
+
+
+class Attention(nn.Module):
+    """Grouped-query attention through `F.scaled_dot_product_attention`.
+
+    Self-attention (with rotary and an optional KV cache) when `context` is None; cross-attention
+    (queries from x, keys/values from the encoder output, no rotary) when it is given.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0) -> None:
+        super().__init__()
+        self.layer_id = layer_id  # which slot of a KVCache this layer writes
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        mask: AttentionMask,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        context_BTD: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        kv_in_BTD = x_BSD if context_BTD is None else context_BTD
+        T = kv_in_BTD.shape[1]
+        q_BHSK = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BGTK = self.wk(kv_in_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGTK = self.wv(kv_in_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q_BHSK, k_BGTK = self.q_norm(q_BHSK), self.k_norm(k_BGTK)
+        if rope is not None:
+            q_BHSK, k_BGTK = apply_rope(q_BHSK, *rope), apply_rope(k_BGTK, *rope)
+        if cache is not None:
+            k_BGTK, v_BGTK = cache.update(self.layer_id, k_BGTK, v_BGTK)  # T grows to pos + S
+        out_BHSK = F.scaled_dot_product_attention(
+            q_BHSK,
+            k_BGTK,
+            v_BGTK,
+            attn_mask=mask.mask,
+            is_causal=mask.is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,  # each of G kv heads serves H/G query heads
+        )
+        return self.wo(out_BHSK.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))  # [B, S, D]
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float) -> None:
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            nn.init.normal_(lin.weight, std=std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+
+# ---------------------------------------------------------------------- feed-forward
+
+
+class FeedForward(nn.Module):
+    """Dense SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_BSD)) * self.w3(x_BSD))  # [B, S, F] -> [B, S, D]
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float) -> None:
+        for lin in (self.w1, self.w2, self.w3):
+            nn.init.normal_(lin.weight, std=std)
+
+
+# ---------------------------------------------------------------------- block
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: self-attention, optional cross-attention, then an FFN that is
+    an MoE layer when `cfg.is_moe_layer(layer_id)` and a dense SwiGLU otherwise.
+
+    One class serves the decoder-only LM (causal), the encoder (bidirectional) and the decoder of
+    the encoder-decoder (causal + cross-attention). `causal` is passed on to the MoE config, so
+    routers that look across the sequence (expert choice) refuse decoder use.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, layer_id: int, *, causal: bool, cross_attention: bool = False
+    ) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_id)
+        self.cross_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cross_attention else None
+        self.cross_attn = Attention(cfg, layer_id) if cross_attention else None
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_id)
+        if self.is_moe:
+            self.ffn: nn.Module = MoE(dataclasses.replace(cfg.moe, causal=causal))
+        else:
+            self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        mask: AttentionMask,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        token_mask_BS: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        context_BTD: torch.Tensor | None = None,
+        context_mask: AttentionMask | None = None,
+    ) -> tuple[torch.Tensor, MoEOutput | None]:
+        """token_mask_BS: True = real token, so padding is kept out of routing and router losses."""
+        x_BSD = x_BSD + self.resid_dropout(self.attn(self.attn_norm(x_BSD), mask, rope, cache=cache))
+        if self.cross_attn is not None:
+            h_BSD = self.cross_attn(self.cross_norm(x_BSD), context_mask, context_BTD=context_BTD)
+            x_BSD = x_BSD + self.resid_dropout(h_BSD)
+        h_BSD = self.ffn_norm(x_BSD)
+        if not self.is_moe:
+            return x_BSD + self.resid_dropout(self.ffn(h_BSD)), None
+        moe_out = self.ffn(h_BSD, mask=token_mask_BS)
+        return x_BSD + self.resid_dropout(moe_out.output), moe_out
