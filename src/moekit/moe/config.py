@@ -24,6 +24,7 @@ ROUTERS = (
 ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu", "silu", "gpt_oss")
 GLU_ACTIVATIONS = ("swiglu", "geglu", "gpt_oss")
 DROP_POLICIES = ("position", "probability")
+CAPACITY_GROUPS = ("batch", "sequence")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -60,6 +61,8 @@ class MoEConfig:
     eval_capacity_factor: float | None = None  # None = same as capacity_factor
     min_capacity: int = 0
     drop_policy: str = "position"  # "position" (first tokens win) or "probability" (batch priority)
+    expert_capacity: int | None = None  # fixed slots per expert and group; overrides the factors (HF Switch)
+    capacity_group: str = "batch"  # "batch": all tokens of a call compete; "sequence": each row has C slots
 
     # --- experts ---
     activation: str = "swiglu"
@@ -102,6 +105,11 @@ class MoEConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
                 _fail(name, v, "None (dropless) or a finite number > 0")
+        cap = self.expert_capacity
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            _fail("expert_capacity", self.expert_capacity, "None (use capacity_factor) or a positive integer")
+        if self.capacity_group not in CAPACITY_GROUPS:
+            _fail("capacity_group", self.capacity_group, f"one of {list(CAPACITY_GROUPS)}")
         if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
             _fail("min_capacity", self.min_capacity, "an integer >= 0")
         if not 0.0 <= self.expert_dropout < 1.0:
@@ -149,8 +157,11 @@ class MoEConfig:
     def capacity(self, num_assignments: int, training: bool) -> int | None:
         """Slots per expert for `num_assignments` = k * T routed assignments; None when dropless.
 
-        C = ceil(CF * k * T / E), at least `min_capacity` (and at least 1).
+        C = ceil(CF * k * T / E), at least `min_capacity` (and at least 1); `expert_capacity`, when
+        set, is returned as is in training and evaluation (T is then irrelevant).
         """
+        if self.expert_capacity is not None:
+            return self.expert_capacity
         cf = (
             self.capacity_factor
             if training or self.eval_capacity_factor is None

@@ -82,6 +82,37 @@ def assign_slots(
     return SlotAssignment(perm_N, kept_E.tolist(), routed_E.float(), kept_E.float())
 
 
+def capacity_keep_mask(
+    expert_idx_A: Tensor,
+    group_A: Tensor,
+    valid_A: Tensor | None,
+    num_experts: int,
+    num_groups: int,
+    capacity: int,
+    order_A: Tensor | None = None,
+) -> Tensor:
+    """[A] bool: valid assignments within the first `capacity` of their (group, expert) in priority order.
+
+    Capacity per group (Switch/mesh-tf groups, HF Switch: one group per sequence) instead of per call:
+    each of G groups gives every expert C slots. The kept mask then feeds `assign_slots` as its
+    `valid_A` with no further capacity.
+    """
+    num_buckets = num_groups * num_experts
+    bucket_A = group_A * num_experts + expert_idx_A  # [A] in [0, G * E)
+    if valid_A is not None:
+        bucket_A = bucket_A.masked_fill(~valid_A, num_buckets)  # sentinel bucket, never kept
+    if order_A is None:
+        perm_A = torch.argsort(bucket_A, stable=True)
+    else:
+        perm_A = order_A[torch.argsort(bucket_A[order_A], stable=True)]
+    count_B1 = torch.bincount(bucket_A, minlength=num_buckets + 1)  # [G * E + 1]
+    start_B1 = torch.cumsum(count_B1, 0) - count_B1
+    sorted_bucket_A = bucket_A[perm_A]
+    position_A = torch.arange(bucket_A.numel(), device=bucket_A.device) - start_B1[sorted_bucket_A]
+    keep_sorted_A = (position_A < capacity) & (sorted_bucket_A < num_buckets)
+    return torch.zeros_like(keep_sorted_A).scatter(0, perm_A, keep_sorted_A)
+
+
 @dataclass
 class DispatchState:
     """What combine needs to bring expert outputs home, plus the counts for statistics."""

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from moekit.moe import losses as L
 from moekit.moe.config import MoEConfig
-from moekit.moe.dispatch import LocalDispatcher, priority_order
+from moekit.moe.dispatch import LocalDispatcher, capacity_keep_mask, priority_order
 from moekit.moe.experts import ExpertBank, HierarchicalExperts, SharedExperts
 from moekit.moe.router import Routing, build_router
 
@@ -106,11 +106,24 @@ class MoE(nn.Module):
 
         # 2. dispatch (with capacity for token-choice routers; expert choice has its own)
         capacity, order_A = None, None
+        routed_E = None  # load before capacity, when capacity is applied per group below
         if routing.top_k > 0:
             num_real = x_TD.shape[0] if mask_T is None else int(mask_T.sum())
-            capacity = cfg.capacity(num_real * routing.top_k, self.training)
+            num_groups = math.prod(x.shape[:-2]) if cfg.capacity_group == "sequence" and x.ndim >= 3 else 1
+            if num_groups > 1:  # capacity per sequence: C slots per expert in every row (HF Switch)
+                num_assignments = math.ceil(num_real / num_groups) * routing.top_k
+            else:
+                num_assignments = num_real * routing.top_k
+            capacity = cfg.capacity(num_assignments, self.training)
             if capacity is not None:
                 order_A = priority_order(routing, cfg.drop_policy)
+            if capacity is not None and num_groups > 1:
+                group_A = token_A // x.shape[-2]  # [A] sequence of each assignment
+                routed_E = L.expert_counts(routing.expert_idx_A, valid_A, cfg.num_experts)
+                valid_A = capacity_keep_mask(
+                    routing.expert_idx_A, group_A, valid_A, cfg.num_experts, num_groups, capacity, order_A
+                )
+                capacity, order_A = None, None
         x_ND, counts, state = self.dispatcher.dispatch(
             x_TD, routing, valid_A, capacity, order_A, cfg.num_experts
         )
@@ -138,7 +151,8 @@ class MoE(nn.Module):
         z_loss = cfg.z_loss_coef * losses["z"]
         if inner_aux is not None:
             aux_loss, z_loss = aux_loss + inner_aux, z_loss + inner_z
-        stats = self._stats(routing, state.routed_E, state.kept_E, mask_T)
+        routed_E = state.routed_E if routed_E is None else routed_E
+        stats = self._stats(routing, routed_E, state.kept_E, mask_T)
         return MoEOutput(out_TD.view(x.shape), aux_loss, z_loss, stats, losses)
 
     def _check_input(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -204,6 +218,8 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         cf = "dropless" if c.capacity_factor is None else f"capacity_factor={c.capacity_factor}"
+        if c.expert_capacity is not None:
+            cf = f"expert_capacity={c.expert_capacity} per {c.capacity_group}"
         return f"dim={c.dim}, hidden_dim={c.hidden_dim}, experts={c.num_experts}, top_k={c.top_k}, router={c.router}, {cf}"
 
 
