@@ -2,6 +2,7 @@
 
     moekit demo                 run the MoE layer on random data and print its losses and stats
     moekit train [--config F]   train an MoE language model (the main job)
+    moekit eval / generate      evaluate or sample from a checkpoint
 
 Every subcommand registers its arguments in `_build_parser` and returns an exit code.
 """
@@ -23,7 +24,9 @@ def _demo(args: argparse.Namespace) -> int:
     x = torch.randn(4, 32, cfg.dim)
     out = moe(x)
     print(moe)
-    print(f"output {tuple(out.output.shape)}  aux_loss {out.aux_loss.item():.4f}  z_loss {out.z_loss.item():.5f}")
+    print(
+        f"output {tuple(out.output.shape)}  aux_loss {out.aux_loss.item():.4f}  z_loss {out.z_loss.item():.5f}"
+    )
     for name, value in out.stats.to_dict().items():
         print(f"  {name}: {value}")
     return 0
@@ -40,17 +43,10 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
-    train = sub.add_parser("train", help="train an MoE language model")
-    train.add_argument("--config", default=None, help="TOML config file")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    train.set_defaults(func=_train)
+    from moekit.train.commands import add_commands as add_train_commands
+
+    add_train_commands(sub)  # train, eval, generate
     return parser
-
-
-def _train(args: argparse.Namespace) -> int:
-    # The training job arrives with the model/training issue; until then show the layer working.
-    print("moekit train: the training job is not built yet; running the layer demo instead")
-    return _demo(argparse.Namespace(router="topk", experts=8, top_k=2, seed=0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # bad input: a clear message, not a traceback
         print(f"moekit {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,455 @@
+"""The training loop: `moekit train` builds a Trainer from a RunConfig and calls `fit()`.
+
+One step = `grad_accum` micro-batches, each `model(inputs, targets)` -> loss = ce + aux + z (the
+MoE losses come back explicitly from every layer), backward, then global-norm clipping, AdamW with
+the warmup + cosine learning rate of this step, and the aux-loss-free bias update (after the
+optimizer step, with the step's summed routed load). Every `log_every` steps a JSONL line goes to
+metrics.jsonl; every `eval_every` steps the validation loss; every `save_every` steps (and at the
+end, at the time limit, and on Ctrl-C) an atomic checkpoint that a later run resumes from exactly:
+model, optimizer moments, step, data position and RNG states.
+
+Run folder: <out_dir>/<run_name>/ {config.toml (resolved), metrics.jsonl, checkpoint/, report/}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moekit import __version__
+from moekit.data import (
+    LMBatchSampler,
+    SpanCorruptionSampler,
+    Tokenizer,
+    TokenizerConfig,
+    ValidationWindows,
+    prepare_data,
+)
+from moekit.model import MoEEncoderDecoder, count_params
+from moekit.moe import MoE
+from moekit.train import checkpoint as ckpt
+from moekit.train.checkpoint import build_model
+from moekit.train.config import RunConfig, to_toml
+
+# ---------------------------------------------------------------------- building blocks
+
+
+def moe_layers_of(model: nn.Module) -> list[MoE]:
+    """The model's MoE layers in the order their stats appear in `router_stats_of`."""
+    if isinstance(model, MoEEncoderDecoder):
+        return list(model.encoder_moe_layers) + list(model.decoder_moe_layers)
+    return [m for m in model.modules() if isinstance(m, MoE) and not _is_inner(m, model)]
+
+
+def _is_inner(layer: MoE, model: nn.Module) -> bool:
+    # Hierarchical MoE: inner layers live inside another MoE's experts and report through it.
+    for m in model.modules():
+        if isinstance(m, MoE) and m is not layer and any(sub is layer for sub in m.experts.modules()):
+            return True
+    return False
+
+
+def router_stats_of(output: Any) -> list:
+    if hasattr(output, "encoder_router_stats"):
+        return list(output.encoder_router_stats) + list(output.decoder_router_stats)
+    return list(output.router_stats)
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to lr * min_lr_ratio at `steps`."""
+    t = cfg.train
+    if t.warmup_steps > 0 and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    floor = t.lr * t.min_lr_ratio
+    return floor + 0.5 * (t.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """AdamW; matrices (and expert banks) decay, vectors (norms, biases) and embeddings do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embeddings" not in name else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), foreach=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r}: no CUDA device is available here")
+    return device
+
+
+def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPUs (the MoE router still computes in float32); float32 elsewhere."""
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats) of a unigram model fitted on the training tokens (add-one smoothed)."""
+    counts = (
+        np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1.0
+    )
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(val_tokens, dtype=np.int64)].mean())
+
+
+# ---------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint_dir: Path
+    step: int
+    train_losses: list[float] = field(default_factory=list)  # ce loss of every step of this process
+    val_loss: float | None = None
+    interrupted: bool = False
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, model: nn.Module | None = None):
+        """Prepare data, tokenizer, model and optimizer. `model` replaces the one cfg describes
+        (fine-tuning an imported or upcycled model); its `config` is kept in the checkpoint."""
+        cfg.validate()
+        self.cfg = cfg
+        t = cfg.train
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.device = resolve_device(t.device)
+        self.run_dir = Path(t.out_dir) / t.run_name
+        self.ckpt_dir = self.run_dir / "checkpoint"
+
+        d = cfg.data
+        self.data = prepare_data(
+            d.paths or None,
+            validation_paths=d.validation_paths or None,
+            validation_fraction=d.validation_fraction,
+            text_field=d.text_field,
+            tokenizer_config=TokenizerConfig(vocab_size=d.vocab_size, max_train_chars=d.tokenizer_max_chars),
+            tokenizer_file=d.tokenizer or None,
+            cache_dir=d.cache_dir or None,
+        )
+        self.tokenizer: Tokenizer = self.data.tokenizer
+
+        torch.manual_seed(t.seed)
+        self.model_cfg = cfg.model_config(self.tokenizer.vocab_size) if model is None else model.config
+        if self.model_cfg.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(
+                f"the model's vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's "
+                f"{self.tokenizer.vocab_size}"
+            )
+        self.model = (model if model is not None else build_model(cfg.arch, self.model_cfg)).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.moe_layers = moe_layers_of(self.model)
+        self.step = 0
+        self.tokens_seen = 0
+        self.elapsed = 0.0
+        self.sampler = self._train_sampler()
+
+    # -------------------------------------------------------------- data
+    def _train_sampler(self):
+        d, t = self.cfg.data, self.cfg.train
+        tokens = self.data.tokens.train
+        if self.cfg.arch == "encdec":
+            tk = self.tokenizer
+            return SpanCorruptionSampler(
+                tokens,
+                d.batch_size,
+                d.seq_len,
+                sentinel_ids=tk.sentinel_ids,
+                eos_id=tk.eos_id,
+                pad_id=tk.pad_id,
+                seed=t.seed,
+            )
+        return LMBatchSampler(tokens, d.batch_size, d.seq_len, seed=t.seed)
+
+    def _validation_batches(self):
+        d, t = self.cfg.data, self.cfg.train
+        tokens = self.data.tokens.validation
+        if self.cfg.arch == "encdec":
+            tk = self.tokenizer
+            sampler = SpanCorruptionSampler(
+                tokens,
+                d.eval_batch_size,
+                d.seq_len,
+                sentinel_ids=tk.sentinel_ids,
+                eos_id=tk.eos_id,
+                pad_id=tk.pad_id,
+                seed=0,
+                shuffle=False,
+            )
+            return [sampler.next_batch() for _ in range(t.eval_batches)]
+        return ValidationWindows(
+            tokens, d.eval_batch_size, d.seq_len, max_windows=t.eval_batches * d.eval_batch_size
+        )
+
+    def forward_batch(self, batch: tuple[torch.Tensor, ...]) -> Any:
+        batch = tuple(b.to(self.device) for b in batch)
+        with autocast_for(self.device, self.cfg.train.dtype):
+            if self.cfg.arch == "encdec":
+                enc, dec_in, dec_target = batch
+                return self.model(enc, dec_in, attention_mask=enc != self.tokenizer.pad_id, labels=dec_target)
+            inputs, targets = batch
+            return self.model(inputs, targets=targets)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted validation cross-entropy and perplexity."""
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in self._validation_batches():
+            out = self.forward_batch(batch)
+            n = int((batch[-1] != -100).sum())
+            total += float(out.ce_loss) * n
+            count += n
+        self.model.train(was_training)
+        loss = total / max(count, 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    # -------------------------------------------------------------- checkpoints
+    def checkpoint_config(self) -> dict[str, Any]:
+        return {
+            "moekit_version": __version__,
+            "arch": self.cfg.arch,
+            "model": self.model_cfg.to_dict(),
+            "run": self.cfg.to_dict(),
+        }
+
+    def save(self) -> Path:
+        tensors, groups = ckpt.optimizer_tensors(self.optimizer)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_seconds": self.elapsed,
+            "sampler": self.sampler.state_dict(),
+            "param_groups": groups,
+        }
+
+        def write(folder: Path) -> None:
+            from safetensors.torch import save_file
+
+            ckpt.save_model_files(folder, self.model, self.checkpoint_config())
+            self.tokenizer.save(folder / ckpt.TOKENIZER_FILE)
+            save_file(tensors, str(folder / ckpt.OPTIMIZER_FILE))
+            ckpt.write_json(folder / ckpt.STATE_FILE, state)
+
+        return ckpt.save_folder_atomically(self.ckpt_dir, write)
+
+    def try_resume(self) -> bool:
+        """Load the run folder's checkpoint if there is one; False when starting fresh."""
+        try:
+            folder = ckpt.resolve(self.ckpt_dir)
+        except ckpt.CheckpointError:
+            return False
+        config = ckpt.read_json(folder / ckpt.CONFIG_FILE)
+        if config.get("model") != self.model_cfg.to_dict() or config.get("arch") != self.cfg.arch:
+            raise ckpt.CheckpointError(
+                f"the checkpoint in {str(folder)!r} was trained with another model config; "
+                f"use another train.run_name or train.out_dir, or set train.resume=false to start over "
+                f"(nothing was overwritten)"
+            )
+        ckpt.load_model_tensors(self.model, folder / ckpt.MODEL_FILE, config.get("tied"))
+        state = ckpt.read_json(folder / ckpt.STATE_FILE)
+        tensors = ckpt.read_safetensors(folder / ckpt.OPTIMIZER_FILE)
+        ckpt.load_optimizer_state(self.optimizer, tensors, state["param_groups"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if torch.cuda.is_available():
+            cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+            if cuda_states:
+                torch.cuda.set_rng_state_all(cuda_states)
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.elapsed = float(state["elapsed_seconds"])
+        self.sampler.load_state_dict(state["sampler"])
+        return True
+
+    # -------------------------------------------------------------- the loop
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches; returns the step's metrics."""
+        cfg = self.cfg
+        accum = cfg.train.grad_accum
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        ce = aux = z = 0.0
+        routed = [torch.zeros(m.config.num_experts) for m in self.moe_layers]
+        dropped, maxvio = [], []
+        tokens = 0
+        for _ in range(accum):
+            batch = self.sampler.next_batch()
+            out = self.forward_batch(batch)
+            (out.loss / accum).backward()  # aux/z are means per micro-batch: averaging keeps them unscaled
+            ce += float(out.ce_loss.detach()) / accum
+            aux += float(out.aux_loss.detach()) / accum
+            z += float(out.z_loss.detach()) / accum
+            tokens += int(batch[0].numel())
+            for i, s in enumerate(router_stats_of(out)):
+                routed[i] += s.routed_per_expert.float().cpu()
+                dropped.append(float(s.dropped_fraction))
+                maxvio.append(float(s.max_load_violation))
+        grad_norm = 0.0
+        if cfg.train.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for layer, load in zip(self.moe_layers, routed):
+            layer.update_bias(load)  # aux-loss-free balancing; a no-op for other routers
+        self.step += 1
+        self.tokens_seen += tokens
+        return {
+            "step": self.step,
+            "loss": ce,
+            "aux_loss": aux,
+            "z_loss": z,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "dropped_fraction": float(np.mean(dropped)) if dropped else 0.0,
+            "max_load_violation": float(np.mean(maxvio)) if maxvio else 0.0,
+            "load": [(r / r.sum().clamp_min(1)).tolist() for r in routed],
+        }
+
+    def fit(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        resumed = t.resume and self.try_resume()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_text_atomically(self.run_dir / "config.toml", to_toml(cfg))  # the resolved config
+        metrics_path = self.run_dir / "metrics.jsonl"
+        _truncate_metrics(metrics_path, self.step if resumed else 0)
+        result = TrainResult(self.run_dir, self.ckpt_dir, self.step)
+        bar = _progress(t.progress, total=t.steps, initial=self.step, desc=f"train {t.run_name}")
+        time_limit = t.time_limit_minutes * 60 if t.time_limit_minutes > 0 else math.inf
+        last_val = None
+        window_tokens, window_start = 0, time.perf_counter()
+        try:
+            with open(metrics_path, "a", encoding="utf-8") as log:
+                while self.step < t.steps and self.elapsed < time_limit:
+                    start = time.perf_counter()
+                    m = self.train_step()
+                    self.elapsed += time.perf_counter() - start
+                    result.train_losses.append(m["loss"])
+                    window_tokens += m["tokens"]
+                    if not math.isfinite(m["loss"]):
+                        raise FloatingPointError(f"training diverged at step {self.step}: loss {m['loss']}")
+                    if self.step % t.log_every == 0 or self.step == t.steps:
+                        now = time.perf_counter()
+                        m["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+                        m["elapsed_s"] = self.elapsed
+                        window_tokens, window_start = 0, now
+                        if self.step % t.eval_every == 0 or self.step == t.steps:
+                            m.update(self.evaluate())
+                            last_val = m["val_loss"]
+                        log.write(json.dumps(m) + "\n")
+                        log.flush()
+                        bar.set_postfix(
+                            loss=f"{m['loss']:.3f}",
+                            tok_s=f"{m['tokens_per_s']:.0f}",
+                            drop=f"{m['dropped_fraction']:.3f}",
+                            maxvio=f"{m['max_load_violation']:.2f}",
+                            **({"val": f"{last_val:.3f}"} if last_val is not None else {}),
+                        )
+                    elif self.step % t.eval_every == 0:
+                        ev = self.evaluate()
+                        last_val = ev["val_loss"]
+                        log.write(json.dumps({"step": self.step, **ev}) + "\n")
+                    bar.update(1)
+                    if self.step % t.save_every == 0:
+                        self.save()
+        except KeyboardInterrupt:
+            result.interrupted = True
+            bar.write(f"interrupted at step {self.step}: saving a checkpoint to {self.ckpt_dir}")
+        finally:
+            bar.close()
+        if last_val is None or result.interrupted or self.step % t.eval_every:
+            ev = self.evaluate()
+            last_val = ev["val_loss"]
+            with open(metrics_path, "a", encoding="utf-8") as log:
+                log.write(json.dumps({"step": self.step, "final": True, **ev}) + "\n")
+        self.save()
+        result.step = self.step
+        result.val_loss = last_val
+        result.summary = self.summary(last_val)
+        return result
+
+    def summary(self, val_loss: float | None) -> dict[str, Any]:
+        params = count_params(self.model)
+        out = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "training_seconds": self.elapsed,
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss is not None else None,
+            "params_total": params.total,
+            "params_active": params.active,
+        }
+        out["unigram_val_loss"] = unigram_loss(
+            self.data.tokens.train, self.data.tokens.validation, self.tokenizer.vocab_size
+        )
+        return out
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, keep_until_step: int) -> None:
+    """Drop metric lines past the resumed step, so a resumed run's log has no duplicates."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= keep_until_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    _write_text_atomically(path, "".join(x + "\n" for x in kept))
+
+
+class _NullBar:
+    def set_postfix(self, **kw: Any) -> None: ...
+    def update(self, n: int) -> None: ...
+    def write(self, s: str) -> None:
+        print(s)
+
+    def close(self) -> None: ...
+
+
+def _progress(enabled: bool, **kw: Any):
+    if not enabled:
+        return _NullBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(dynamic_ncols=True, **kw)
