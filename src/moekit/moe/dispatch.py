@@ -127,6 +127,10 @@ class DispatchState:
 class LocalDispatcher:
     """Single-process dispatch: gather kept assignments in expert order, scatter-add them back."""
 
+    def group_assignments(self, num_assignments: int) -> int:
+        """Assignments that share each expert's capacity: on one process, its own."""
+        return num_assignments
+
     def dispatch(
         self,
         x_TD: Tensor,

@@ -115,6 +115,9 @@ class MoE(nn.Module):
             else:
                 num_assignments = num_real * routing.top_k
             capacity = cfg.capacity(num_assignments, self.training)
+            if capacity is not None and num_groups == 1:
+                # One batch-wide capacity is shared by every process feeding the same experts (EP).
+                capacity = cfg.capacity(self.dispatcher.group_assignments(num_assignments), self.training)
             if capacity is not None:
                 order_A = priority_order(routing, cfg.drop_policy)
             if capacity is not None and num_groups > 1:
