@@ -11,11 +11,14 @@ from moekit.model.layers import (
     Block,
     FeedForward,
     KVCache,
+    RelativePositionBias,
     RMSNorm,
     Rotary,
     apply_rope,
     build_attention_mask,
+    relative_position_bucket,
     rope_tables,
+    with_position_bias,
 )
 
 __all__ = [
@@ -32,12 +35,15 @@ __all__ = [
     "MoETransformer",
     "ParamCount",
     "RMSNorm",
+    "RelativePositionBias",
     "Rotary",
     "apply_rope",
     "build_attention_mask",
     "count_params",
     "dense_baseline",
     "flops_per_token",
+    "relative_position_bucket",
     "rope_tables",
     "sample_next_token",
+    "with_position_bias",
 ]

@@ -11,6 +11,13 @@ builds a dense model. Which layers are sparse is decided by one rule, `is_moe_la
     moe_every=1, n_dense_first=k -> the first k layers dense, the rest MoE (DeepSeek first_k_dense_replace)
 
 With n_dense_first=0 this is Qwen2-MoE's `(i + 1) % decoder_sparse_step == 0`, shifted by the dense prefix.
+Rules that this cannot express (Switch's `i % step == 1`) take an explicit list instead:
+`sparse_layers` for the decoder (the only stack of a decoder-only LM) and `encoder_sparse_layers`
+for the encoder of an encoder-decoder (None = the decoder's rule).
+
+T5/Switch options: `position_encoding="relative_bias"` (bucketed relative position bias, no rotary),
+`attn_scale=1.0` (T5 folds 1/sqrt(head_dim) into the init), `ffn_activation="relu"` (plain two-matrix
+FFN), `output_scale=dim**-0.5` (tied LM head rescaling). The defaults keep the Llama-style model.
 
 Pitfall: `n_kv_heads` and `head_dim` are filled in from `n_heads` and `dim` when left as None, so
 `dataclasses.replace(cfg, dim=...)` keeps the old head_dim; pass `head_dim=None` to re-derive it.
@@ -24,6 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from moekit.moe import MoEConfig
+
+POSITION_ENCODINGS = ("rope", "relative_bias")
+FFN_ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu", "silu")  # the first two are GLU (three matrices)
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -63,6 +73,16 @@ class ModelConfig:
     n_encoder_layers: int | None = None  # encoder-decoder only; None = n_layers
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
 
+    # --- T5 / Switch Transformers options (defaults: rotary, 1/sqrt(K) scaling, SwiGLU) ---
+    position_encoding: str = "rope"  # "rope" or "relative_bias" (T5 bucketed bias, first layer's, shared)
+    rel_pos_buckets: int = 32  # relative_bias: buckets (half per direction in bidirectional attention)
+    rel_pos_max_distance: int = 128  # relative_bias: distances past this share the last bucket
+    attn_scale: float | None = None  # scale on q.k; None = 1/sqrt(head_dim); T5 uses 1.0
+    ffn_activation: str = "swiglu"  # dense FFNs: swiglu/geglu (gate, up, down) or relu/gelu/silu (up, down)
+    output_scale: float = 1.0  # final hidden state times this before the LM head (T5 tied: dim**-0.5)
+    sparse_layers: list[int] | None = None  # explicit MoE layers of the decoder stack; None = the rule
+    encoder_sparse_layers: list[int] | None = None  # explicit MoE layers of the encoder; None = as decoder
+
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
@@ -79,8 +99,23 @@ class ModelConfig:
                 _fail(name, v, "a positive integer")
         if not _is_int(self.n_kv_heads) or self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
             _fail("n_kv_heads", self.n_kv_heads, f"a positive divisor of n_heads={self.n_heads}")
-        if not _is_int(self.head_dim) or self.head_dim < 2 or self.head_dim % 2:
-            _fail("head_dim", self.head_dim, "a positive even integer (rotary rotates pairs)")
+        if self.position_encoding not in POSITION_ENCODINGS:
+            _fail("position_encoding", self.position_encoding, f"one of {list(POSITION_ENCODINGS)}")
+        if self.position_encoding == "rope":
+            if not _is_int(self.head_dim) or self.head_dim < 2 or self.head_dim % 2:
+                _fail("head_dim", self.head_dim, "a positive even integer (rotary rotates pairs)")
+        elif not _is_int(self.head_dim) or self.head_dim < 1:
+            _fail("head_dim", self.head_dim, "a positive integer")
+        for name in ("rel_pos_buckets", "rel_pos_max_distance"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 4:
+                _fail(name, v, "an integer >= 4")
+        if self.ffn_activation not in FFN_ACTIVATIONS:
+            _fail("ffn_activation", self.ffn_activation, f"one of {list(FFN_ACTIVATIONS)}")
+        for name in ("output_scale",) + (() if self.attn_scale is None else ("attn_scale",)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                _fail(name, v, "a finite number > 0" + (" (or None)" if name == "attn_scale" else ""))
         for name in ("rope_theta", "norm_eps", "init_std"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
@@ -96,6 +131,14 @@ class ModelConfig:
             not _is_int(self.n_encoder_layers) or self.n_encoder_layers < 1
         ):
             _fail("n_encoder_layers", self.n_encoder_layers, "None (= n_layers) or a positive integer")
+        for name, n in (("sparse_layers", self.n_layers), ("encoder_sparse_layers", self.encoder_layers)):
+            ids = getattr(self, name)
+            if ids is not None and (
+                not isinstance(ids, (list, tuple))
+                or not all(_is_int(i) and 0 <= i < n for i in ids)
+                or len(set(ids)) != len(ids)
+            ):
+                _fail(name, ids, f"None or a list of distinct layer indices in [0, {n})")
         deepest = max(self.n_layers, self.encoder_layers)  # the longer stack of an encoder-decoder
         if not _is_int(self.n_dense_first) or not 0 <= self.n_dense_first <= deepest:
             _fail(
@@ -108,7 +151,14 @@ class ModelConfig:
                 _fail("moe", type(self.moe).__name__, "None, a MoEConfig or its dict")
             if self.moe.dim != self.dim:
                 _fail("moe.dim", self.moe.dim, f"equal to dim={self.dim}")
-            if not any(self.is_moe_layer(i) for i in range(deepest)):
+            if self.sparse_layers is not None or self.encoder_sparse_layers is not None:
+                if not self.moe_layer_ids() and not self.moe_layer_ids(self.encoder_layers, encoder=True):
+                    _fail(
+                        "sparse_layers",
+                        self.sparse_layers,
+                        "at least one MoE layer; use moe=None for a dense model",
+                    )
+            elif not any(self.is_moe_layer(i) for i in range(deepest)):
                 _fail(
                     "moe_every",
                     self.moe_every,
@@ -117,15 +167,25 @@ class ModelConfig:
                 )
 
     # ------------------------------------------------------------------ layer rule
-    def is_moe_layer(self, i: int) -> bool:
-        """Whether layer `i` (0-based, within one stack) has an MoE feed-forward; see module docstring."""
-        if self.moe is None or i < self.n_dense_first:
+    def is_moe_layer(self, i: int, encoder: bool = False) -> bool:
+        """Whether layer `i` (0-based, within one stack) has an MoE feed-forward; see module docstring.
+
+        encoder=True asks about the encoder stack of an encoder-decoder (differs only when
+        `encoder_sparse_layers` is set)."""
+        if self.moe is None:
+            return False
+        explicit = self.encoder_sparse_layers if encoder and self.encoder_sparse_layers is not None else None
+        explicit = self.sparse_layers if explicit is None else explicit
+        if explicit is not None:
+            return i in explicit
+        if i < self.n_dense_first:
             return False
         return (i - self.n_dense_first) % self.moe_every == self.moe_every - 1
 
-    def moe_layer_ids(self, n_layers: int | None = None) -> list[int]:
+    def moe_layer_ids(self, n_layers: int | None = None, encoder: bool = False) -> list[int]:
         """Indices of the MoE layers in a stack of `n_layers` (default: the decoder's n_layers)."""
-        return [i for i in range(self.n_layers if n_layers is None else n_layers) if self.is_moe_layer(i)]
+        n = self.n_layers if n_layers is None else n_layers
+        return [i for i in range(n) if self.is_moe_layer(i, encoder)]
 
     @property
     def encoder_layers(self) -> int:
@@ -136,6 +196,8 @@ class ModelConfig:
         """A JSON-ready dict; `from_dict(to_dict())` rebuilds an equal config."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["moe"] = None if self.moe is None else self.moe.to_dict()
+        for name in ("sparse_layers", "encoder_sparse_layers"):
+            d[name] = None if d[name] is None else list(d[name])
         return d
 
     @classmethod

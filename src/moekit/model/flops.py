@@ -31,7 +31,7 @@ from moekit.model.config import ModelConfig
 from moekit.model.decoder import MoETransformer
 from moekit.moe import HierarchicalExperts, MoE, MoEConfig
 
-DENSE_FFN_MATRICES = 3  # the model's dense FFN is SwiGLU
+DENSE_FFN_MATRICES = 3  # the dense FFN is SwiGLU by default (2 matrices for ffn_activation relu/gelu/silu)
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,8 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> FlopCount:
             ffn += moe_ffn_flops(config.moe)
             router += moe_router_flops(config.moe)
         else:
-            ffn += 2 * DENSE_FFN_MATRICES * D * config.ffn_hidden_dim
+            matrices = DENSE_FFN_MATRICES if config.ffn_activation in ("swiglu", "geglu") else 2
+            ffn += 2 * matrices * D * config.ffn_hidden_dim
     return FlopCount(
         attention=config.n_layers * (projections + scores),
         ffn=ffn,

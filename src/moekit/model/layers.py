@@ -1,5 +1,6 @@
-"""Dense transformer pieces: RMSNorm, rotary embeddings, grouped-query attention, KV cache, SwiGLU,
-and the pre-norm `Block` whose feed-forward is MoE or dense.
+"""Dense transformer pieces: RMSNorm, rotary embeddings, T5 relative position bias, grouped-query
+attention, KV cache, dense FFN (SwiGLU or plain), and the pre-norm `Block` whose feed-forward is MoE
+or dense.
 
 Shape legend (names carry these suffixes, torchtitan style):
     B = batch, S = query length, T = key/value length (cache or encoder), D = model dim,
@@ -9,11 +10,14 @@ Rotary uses the half-split ("rotate_half") pairing of Hugging Face Llama/Mixtral
 rotated together with j + K/2, so HF checkpoints load without permuting q/k weights.
 Rotary encodes relative position only, so left padding (which shifts every real token of a row by
 the same amount) does not change attention between real tokens and needs no per-row positions.
+The T5 relative position bias (Switch Transformers) is relative too; it is added to the scores
+through SDPA's float mask (`with_position_bias`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +26,7 @@ from torch import nn
 
 from moekit.model.config import ModelConfig
 from moekit.moe import MoE, MoEOutput
+from moekit.moe.experts import ffn_activation, glu_activation
 
 
 class RMSNorm(nn.Module):
@@ -73,6 +78,55 @@ class Rotary(nn.Module):
         return self.cos[positions_S], self.sin[positions_S]  # [S, K/2] each
 
 
+# ---------------------------------------------------------------------- T5 relative position bias
+
+
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucket of every relative position (key position - query position), long, in [0, num_buckets).
+
+    Bidirectional: half the buckets for keys after the query. Within a direction, half of the
+    buckets hold the exact distances 0..n/2-1, the rest log-spaced distances up to max_distance;
+    farther keys share the last bucket. Unidirectional (causal) attention maps future keys to bucket 0.
+    The float arithmetic follows Mesh TensorFlow / transformers exactly, so buckets match bit for bit.
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = -torch.clamp(relative_position, max=0)
+    max_exact = num_buckets // 2
+    log_ratio = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """T5 relative position bias: one learned scalar per (bucket, head), added to the attention scores.
+
+    T5 computes it once per stack (owned by the first layer) and every layer adds the same bias;
+    the encoder uses bidirectional buckets, the decoder's self-attention causal ones.
+    """
+
+    def __init__(self, n_heads: int, num_buckets: int, max_distance: int, *, bidirectional: bool) -> None:
+        super().__init__()
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.embedding = nn.Embedding(num_buckets, n_heads)  # [buckets, H]
+
+    def forward(self, q_len: int, k_len: int, q_offset: int = 0) -> torch.Tensor:
+        """[1, H, S, T] bias of S queries at positions q_offset.. against T keys at 0.."""
+        device = self.embedding.weight.device
+        q_pos_S1 = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
+        k_pos_1T = torch.arange(k_len, device=device)[None, :]
+        bucket_ST = relative_position_bucket(
+            k_pos_1T - q_pos_S1, self.bidirectional, self.num_buckets, self.max_distance
+        )
+        return self.embedding(bucket_ST).permute(2, 0, 1)[None]  # [S, T, H] -> [1, H, S, T]
+
+
 # ---------------------------------------------------------------------- masks
 
 
@@ -115,6 +169,21 @@ def build_attention_mask(
         if self_attention:
             mask = mask | (k_pos_1T == q_pos_S1)[None, None]
     return AttentionMask(mask=mask)
+
+
+def with_position_bias(mask: AttentionMask, bias_1HST: torch.Tensor, dtype: torch.dtype) -> AttentionMask:
+    """Fold an additive score bias [1, H, S, T] into the mask (SDPA adds a float mask to the scores).
+
+    Disallowed keys get the dtype's most negative value rather than -inf, as transformers does.
+    """
+    S, T = bias_1HST.shape[-2:]
+    allowed = mask.mask
+    if allowed is None and mask.is_causal:  # is_causal is only used for S == T, aligned top-left
+        allowed = torch.ones(S, T, dtype=torch.bool, device=bias_1HST.device).tril()[None, None]
+    bias = bias_1HST.to(dtype)
+    if allowed is None:
+        return AttentionMask(mask=bias)
+    return AttentionMask(mask=bias.masked_fill(~allowed, torch.finfo(dtype).min))  # [B or 1, H, S, T]
 
 
 # ---------------------------------------------------------------------- KV cache
@@ -185,6 +254,7 @@ class Attention(nn.Module):
         self.layer_id = layer_id  # which slot of a KVCache this layer writes
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.dropout = cfg.dropout
+        self.scale = cfg.attn_scale  # None = 1/sqrt(head_dim)
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -219,6 +289,7 @@ class Attention(nn.Module):
             attn_mask=mask.mask,
             is_causal=mask.is_causal,
             dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,  # each of G kv heads serves H/G query heads
         )
         return self.wo(out_BHSK.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))  # [B, S, D]
@@ -235,21 +306,25 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Dense SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """Dense FFN: GLU w2(act(w1 x) * w3 x) for swiglu/geglu, plain w2(act(w1 x)) for relu/gelu/silu (T5)."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "swiglu") -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.activation = activation
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate (GLU) or up
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False) if activation in ("swiglu", "geglu") else None  # up
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x_BSD)) * self.w3(x_BSD))  # [B, S, F] -> [B, S, D]
+        if self.w3 is None:
+            return self.w2(ffn_activation(self.activation, self.w1(x_BSD)))  # [B, S, F] -> [B, S, D]
+        return self.w2(glu_activation(self.activation, self.w1(x_BSD), self.w3(x_BSD)))
 
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
         for lin in (self.w1, self.w2, self.w3):
-            nn.init.normal_(lin.weight, std=std)
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=std)
 
 
 # ---------------------------------------------------------------------- block
@@ -257,7 +332,7 @@ class FeedForward(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block: self-attention, optional cross-attention, then an FFN that is
-    an MoE layer when `cfg.is_moe_layer(layer_id)` and a dense SwiGLU otherwise.
+    an MoE layer when `cfg.is_moe_layer(layer_id)` (or the explicit `is_moe`) and a dense FFN otherwise.
 
     One class serves the decoder-only LM (causal), the encoder (bidirectional) and the decoder of
     the encoder-decoder (causal + cross-attention). `causal` is passed on to the MoE config, so
@@ -265,7 +340,13 @@ class Block(nn.Module):
     """
 
     def __init__(
-        self, cfg: ModelConfig, layer_id: int, *, causal: bool, cross_attention: bool = False
+        self,
+        cfg: ModelConfig,
+        layer_id: int,
+        *,
+        causal: bool,
+        cross_attention: bool = False,
+        is_moe: bool | None = None,
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -273,18 +354,18 @@ class Block(nn.Module):
         self.cross_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cross_attention else None
         self.cross_attn = Attention(cfg, layer_id) if cross_attention else None
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.is_moe = cfg.is_moe_layer(layer_id)
+        self.is_moe = cfg.is_moe_layer(layer_id) if is_moe is None else is_moe
         if self.is_moe:
             self.ffn: nn.Module = MoE(dataclasses.replace(cfg.moe, causal=causal))
         else:
-            self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+            self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden_dim, cfg.ffn_activation)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
         self,
         x_BSD: torch.Tensor,
         mask: AttentionMask,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
         token_mask_BS: torch.Tensor | None = None,
         cache: KVCache | None = None,
         context_BTD: torch.Tensor | None = None,
