@@ -332,3 +332,14 @@ def test_empty_input():
     out = moe(torch.randn(0, D))
     assert out.output.shape == (0, D)
     assert torch.isfinite(out.aux_loss) and torch.isfinite(out.z_loss)
+
+
+def test_router_stays_float32_under_autocast():
+    """bf16 autocast (the GPU training mode) must not lower the router's precision."""
+    torch.manual_seed(17)
+    moe = MoE(D, HID, E, 2, router="noisy_topk").train()
+    x = torch.randn(6, D)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        routing = moe.router(x)
+    assert routing.logits_TE.dtype == torch.float32
+    torch.testing.assert_close(routing.logits_TE, x @ moe.router.gate.weight.T, atol=1e-5, rtol=1e-5)

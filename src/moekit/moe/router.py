@@ -75,7 +75,9 @@ class Router(nn.Module):
         dtype = router_dtype(x_TD)
         weight = self.gate.weight.to(dtype)
         bias = None if self.gate.bias is None else self.gate.bias.to(dtype)
-        logits_TE = F.linear(x_TD.to(dtype), weight, bias)  # [T, E] float32 (float64 for float64 input)
+        # Autocast would run this product in bf16; the router's selective precision forbids that.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.to(dtype), weight, bias)  # [T, E] float32 (float64 for float64 input)
         if self.config.check_finite and not torch.isfinite(logits_TE).all():
             bad = (~torch.isfinite(logits_TE)).sum().item()
             raise ValueError(
@@ -172,7 +174,8 @@ class NoisyTopKRouter(Router):
         k, num_experts = self.top_k, self.num_experts
         clean_TE = self.compute_logits(x_TD)
         dtype = clean_TE.dtype
-        std_TE = F.softplus(F.linear(x_TD.to(dtype), self.noise.weight.to(dtype))) + self.config.noise_eps
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            std_TE = F.softplus(F.linear(x_TD.to(dtype), self.noise.weight.to(dtype))) + self.config.noise_eps
         noisy = self.training
         logits_TE = clean_TE + torch.randn_like(clean_TE) * std_TE if noisy else clean_TE
         top_vals, top_idx = logits_TE.topk(min(k + 1, num_experts), dim=-1)
