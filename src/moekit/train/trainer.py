@@ -347,6 +347,7 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         _truncate_metrics(metrics_path, self.step if resumed else 0)
         result = TrainResult(self.run_dir, self.ckpt_dir, self.step)
+        tb = _tensorboard_writer(self.run_dir / "tensorboard") if t.tensorboard else None
         bar = _progress(t.progress, total=t.steps, initial=self.step, desc=f"train {t.run_name}")
         time_limit = t.time_limit_minutes * 60 if t.time_limit_minutes > 0 else math.inf
         last_val = None
@@ -371,6 +372,10 @@ class Trainer:
                             last_val = m["val_loss"]
                         log.write(json.dumps(m) + "\n")
                         log.flush()
+                        if tb is not None:
+                            for key, value in m.items():
+                                if isinstance(value, (int, float)) and key != "step":
+                                    tb.add_scalar(key, value, self.step)
                         bar.set_postfix(
                             loss=f"{m['loss']:.3f}",
                             tok_s=f"{m['tokens_per_s']:.0f}",
@@ -390,6 +395,8 @@ class Trainer:
             bar.write(f"interrupted at step {self.step}: saving a checkpoint to {self.ckpt_dir}")
         finally:
             bar.close()
+            if tb is not None:
+                tb.close()
         if last_val is None or result.interrupted or self.step % t.eval_every:
             ev = self.evaluate()
             last_val = ev["val_loss"]
@@ -436,6 +443,16 @@ def _truncate_metrics(path: Path, keep_until_step: int) -> None:
         except json.JSONDecodeError:
             continue  # a line cut short by a crash
     _write_text_atomically(path, "".join(x + "\n" for x in kept))
+
+
+def _tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ValueError(
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard"
+        ) from exc
+    return SummaryWriter(str(folder))
 
 
 class _NullBar:
