@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from moekit.moe.router import Routing
 
@@ -122,10 +123,68 @@ class DispatchState:
     num_tokens: int
     routed_E: Tensor  # [E] valid assignments per expert before capacity
     kept_E: Tensor  # [E] assignments per expert that ran
+    # Set when every assignment of a token-major routing runs (dropless top-k): combine then
+    # un-permutes with one gather and sums each token's K rows, no scatter-add needed.
+    top_k: int = 0  # K of that routing, 0 otherwise
+    row_A: Tensor | None = None  # [A] sorted row of every assignment (the inverse permutation)
+    perm_N: Tensor | None = None  # [N] assignment of every sorted row
+    weight_A: Tensor | None = None  # [A] token-major combine weights
+
+
+class _GatherRows(torch.autograd.Function):
+    """x_ND = x_TD[token_N] where every token has exactly K rows; backward without a scatter-add.
+
+    The gradient of token t is the sum of its K rows; `row_A` (token-major) lists them, so the
+    backward is one gather and a sum over K instead of a serial `index_add`.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, token_N: Tensor, row_A: Tensor, top_k: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(row_A)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, token_N)  # [N, D]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ND: Tensor):  # type: ignore[override]
+        (row_A,) = ctx.saved_tensors
+        num_tokens = row_A.shape[0] // ctx.top_k
+        grad_TKD = grad_ND.index_select(0, row_A).view(num_tokens, ctx.top_k, grad_ND.shape[1])
+        return grad_TKD.sum(dim=1), None, None, None
+
+
+class _CombineTopK(torch.autograd.Function):
+    """out_TD[t] = sum_k weight_TK[t, k] * y_ND[row of (t, k)], as one gather and a batched product."""
+
+    @staticmethod
+    def forward(ctx, y_ND: Tensor, weight_A: Tensor, row_A: Tensor, perm_N: Tensor, top_k: int) -> Tensor:  # type: ignore[override]
+        num_tokens = row_A.shape[0] // top_k
+        dim = y_ND.shape[1]
+        y_TKD = y_ND.index_select(0, row_A).view(num_tokens, top_k, dim)  # token-major rows
+        w_T1K = weight_A.to(y_ND.dtype).view(num_tokens, 1, top_k)
+        ctx.save_for_backward(y_TKD if ctx.needs_input_grad[1] else None, w_T1K, perm_N)
+        ctx.weight_dtype = weight_A.dtype
+        return torch.bmm(w_T1K, y_TKD).view(num_tokens, dim)  # [T, D]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_TD: Tensor):  # type: ignore[override]
+        y_TKD, w_T1K, perm_N = ctx.saved_tensors
+        num_tokens, top_k = w_T1K.shape[0], w_T1K.shape[2]
+        grad_TD = grad_TD.contiguous()
+        dim = grad_TD.shape[1]
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_TKD = w_T1K.view(num_tokens, top_k, 1) * grad_TD.view(num_tokens, 1, dim)  # [T, K, D]
+            grad_y = grad_TKD.view(num_tokens * top_k, dim).index_select(0, perm_N)  # back to sorted rows
+        if ctx.needs_input_grad[1]:
+            grad_TK1 = torch.bmm(y_TKD, grad_TD.view(num_tokens, dim, 1))
+            grad_w = grad_TK1.view(-1).to(ctx.weight_dtype)
+        return grad_y, grad_w, None, None, None
 
 
 class LocalDispatcher:
-    """Single-process dispatch: gather kept assignments in expert order, scatter-add them back."""
+    """Single-process dispatch: gather kept assignments in expert order, bring them home in combine."""
 
     def group_assignments(self, num_assignments: int) -> int:
         """Assignments that share each expert's capacity: on one process, its own."""
@@ -142,17 +201,35 @@ class LocalDispatcher:
     ) -> tuple[Tensor, list[int], DispatchState]:
         """-> rows `[N, D]` grouped by expert, rows per expert, state for combine."""
         slots = assign_slots(routing.expert_idx_A, valid_A, num_experts, capacity, order_A)
-        token_N = routing.token_index()[slots.perm_N]
+        num_tokens, top_k = x_TD.shape[0], routing.top_k
         weight_N = routing.weight_A[slots.perm_N]
-        x_ND = x_TD[token_N]  # [N, D]
-        return (
-            x_ND,
-            slots.counts,
-            DispatchState(token_N, weight_N, x_TD.shape[0], slots.routed_E, slots.kept_E),
-        )
+        if routing.token_idx_A is None and top_k > 0 and sum(slots.counts) == routing.num_assignments:
+            perm_N = slots.perm_N
+            token_N = perm_N.div(top_k, rounding_mode="floor")
+            row_A = torch.empty_like(perm_N).scatter_(
+                0, perm_N, torch.arange(perm_N.shape[0], device=perm_N.device)
+            )
+            x_ND = _GatherRows.apply(x_TD, token_N, row_A, top_k)
+            state = DispatchState(
+                token_N,
+                weight_N,
+                num_tokens,
+                slots.routed_E,
+                slots.kept_E,
+                top_k,
+                row_A,
+                perm_N,
+                routing.weight_A,
+            )
+            return x_ND, slots.counts, state
+        token_N = routing.token_index()[slots.perm_N]
+        x_ND = x_TD.index_select(0, token_N)  # [N, D]
+        return x_ND, slots.counts, DispatchState(token_N, weight_N, num_tokens, slots.routed_E, slots.kept_E)
 
     def combine(self, y_ND: Tensor, state: DispatchState) -> Tensor:
         """[T, D] = sum over a token's kept assignments of weight * expert output."""
+        if state.row_A is not None:
+            return _CombineTopK.apply(y_ND, state.weight_A, state.row_A, state.perm_N, state.top_k)
         weighted_ND = y_ND * state.weight_N.to(y_ND.dtype)[:, None]
         out_TD = y_ND.new_zeros(state.num_tokens, y_ND.shape[1])
         return out_TD.index_add(0, state.token_N, weighted_ND)

@@ -18,45 +18,18 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.moe.activations import (  # noqa: F401  (re-exported: the dense FFN uses them)
+    GPT_OSS_ALPHA,
+    GPT_OSS_LIMIT,
+    apply_activation,
+    ffn_activation,
+    glu_activation,
+)
 from moekit.moe.config import MoEConfig
-from moekit.moe.grouped import expert_of_rows, grouped_mm
-
-GPT_OSS_ALPHA = 1.702
-GPT_OSS_LIMIT = 7.0
-
-
-def glu_activation(name: str, gate: Tensor, up: Tensor) -> Tensor:
-    """act(gate) * up for the GLU family."""
-    if name == "swiglu":
-        return F.silu(gate) * up
-    if name == "geglu":
-        return F.gelu(gate, approximate="tanh") * up
-    if name == "gpt_oss":  # clamped SwiGLU of GPT-OSS: (up + 1) * g * sigmoid(1.702 g)
-        gate = gate.clamp(max=GPT_OSS_LIMIT)
-        up = up.clamp(-GPT_OSS_LIMIT, GPT_OSS_LIMIT)
-        return (up + 1) * gate * torch.sigmoid(GPT_OSS_ALPHA * gate)
-    raise ValueError(f"unknown GLU activation {name!r}: expected swiglu, geglu or gpt_oss")
-
-
-def ffn_activation(name: str, h: Tensor) -> Tensor:
-    if name == "relu":
-        return F.relu(h)
-    if name == "gelu":
-        return F.gelu(h)
-    if name == "silu":
-        return F.silu(h)
-    raise ValueError(f"unknown FFN activation {name!r}: expected relu, gelu or silu")
-
-
-def apply_activation(name: str, h_NF: Tensor, is_glu: bool) -> Tensor:
-    """Hidden activation of either family; GLU hidden is [gate | up] along the last dim."""
-    if is_glu:
-        gate, up = h_NF.chunk(2, dim=-1)
-        return glu_activation(name, gate, up)
-    return ffn_activation(name, h_NF)
+from moekit.moe.fused import DEFAULT_BLOCK_BYTES, ExpertSpec, FusedExperts, expert_rows_forward
+from moekit.moe.grouped import GroupPlan, expert_of_rows, grouped_mm
 
 
 class ExpertBank(nn.Module):
@@ -82,6 +55,8 @@ class ExpertBank(nn.Module):
         self.b_in_EF = nn.Parameter(torch.zeros(num_experts, in_features)) if bias else None
         self.b_out_ED = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.strategy = "auto"  # grouped product strategy (see grouped.py); tests pin each one
+        self.block_bytes = DEFAULT_BLOCK_BYTES  # size of a row block's hidden activations
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -93,13 +68,26 @@ class ExpertBank(nn.Module):
 
     def forward(self, x_ND: Tensor, counts: Sequence[int]) -> Tensor:
         """Rows of x_ND sorted by expert, `counts[e]` rows for expert e -> [N, D]."""
-        h_NF = grouped_mm(x_ND, self.w_in_EDF, counts)  # [N, F] or [N, 2F]
+        if isinstance(self.dropout, nn.Dropout) and self.dropout.training:
+            return self._forward_composed(x_ND, counts)  # dropout masks: let autograd keep them
+        plan = GroupPlan.from_counts(counts)
+        if plan.num_rows > x_ND.shape[0]:
+            raise ValueError(f"ExpertBank: counts sum to {plan.num_rows} rows but x has {x_ND.shape[0]}")
+        params = (x_ND, self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED)
+        spec = ExpertSpec(self.activation, self.is_glu, self.strategy, self.block_bytes)
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+            return FusedExperts.apply(*params, plan, spec)
+        return expert_rows_forward(*params, plan, spec, save_hidden=False)[0]
+
+    def _forward_composed(self, x_ND: Tensor, counts: Sequence[int]) -> Tensor:
+        """The same math from autograd-tracked pieces (used with expert dropout while training)."""
+        h_NF = grouped_mm(x_ND, self.w_in_EDF, counts, self.strategy)  # [N, F] or [N, 2F]
         row_expert_N = None
         if self.b_in_EF is not None:
             row_expert_N = expert_of_rows(counts, x_ND.device)
             h_NF = h_NF + self.b_in_EF[row_expert_N]
         h_NF = self.dropout(apply_activation(self.activation, h_NF, self.is_glu))
-        y_ND = grouped_mm(h_NF, self.w_out_EFD, counts)  # [N, D]
+        y_ND = grouped_mm(h_NF, self.w_out_EFD, counts, self.strategy)  # [N, D]
         if self.b_out_ED is not None:
             y_ND = y_ND + self.b_out_ED[row_expert_N]
         return y_ND

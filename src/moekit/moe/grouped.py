@@ -7,61 +7,197 @@ tensors. The autograd function writes every output and gradient row exactly once
 gradients that nobody asked for, and gives exact zeros to experts that received no rows (never an
 unwritten buffer).
 
+Three strategies compute the same products (`strategy=`; "auto" picks by shape):
+  - "loop": one `torch.mm` per non-empty group, written in place into the output (any dtype);
+  - "bmm": one `torch.bmm` when every expert has the same number of rows (expert choice, full
+    capacity, a single shared expert);
+  - "grouped_mm": one `torch._grouped_mm` call (float32/bfloat16/float16, 16-byte aligned rows),
+    which loops over the groups in C++. It is only ever called inside our own autograd functions:
+    its CPU backward mishandles expanded gradients.
+On CPU float32 all three run at the same GEMM speed for large groups; "auto" uses "bmm" when it
+applies (one call instead of E) and "loop" otherwise, since `_grouped_mm` must allocate its own
+output and leaves the rows past the last group unwritten.
+
+The helpers below (`GroupPlan`, `mm_groups`, `weight_grad_groups`) are shared with the fused
+expert function in experts.py, which calls them on row blocks.
+
 Shape legend: N sorted rows, D input features, F output features, E experts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+STRATEGIES = ("auto", "loop", "bmm", "grouped_mm")
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _group_bounds(counts: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(expert, start, end) of every non-empty group."""
-    bounds, start = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            bounds.append((e, start, start + c))
-        start += c
-    return bounds
+@dataclass(frozen=True)
+class GroupPlan:
+    """Where each expert's rows are: built once per call from the host-side counts."""
+
+    counts: tuple[int, ...]  # rows per expert, E entries
+    bounds: tuple[tuple[int, int, int], ...]  # (expert, start, end) of every non-empty group
+    num_rows: int  # sum(counts)
+
+    @classmethod
+    def from_counts(cls, counts: Sequence[int]) -> GroupPlan:
+        bounds, start = [], 0
+        for e, c in enumerate(counts):
+            c = int(c)
+            if c:
+                bounds.append((e, start, start + c))
+            start += c
+        return cls(tuple(int(c) for c in counts), tuple(bounds), start)
+
+    def blocks(self, max_rows: int) -> list[tuple[int, int, GroupPlan]]:
+        """Cut the rows into blocks of at most `max_rows` rows: (start, end, plan local to the block).
+
+        Small neighbouring groups share a block (one activation call for many tiny groups when
+        decoding); a group larger than `max_rows` is split into near-equal pieces, so that a block's
+        intermediates stay in cache and the GEMMs keep enough rows to run at full speed.
+        """
+        num_experts, blocks = len(self.counts), []
+        pending: list[tuple[int, int, int]] = []
+
+        def close() -> None:
+            if pending:
+                start, counts = pending[0][1], [0] * num_experts
+                for e, s, t in pending:
+                    counts[e] += t - s
+                blocks.append((start, pending[-1][2], GroupPlan.from_counts(counts)))
+                pending.clear()
+
+        for e, s, t in self.bounds:
+            rows = t - s
+            if rows > max_rows:
+                close()
+                pieces = -(-rows // max_rows)
+                edges = [s + rows * i // pieces for i in range(pieces + 1)]
+                for a, b in zip(edges[:-1], edges[1:]):
+                    pending.append((e, a, b))
+                    close()
+                continue
+            if pending and t - pending[0][1] > max_rows:
+                close()
+            pending.append((e, s, t))
+        close()
+        return blocks
+
+    @property
+    def uniform(self) -> bool:
+        """Every expert has the same, non-zero number of rows (one bmm does it all)."""
+        return bool(self.counts) and self.counts[0] > 0 and len(set(self.counts)) == 1
 
 
-def _grouped_forward(x_ND: Tensor, w_EDF: Tensor, bounds: list[tuple[int, int, int]]) -> Tensor:
-    out_NF = x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
-    covered = 0
-    for e, s, t in bounds:
-        torch.mm(x_ND[s:t], w_EDF[e], out=out_NF[s:t])
-        covered = t
-    if covered < x_ND.shape[0]:  # rows past the last group (none in normal use) are zero, not garbage
-        out_NF[covered:].zero_()
+def _grouped_mm_ok(x_ND: Tensor, w_EDF: Tensor) -> bool:
+    """torch._grouped_mm's CPU requirements: dtype, and 16-byte aligned pointers and row strides."""
+    if not hasattr(torch, "_grouped_mm") or x_ND.dtype not in GROUPED_MM_DTYPES or x_ND.dtype != w_EDF.dtype:
+        return False
+    size = x_ND.element_size()
+    strides = (x_ND.stride(0), w_EDF.stride(0), max(w_EDF.stride(1), w_EDF.stride(2)))
+    aligned = x_ND.data_ptr() % 16 == 0 and w_EDF.data_ptr() % 16 == 0
+    return aligned and all((s * size) % 16 == 0 for s in strides)
+
+
+def pick_strategy(strategy: str, plan: GroupPlan, x_ND: Tensor, w_EDF: Tensor) -> str:
+    """The strategy to run: the requested one, or for "auto" the fastest that applies."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"grouped_mm: unknown strategy {strategy!r}: expected one of {list(STRATEGIES)}")
+    if strategy == "auto":
+        return "bmm" if plan.uniform and plan.num_rows == x_ND.shape[0] else "loop"
+    if strategy == "bmm" and not (plan.uniform and plan.num_rows == x_ND.shape[0]):
+        return "loop"  # bmm needs equal groups covering every row
+    if strategy == "grouped_mm" and not _grouped_mm_ok(x_ND, w_EDF):
+        return "loop"
+    return strategy
+
+
+def mm_groups(x_ND: Tensor, w_EDF: Tensor, plan: GroupPlan, out_NF: Tensor, strategy: str = "auto") -> Tensor:
+    """out[group e] = x[group e] @ w[e] for every non-empty group; other rows of out are untouched.
+
+    No autograd: callers wrap it. `w_EDF` may be a transposed view (the backward passes w^T).
+    """
+    strategy = pick_strategy(strategy, plan, x_ND, w_EDF)
+    if strategy == "bmm":
+        num_experts, rows = len(plan.counts), plan.counts[0]
+        torch.bmm(x_ND.view(num_experts, rows, -1), w_EDF, out=out_NF.view(num_experts, rows, -1))
+    elif strategy == "grouped_mm" and plan.bounds:
+        offs_E = torch.tensor(plan.counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        y_NF = torch._grouped_mm(x_ND, w_EDF, offs=offs_E.to(x_ND.device))
+        out_NF[: plan.num_rows].copy_(y_NF[: plan.num_rows])
+    else:
+        for e, s, t in plan.bounds:
+            torch.mm(x_ND[s:t], w_EDF[e], out=out_NF[s:t])
     return out_NF
+
+
+def weight_grad_groups(
+    a_ND: Tensor, b_NF: Tensor, plan: GroupPlan, grad_EDF: Tensor, touched: list[bool] | None = None
+) -> None:
+    """grad[e] (+)= a[group e]^T @ b[group e].
+
+    With `touched` (one flag per expert, updated here) the first product of an expert overwrites
+    grad[e] and later ones (row blocks of the same expert) accumulate; without it every product
+    overwrites. Experts never touched are left to the caller to zero.
+    """
+    if touched is None and plan.uniform and plan.num_rows == a_ND.shape[0]:
+        num_experts, rows = len(plan.counts), plan.counts[0]
+        a_ERD = a_ND.view(num_experts, rows, -1)
+        torch.bmm(a_ERD.transpose(1, 2), b_NF.view(num_experts, rows, -1), out=grad_EDF)
+        return
+    for e, s, t in plan.bounds:
+        if touched is not None and touched[e]:
+            grad_EDF[e].addmm_(a_ND[s:t].t(), b_NF[s:t])
+        else:
+            torch.mm(a_ND[s:t].t(), b_NF[s:t], out=grad_EDF[e])
+            if touched is not None:
+                touched[e] = True
+
+
+def zero_untouched(grad_E: Tensor, touched: Sequence[bool]) -> None:
+    """Exact zeros for the experts that received no rows."""
+    for e, hit in enumerate(touched):
+        if not hit:
+            grad_E[e].zero_()
 
 
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND: Tensor, w_EDF: Tensor, counts: tuple[int, ...]) -> Tensor:  # type: ignore[override]
-        bounds = _group_bounds(counts)
-        ctx.bounds = bounds
+    def forward(ctx, x_ND: Tensor, w_EDF: Tensor, plan: GroupPlan, strategy: str) -> Tensor:  # type: ignore[override]
+        ctx.plan, ctx.strategy = plan, strategy
         ctx.save_for_backward(x_ND, w_EDF)
-        return _grouped_forward(x_ND, w_EDF, bounds)
+        out_NF = x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
+        if plan.num_rows < x_ND.shape[0]:  # rows past the last group (none in normal use) are zero
+            out_NF[plan.num_rows :].zero_()
+        return mm_groups(x_ND, w_EDF, plan, out_NF, strategy)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_NF: Tensor):  # type: ignore[override]
         x_ND, w_EDF = ctx.saved_tensors
+        plan: GroupPlan = ctx.plan
         grad_NF = grad_NF.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = _grouped_forward(grad_NF, w_EDF.transpose(1, 2), ctx.bounds)
+            grad_x = x_ND.new_empty(x_ND.shape)
+            if plan.num_rows < x_ND.shape[0]:
+                grad_x[plan.num_rows :].zero_()
+            mm_groups(grad_NF, w_EDF.transpose(1, 2), plan, grad_x, ctx.strategy)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros_like(w_EDF)
-            for e, s, t in ctx.bounds:
-                torch.mm(x_ND[s:t].t(), grad_NF[s:t], out=grad_w[e])
-        return grad_x, grad_w, None
+            grad_w = w_EDF.new_empty(w_EDF.shape)
+            touched = [c > 0 for c in plan.counts]
+            weight_grad_groups(x_ND, grad_NF, plan, grad_w)
+            zero_untouched(grad_w, touched)
+        return grad_x, grad_w, None, None
 
 
-def grouped_mm(x_ND: Tensor, w_EDF: Tensor, counts: Sequence[int]) -> Tensor:
+def grouped_mm(x_ND: Tensor, w_EDF: Tensor, counts: Sequence[int], strategy: str = "auto") -> Tensor:
     """[N, F] = per-expert `x_ND[group e] @ w_EDF[e]`; `counts` (host ints) sum to at most N."""
     if x_ND.shape[-1] != w_EDF.shape[1]:
         raise ValueError(
@@ -69,7 +205,11 @@ def grouped_mm(x_ND: Tensor, w_EDF: Tensor, counts: Sequence[int]) -> Tensor:
         )
     if len(counts) != w_EDF.shape[0]:
         raise ValueError(f"grouped_mm: {len(counts)} group counts for {w_EDF.shape[0]} experts")
-    return _GroupedMM.apply(x_ND, w_EDF, tuple(int(c) for c in counts))
+    plan = GroupPlan.from_counts(counts)
+    if plan.num_rows > x_ND.shape[0]:
+        raise ValueError(f"grouped_mm: counts sum to {plan.num_rows} rows but x has {x_ND.shape[0]}")
+    pick_strategy(strategy, plan, x_ND, w_EDF)  # validates the name
+    return _GroupedMM.apply(x_ND, w_EDF, plan, strategy)
 
 
 def expert_of_rows(counts: Sequence[int], device: torch.device) -> Tensor:
