@@ -1,0 +1,46 @@
+"""Expert parallelism on torch.distributed: process groups, all-to-all dispatch, sharding, reductions.
+
+    layout = init_parallel(ep, config)          # EP and expert-data-parallel groups, validated
+    shard_model(model, layout)                  # MoE layers keep E/P experts, all-to-all dispatch
+    loss.backward(); sync_gradients(model, layout); optimizer.step()
+    state = gather_full_state_dict(model, layout)   # single-process layout, loads under any EP size
+    load_sharded(model, state, layout)
+
+Design, communication model and the exact equivalence with one process: docs/expert_parallel.md.
+"""
+
+from moekit.parallel.dispatch import AllToAllDispatcher, AllToAllState, Traffic, expected_traffic
+from moekit.parallel.groups import ParallelLayout, check_consistent, config_digest, init_parallel
+from moekit.parallel.shard import (
+    expert_parameter_names,
+    gather_experts,
+    gather_full_state_dict,
+    load_sharded,
+    moe_layers,
+    shard_model,
+    slice_experts,
+)
+from moekit.parallel.sync import clip_grad_norm, global_load, mean_over_ranks, reduce_stats, sync_gradients
+
+__all__ = [
+    "AllToAllDispatcher",
+    "AllToAllState",
+    "ParallelLayout",
+    "Traffic",
+    "check_consistent",
+    "clip_grad_norm",
+    "config_digest",
+    "expected_traffic",
+    "expert_parameter_names",
+    "gather_experts",
+    "gather_full_state_dict",
+    "global_load",
+    "init_parallel",
+    "load_sharded",
+    "mean_over_ranks",
+    "moe_layers",
+    "reduce_stats",
+    "shard_model",
+    "slice_experts",
+    "sync_gradients",
+]

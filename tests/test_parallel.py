@@ -1,0 +1,461 @@
+"""Expert parallelism against one process: spawned gloo ranks on CPU, compared to the same weights
+and data run by the single-process layer on each EP group's concatenated batch.
+
+Every spawned scenario runs all its cases in one process group (spawning costs seconds per rank on
+2 cores) and returns per-rank maximum errors; the asserts run in the parent. A worker that hangs is
+killed at the deadline and the test fails instead of blocking; gloo collectives time out too.
+
+What is checked: outputs, input gradients and every parameter gradient after `sync_gradients`
+(router and shared experts averaged over the world, experts summed over the expert-data-parallel
+group / world), dropless and with capacity (position and probability priority, padding), extreme
+routing (all tokens to experts of one rank: the other rank's experts get nothing anywhere),
+bytes sent against the communication model, checkpoints across EP sizes, a whole decoder model,
+and bad layouts failing on every rank with the values named.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moekit.moe import MoE, MoEConfig
+from moekit.parallel import (
+    ParallelLayout,
+    clip_grad_norm,
+    config_digest,
+    expected_traffic,
+    expert_parameter_names,
+    gather_full_state_dict,
+    init_parallel,
+    load_sharded,
+    reduce_stats,
+    shard_model,
+    sync_gradients,
+)
+
+TOL = 1e-5
+D, F, E, B, S = 16, 24, 4, 2, 8  # dim, expert hidden, experts, sequences per rank, sequence length
+
+
+# ---------------------------------------------------------------------- process harness
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, scenario: str, args: dict, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result: dict = {}
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=45),
+        )
+        result = SCENARIOS[scenario](**args)
+    except Exception:
+        result = {"error": traceback.format_exc()}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_ranks(scenario: str, world: int, timeout: float = 100.0, **args) -> list[dict]:
+    """Run SCENARIOS[scenario](**args) on `world` spawned gloo ranks; per-rank results."""
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as out_dir:
+        port = _free_port()
+        procs = [
+            ctx.Process(target=_worker, args=(r, world, port, scenario, args, out_dir), daemon=True)
+            for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        end = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, end - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if hung:
+            pytest.fail(f"{scenario}: ranks {hung} did not finish within {timeout}s (hang?)")
+        results = []
+        for r in range(world):
+            path = os.path.join(out_dir, f"rank{r}.pt")
+            if not os.path.exists(path):
+                pytest.fail(f"{scenario}: rank {r} exited with code {procs[r].exitcode} and no result")
+            results.append(torch.load(path, weights_only=False))
+    for r, res in enumerate(results):
+        if "error" in res:
+            pytest.fail(f"{scenario}: rank {r} raised:\n{res['error']}")
+    return results
+
+
+# ---------------------------------------------------------------------- worker-side helpers
+
+
+def _cfg(**kw) -> MoEConfig:
+    return MoEConfig(**{**dict(dim=D, hidden_dim=F, num_experts=E, top_k=2), **kw})
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def _force_routing(moe: MoE, first: int, second: int) -> None:
+    """Every token picks expert `first`, then `second` (a bias far above the tiny logits)."""
+    with torch.no_grad():
+        moe.router.gate.weight.mul_(1e-3)
+        moe.router.gate.bias.zero_()
+        moe.router.gate.bias[first] = 8.0
+        moe.router.gate.bias[second] = 4.0
+
+
+def _parity_case(layout: ParallelLayout, cfg: MoEConfig, seed: int, masked: bool, setup=None) -> dict:
+    """EP layer vs one process per EP group on the concatenated batch: max errors by quantity."""
+    world, ep, rank = layout.world_size, layout.ep, layout.rank
+    torch.manual_seed(seed)
+    ref = MoE(cfg)
+    if setup is not None:
+        setup(ref)
+    model = shard_model(copy.deepcopy(ref), layout)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x_all = torch.randn(world, B, S, D, generator=gen)
+    g_all = torch.randn(world, B, S, D, generator=gen)
+    mask_all = torch.rand(world, B, S, generator=gen) > 0.25 if masked else None
+
+    x = x_all[rank].clone().requires_grad_()
+    out = model(x, None if mask_all is None else mask_all[rank])
+    (out.output * g_all[rank]).sum().backward()
+    sync_gradients(model, layout)
+
+    # Reference: EP group j is one process on ranks j*ep .. j*ep+ep-1 concatenated (rank-major).
+    x_ref = x_all.clone().requires_grad_()
+    out_ref = torch.empty_like(x_all)
+    kept_ref, routed_ref = torch.zeros(E), torch.zeros(E)
+    for j in range(world // ep):
+        rs = slice(j * ep, (j + 1) * ep)
+        mask = None if mask_all is None else mask_all[rs].reshape(ep * B, S)
+        o = ref(x_ref[rs].reshape(ep * B, S, D), mask)
+        (o.output * g_all[rs].reshape(ep * B, S, D)).sum().backward()
+        out_ref[rs] = o.output.detach().view(ep, B, S, D)
+        kept_ref += o.stats.tokens_per_expert
+        routed_ref += o.stats.routed_per_expert
+
+    errs = {"output": _max_err(out.output, out_ref[rank]), "input_grad": _max_err(x.grad, x_ref.grad[rank])}
+    ref_params = dict(ref.named_parameters())
+    experts = layout.local_experts(E)
+    expert_names = expert_parameter_names(model)
+    finite = bool(torch.isfinite(x.grad).all())
+    for name, param in model.named_parameters():
+        want = ref_params[name].grad / world
+        if name in expert_names:
+            want = want[experts.start : experts.stop]
+        errs[f"grad/{name}"] = _max_err(param.grad, want)
+        finite &= bool(torch.isfinite(param.grad).all())
+    want_norm = torch.stack([(p.grad / world).double().square().sum() for p in ref.parameters()]).sum().sqrt()
+    errs["grad_norm"] = abs(float(clip_grad_norm(model, 0.0, layout)) - float(want_norm))
+    stats = reduce_stats(out.stats, layout)
+    errs["stats/kept"] = _max_err(stats.tokens_per_expert, kept_ref)
+    errs["stats/routed"] = _max_err(stats.routed_per_expert, routed_ref)
+
+    # Bytes actually sent vs what the kept counts imply (D float32 per row).
+    traffic = model.dispatcher.traffic if ep > 1 else None
+    if traffic is not None:
+        kept_E = out.stats.tokens_per_expert
+        local_E = torch.zeros(E, dtype=torch.bool)
+        local_E[experts.start : experts.stop] = True
+        group_kept_E = kept_E.clone()
+        dist.all_reduce(group_kept_E, group=layout.ep_group)
+        row = D * 4
+        errs["bytes/dispatch"] = abs(traffic.dispatch_bytes - int(kept_E[~local_E].sum()) * row)
+        errs["bytes/combine"] = abs(traffic.combine_bytes - int((group_kept_E - kept_E)[local_E].sum()) * row)
+        errs["bytes/backward"] = abs(traffic.backward_bytes - traffic.dispatch_bytes - traffic.combine_bytes)
+    return {"errs": errs, "finite": finite, "dropped": float(stats.dropped_fraction)}
+
+
+def _balanced_traffic_case(layout: ParallelLayout, capacity_factor: float | None) -> dict:
+    """Token t picks experts t mod E then t+1 mod E: perfectly balanced, so the model is exact."""
+    cfg = _cfg(capacity_factor=capacity_factor)
+    torch.manual_seed(0)
+    model = MoE(cfg)
+    with torch.no_grad():
+        model.router.gate.weight.zero_()
+        model.router.gate.weight[:, :E] = torch.eye(E)
+    model = shard_model(model, layout)
+    t = torch.arange(B * S)
+    x = torch.zeros(B * S, D)
+    x[t, t % E] = 10.0
+    x[t, (t + 1) % E] = 5.0
+    x.requires_grad_()
+    model(x).output.sum().backward()
+    measured = model.dispatcher.traffic
+    expected = expected_traffic(B * S, D, cfg.top_k, layout.ep, E, 4, capacity_factor)
+    return {"measured": vars(measured).copy(), "expected": vars(expected).copy()}
+
+
+def _reshard_to_one(layout: ParallelLayout, ckpt_dir: str) -> dict:
+    """EP layer -> full checkpoint (rank 0 writes it) -> the parent loads it into one process."""
+    torch.manual_seed(7)
+    model = shard_model(MoE(_cfg(capacity_factor=1.0)), layout)
+    with torch.no_grad():  # make the shards differ from a fresh init
+        for p in model.parameters():
+            p.add_(0.01 * layout.rank)
+    x = torch.randn(layout.world_size, B, S, D, generator=torch.Generator().manual_seed(3))
+    out = model(x[layout.rank]).output.detach()
+    full = gather_full_state_dict(model, layout)
+    if layout.rank == 0:
+        torch.save(full, os.path.join(ckpt_dir, "full.pt"))
+    dist.barrier()
+    return {"output": out, "x": x[layout.rank]}
+
+
+def _load_from_one(layout: ParallelLayout, path: str) -> dict:
+    """A single-process checkpoint loaded under EP: outputs of the group batch match one process."""
+    state = torch.load(path, weights_only=True)
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    model = shard_model(MoE(_cfg(capacity_factor=1.0)), layout)
+    load_sharded(model, state, layout)
+    x = torch.randn(layout.world_size, B, S, D, generator=torch.Generator().manual_seed(5))
+    out = model(x[layout.rank]).output.detach()
+    round_trip = gather_full_state_dict(model, layout)
+    same = all(torch.equal(round_trip[k], state[k]) for k in state) and set(round_trip) == set(state)
+    return {"output": out, "x": x[layout.rank], "round_trip_equal": same}
+
+
+def _model_case(layout: ParallelLayout) -> dict:
+    """A whole decoder: loss and every gradient vs one process on the concatenated batch.
+
+    The load-balance coefficient is 0: that loss is computed per rank (a product of per-batch
+    means), so it is the one quantity not equal to the concatenated run; the z-loss is a mean over
+    tokens and matches.
+    """
+    from moekit.model import ModelConfig, MoETransformer
+
+    moe = _cfg(load_balance_coef=0.0, capacity_factor=1.0)
+    cfg = ModelConfig(vocab_size=29, dim=D, n_layers=2, n_heads=2, ffn_hidden_dim=32, max_seq_len=S, moe=moe)
+    world = layout.world_size
+    torch.manual_seed(11)
+    ref = MoETransformer(cfg)
+    model = shard_model(copy.deepcopy(ref), layout)
+    ids = torch.randint(0, 29, (world, B, S + 1), generator=torch.Generator().manual_seed(2))
+    out = model(ids[layout.rank, :, :-1], targets=ids[layout.rank, :, 1:])
+    out.loss.backward()
+    sync_gradients(model, layout)
+    norm = clip_grad_norm(model, 0.05, layout)  # clipping actually scales: the norm is larger
+    ref_out = ref(ids[:, :, :-1].reshape(world * B, S), targets=ids[:, :, 1:].reshape(world * B, S))
+    ref_out.loss.backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    errs = {"loss": abs(float(loss / world - ref_out.loss)), "grad_norm": abs(float(norm - ref_norm))}
+    ref_params = dict(ref.named_parameters())
+    expert_names = expert_parameter_names(model)
+    experts = layout.local_experts(E)
+    for name, param in model.named_parameters():
+        want = ref_params[name].grad
+        if name in expert_names:
+            want = want[experts.start : experts.stop]
+        errs[f"grad/{name}"] = _max_err(param.grad, want)
+    return {"errs": errs}
+
+
+# ---------------------------------------------------------------------- scenarios (run on every rank)
+
+
+def scenario_parity(ep: int, cases: list[str], ckpt_dir: str = "") -> dict:
+    layout = init_parallel(ep, _cfg())
+    results = {}
+    extreme = dict(router_bias=True)
+    all_cases = {
+        "dropless": lambda: _parity_case(layout, _cfg(), seed=1, masked=True),
+        "capacity_position": lambda: _parity_case(layout, _cfg(capacity_factor=0.75), seed=2, masked=True),
+        "capacity_probability": lambda: _parity_case(
+            layout, _cfg(capacity_factor=0.5, drop_policy="probability", min_capacity=2), seed=3, masked=False
+        ),
+        "extreme_dropless": lambda: _parity_case(
+            layout, _cfg(**extreme), seed=4, masked=False, setup=lambda m: _force_routing(m, 0, 1)
+        ),
+        "extreme_capacity": lambda: _parity_case(
+            layout,
+            _cfg(capacity_factor=1.0, **extreme),
+            seed=5,
+            masked=True,
+            setup=lambda m: _force_routing(m, 1, 0),
+        ),
+        "shared_top1": lambda: _parity_case(
+            layout,
+            _cfg(top_k=1, num_shared_experts=1, shared_gate=True, expert_bias=True),
+            seed=6,
+            masked=False,
+        ),
+        "traffic_dropless": lambda: _balanced_traffic_case(layout, None),
+        "traffic_capacity": lambda: _balanced_traffic_case(layout, 1.0),
+        "model": lambda: _model_case(layout),
+        "reshard_to_one": lambda: _reshard_to_one(layout, ckpt_dir),
+        "load_from_one": lambda: _load_from_one(layout, os.path.join(ckpt_dir, "single.pt")),
+    }
+    for name in cases:
+        results[name] = all_cases[name]()
+    return results
+
+
+def scenario_bad_layouts() -> dict:
+    """Each bad setting must raise on every rank, and the group must still work afterwards."""
+    rank = dist.get_rank()
+    attempts = {
+        "ep_not_dividing_world": lambda: init_parallel(3, _cfg()),
+        "experts_not_divisible": lambda: init_parallel(2, _cfg(num_experts=3, top_k=1)),
+        "config_mismatch": lambda: init_parallel(2, _cfg(hidden_dim=F + rank)),
+        "ep_mismatch": lambda: init_parallel(1 + rank, _cfg()),
+    }
+    messages = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            messages[name] = None
+        except ValueError as err:
+            messages[name] = str(err)
+        dist.barrier()  # every rank got here: nobody is stuck in a collective
+    return messages
+
+
+SCENARIOS = {"parity": scenario_parity, "bad_layouts": scenario_bad_layouts}
+
+
+# ---------------------------------------------------------------------- parent-side assertions
+
+
+def _assert_parity(results: list[dict], cases: list[str]) -> None:
+    for rank, res in enumerate(results):
+        for case in cases:
+            r = res[case]
+            if "finite" in r:
+                assert r["finite"], f"rank {rank} {case}: non-finite gradients"
+            if "errs" in r:
+                bad = {k: v for k, v in r["errs"].items() if v > TOL}
+                assert not bad, f"rank {rank} {case}: errors above {TOL}: {bad}"
+            if "measured" in r:
+                assert r["measured"] == r["expected"], (
+                    f"rank {rank} {case}: bytes {r['measured']} != {r['expected']}"
+                )
+
+
+PARITY_CASES = [
+    "dropless",
+    "capacity_position",
+    "capacity_probability",
+    "extreme_dropless",
+    "extreme_capacity",
+]
+
+
+def _single_process_output(state: dict, results: list[dict], case: str) -> torch.Tensor:
+    """One process with `state` on the ranks' concatenated inputs -> [W, B, S, D]."""
+    model = MoE(_cfg(capacity_factor=1.0))
+    model.load_state_dict(state)
+    world = len(results)
+    x = torch.stack([res[case]["x"] for res in results]).reshape(world * B, S, D)
+    return model(x).output.detach().view(world, B, S, D)
+
+
+def test_world2_ep2_matches_single_process(tmp_path):
+    cases = [*PARITY_CASES, "shared_top1", "traffic_dropless", "traffic_capacity", "model", "reshard_to_one"]
+    results = run_ranks("parity", 2, ep=2, cases=cases, ckpt_dir=str(tmp_path))
+    _assert_parity(results, cases)
+    assert all(res["capacity_position"]["dropped"] > 0 for res in results), "capacity must drop tokens"
+    assert all(res["extreme_capacity"]["dropped"] > 0.3 for res in results)
+    # checkpoint EP 2 -> 1: the full layout loads into one process and gives the EP outputs
+    state = torch.load(tmp_path / "full.pt", weights_only=True)
+    assert state["experts.w_in_EDF"].shape == (E, D, 2 * F)
+    want = _single_process_output(state, results, "reshard_to_one")
+    for rank, res in enumerate(results):
+        assert _max_err(res["reshard_to_one"]["output"], want[rank]) < TOL, rank
+
+
+def test_world4_ep4_matches_single_process(tmp_path):
+    # checkpoint 1 -> EP 4: a single-process state dict loads into four shards
+    torch.manual_seed(9)
+    single = MoE(_cfg(capacity_factor=1.0))
+    with torch.no_grad():
+        single.experts.w_out_EFD[2].mul_(3.0)  # an expert that differs visibly
+    torch.save(single.state_dict(), tmp_path / "single.pt")
+    cases = ["dropless", "capacity_position", "extreme_capacity", "traffic_capacity", "load_from_one"]
+    results = run_ranks("parity", 4, ep=4, cases=cases, ckpt_dir=str(tmp_path))
+    _assert_parity(results, cases)
+    want = _single_process_output(single.state_dict(), results, "load_from_one")
+    for rank, res in enumerate(results):
+        assert res["load_from_one"]["round_trip_equal"], rank
+        assert _max_err(res["load_from_one"]["output"], want[rank]) < TOL, rank
+
+
+def test_world4_ep2_reduces_experts_over_expert_data_parallel_group():
+    cases = ["dropless", "capacity_probability", "extreme_dropless", "traffic_dropless"]
+    _assert_parity(run_ranks("parity", 4, ep=2, cases=cases), cases)
+
+
+def test_bad_layouts_fail_on_every_rank():
+    results = run_ranks("bad_layouts", 2)
+    for rank, msgs in enumerate(results):
+        assert "ep=3" in msgs["ep_not_dividing_world"] and "world size 2" in msgs["ep_not_dividing_world"], (
+            rank
+        )
+        assert "num_experts=3" in msgs["experts_not_divisible"], rank
+        assert "ep=2" in msgs["experts_not_divisible"], rank
+        assert "rank 1" in msgs["config_mismatch"], rank
+        assert "rank 1" in msgs["ep_mismatch"], rank
+
+
+# ---------------------------------------------------------------------- single-process pieces
+
+
+def test_single_process_layout_is_a_no_op():
+    layout = init_parallel(1, _cfg())
+    assert layout == ParallelLayout.single() and not layout.distributed
+    moe = MoE(_cfg())
+    assert shard_model(moe, layout) is moe
+    moe(torch.randn(3, D)).output.sum().backward()
+    before = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    sync_gradients(moe, layout)
+    assert all(torch.equal(before[n], p.grad) for n, p in moe.named_parameters())
+    with pytest.raises(ValueError, match="ep=2 does not divide the world size 1"):
+        init_parallel(2)
+
+
+def test_layout_groups_are_ep_major():
+    layout = ParallelLayout(world_size=8, rank=5, ep=4)
+    assert layout.ep_rank == 1 and layout.ep_ranks == [4, 5, 6, 7] and layout.edp_ranks == [1, 5]
+    assert layout.local_experts(8) == range(2, 4)
+    with pytest.raises(ValueError, match="num_experts=6 is not divisible by parallel.ep=4"):
+        layout.local_experts(6)
+
+
+def test_config_digest_is_stable_and_sensitive():
+    assert config_digest(_cfg()) == config_digest(_cfg())
+    assert config_digest(_cfg()) != config_digest(_cfg(hidden_dim=F + 1))
+
+
+def test_expected_traffic_formula():
+    t = expected_traffic(num_tokens=1024, dim=512, top_k=2, ep=4, num_experts=8, elem_bytes=2)
+    one_way = 2 * 1024 * 3 // 4 * 512 * 2  # k T (P-1)/P rows of D bf16
+    assert (t.dispatch_bytes, t.combine_bytes, t.backward_bytes) == (one_way, one_way, 2 * one_way)
+    assert t.metadata_bytes == 8 * 2 * 3
+    assert expected_traffic(1024, 512, 2, 1, 8).total_bytes == 0
