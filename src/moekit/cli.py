@@ -46,6 +46,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from moekit.train.commands import add_commands as add_train_commands
 
     add_train_commands(sub)  # train, eval, generate
+    from moekit.analysis.commands import add_commands as add_analysis_commands
+
+    add_analysis_commands(sub)  # analyze
     return parser
 
 
