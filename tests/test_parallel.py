@@ -129,8 +129,13 @@ def _force_routing(moe: MoE, first: int, second: int) -> None:
         moe.router.gate.bias[second] = 4.0
 
 
-def _parity_case(layout: ParallelLayout, cfg: MoEConfig, seed: int, masked: bool, setup=None) -> dict:
-    """EP layer vs one process per EP group on the concatenated batch: max errors by quantity."""
+def _parity_case(
+    layout: ParallelLayout, cfg: MoEConfig, seed: int, masked: bool, setup=None, per_rank: bool = False
+) -> dict:
+    """EP layer vs one process per EP group on the concatenated batch: max errors by quantity.
+
+    per_rank: the reference runs every rank's batch alone (expert choice picks tokens per rank).
+    """
     world, ep, rank = layout.world_size, layout.ep, layout.rank
     torch.manual_seed(seed)
     ref = MoE(cfg)
@@ -151,12 +156,13 @@ def _parity_case(layout: ParallelLayout, cfg: MoEConfig, seed: int, masked: bool
     x_ref = x_all.clone().requires_grad_()
     out_ref = torch.empty_like(x_all)
     kept_ref, routed_ref = torch.zeros(E), torch.zeros(E)
-    for j in range(world // ep):
-        rs = slice(j * ep, (j + 1) * ep)
-        mask = None if mask_all is None else mask_all[rs].reshape(ep * B, S)
-        o = ref(x_ref[rs].reshape(ep * B, S, D), mask)
-        (o.output * g_all[rs].reshape(ep * B, S, D)).sum().backward()
-        out_ref[rs] = o.output.detach().view(ep, B, S, D)
+    size = 1 if per_rank else ep
+    for j in range(world // size):
+        rs = slice(j * size, (j + 1) * size)
+        mask = None if mask_all is None else mask_all[rs].reshape(size * B, S)
+        o = ref(x_ref[rs].reshape(size * B, S, D), mask)
+        (o.output * g_all[rs].reshape(size * B, S, D)).sum().backward()
+        out_ref[rs] = o.output.detach().view(size, B, S, D)
         kept_ref += o.stats.tokens_per_expert
         routed_ref += o.stats.routed_per_expert
 
@@ -307,6 +313,9 @@ def scenario_parity(ep: int, cases: list[str], ckpt_dir: str = "") -> dict:
             seed=6,
             masked=False,
         ),
+        "expert_choice": lambda: _parity_case(
+            layout, _cfg(router="expert_choice"), seed=8, masked=True, per_rank=True
+        ),
         "traffic_dropless": lambda: _balanced_traffic_case(layout, None),
         "traffic_capacity": lambda: _balanced_traffic_case(layout, 1.0),
         "model": lambda: _model_case(layout),
@@ -378,7 +387,15 @@ def _single_process_output(state: dict, results: list[dict], case: str) -> torch
 
 
 def test_world2_ep2_matches_single_process(tmp_path):
-    cases = [*PARITY_CASES, "shared_top1", "traffic_dropless", "traffic_capacity", "model", "reshard_to_one"]
+    cases = [
+        *PARITY_CASES,
+        "shared_top1",
+        "expert_choice",
+        "traffic_dropless",
+        "traffic_capacity",
+        "model",
+        "reshard_to_one",
+    ]
     results = run_ranks("parity", 2, ep=2, cases=cases, ckpt_dir=str(tmp_path))
     _assert_parity(results, cases)
     assert all(res["capacity_position"]["dropped"] > 0 for res in results), "capacity must drop tokens"

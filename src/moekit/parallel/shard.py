@@ -73,6 +73,9 @@ def _local_bank(full: ExpertBank, experts: range) -> ExpertBank:
         dropout=full.dropout.p if isinstance(full.dropout, nn.Dropout) else 0.0,
         is_glu=full.is_glu,
     )
+    for key, value in vars(full).items():  # plain settings (e.g. the grouped-product strategy)
+        if not key.startswith("_") and key not in ("num_experts", "training"):
+            setattr(bank, key, value)
     with torch.no_grad():
         for name, param in bank.named_parameters():
             param.copy_(getattr(full, name)[experts.start : experts.stop])
