@@ -8,12 +8,19 @@ z_loss are sums over the MoE layers, each already scaled by its MoEConfig coeffi
 
 Incremental decoding: `cache = model.new_cache(batch_size)`, then `model(prompt, cache=cache)` and
 `model(next_token, cache=cache)` one step at a time; `generate` does exactly that.
+
+With `aux_loss_mode="transformers"` the load-balancing part of aux_loss is transformers'
+`load_balancing_loss_func` over all MoE layers pooled (times `moe.load_balance_coef`), for exact
+fine-tuning parity with models imported from Hugging Face; `ModelOutput.router_logits` holds the
+per-layer logits it is computed from. `save_pretrained(path)` writes a Hugging Face folder (moekit.hf).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +28,9 @@ from torch import nn
 
 from moekit.model.config import ModelConfig
 from moekit.model.layers import Attention, Block, FeedForward, KVCache, RMSNorm, Rotary, build_attention_mask
-from moekit.moe import MoE, MoEOutput, MoEStats
+from moekit.model.mla import MLAttention
+from moekit.moe import MoE, MoEConfig, MoEOutput, MoEStats
+from moekit.moe.losses import pooled_load_balancing_loss
 
 IGNORE_INDEX = -100
 
@@ -34,6 +43,7 @@ class ModelOutput:
     aux_loss: torch.Tensor  # sum over MoE layers (0 for a dense model)
     z_loss: torch.Tensor  # sum over MoE layers (0 for a dense model)
     router_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in layer order
+    router_logits: list[torch.Tensor] = field(default_factory=list)  # [B*S, E] float32 per MoE layer
 
 
 def sum_router_losses(
@@ -46,6 +56,19 @@ def sum_router_losses(
         aux = aux + out.aux_loss.float()
         z = z + out.z_loss.float()
     return aux, z, [out.stats for out in moe_outputs]
+
+
+def pooled_aux_loss(
+    moe_outputs: Sequence[MoEOutput], moe_cfg: MoEConfig, token_mask_BS: torch.Tensor | None
+) -> torch.Tensor:
+    """aux_loss with transformers' pooled load balance in place of the per-layer Switch losses.
+
+    The layers' other balance losses (importance, load, sequence-wise) stay as they are."""
+    coef = moe_cfg.load_balance_coef
+    others = sum(out.aux_loss.float() - coef * out.losses["load_balance"].float() for out in moe_outputs)
+    mask_T = None if token_mask_BS is None else token_mask_BS.reshape(-1)
+    logits = [out.router_logits for out in moe_outputs]
+    return others + coef * pooled_load_balancing_loss(logits, moe_cfg.top_k, mask_T)
 
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
@@ -63,7 +86,7 @@ def init_weights(model: nn.Module, std: float) -> None:
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, (Attention, FeedForward)):
+        elif isinstance(module, (Attention, MLAttention, FeedForward)):
             module.reset_parameters(std)
 
 
@@ -120,7 +143,7 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i, causal=True) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.rope = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = Rotary(cfg.rope_head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         init_weights(self, cfg.init_std)
         nn.init.normal_(self.output.weight, std=cfg.init_std)
         if cfg.tie_embeddings:
@@ -134,14 +157,16 @@ class MoETransformer(nn.Module):
         """An empty KV cache on the model's device and dtype (default length: config.max_seq_len)."""
         cfg = self.config
         weight = self.tok_embeddings.weight
+        heads, key_dim, value_dim = cfg.kv_cache_dims()
         return KVCache(
             cfg.n_layers,
             batch_size,
             max_seq_len or cfg.max_seq_len,
-            cfg.n_kv_heads,
-            cfg.head_dim,
+            heads,
+            key_dim,
             dtype=weight.dtype,
             device=weight.device,
+            v_head_dim=value_dim,
         )
 
     def forward(
@@ -163,15 +188,24 @@ class MoETransformer(nn.Module):
         device = input_ids.device
         token_mask_BS = None if attention_mask is None else attention_mask.bool()
         key_mask_BT = token_mask_BS if cache is None else cache.add_mask(token_mask_BS, S)  # [B, start + S]
-        mask = build_attention_mask(
-            S, start + S, causal=True, key_mask_BT=key_mask_BT, q_offset=start, device=device
-        )
+        masks = {  # one mask per distinct sliding window (None = full causal attention)
+            window: build_attention_mask(
+                S,
+                start + S,
+                causal=True,
+                key_mask_BT=key_mask_BT,
+                q_offset=start,
+                device=device,
+                sliding_window=window,
+            )
+            for window in {block.attn.sliding_window for block in self.layers}
+        }
         rope = self.rope(torch.arange(start, start + S, device=device))  # cos, sin: [S, K/2]
 
         x_BSD = self.tok_embeddings(input_ids)  # [B, S, D]
         moe_outputs: list[MoEOutput] = []
         for block in self.layers:
-            x_BSD, moe_out = block(x_BSD, mask, rope, token_mask_BS, cache=cache)
+            x_BSD, moe_out = block(x_BSD, masks[block.attn.sliding_window], rope, token_mask_BS, cache=cache)
             if moe_out is not None:
                 moe_outputs.append(moe_out)
         if cache is not None:
@@ -179,15 +213,25 @@ class MoETransformer(nn.Module):
         logits_BSV = self.output(self.norm(x_BSD))  # [B, S, V]
 
         aux_loss, z_loss, stats = sum_router_losses(moe_outputs, device)
+        if self.config.aux_loss_mode == "transformers" and moe_outputs:
+            aux_loss = pooled_aux_loss(moe_outputs, self.config.moe, token_mask_BS)
         ce_loss = loss = None
         if targets is not None:
             ce_loss = lm_loss(logits_BSV, targets)
             loss = ce_loss + aux_loss + z_loss
-        return ModelOutput(logits_BSV, loss, ce_loss, aux_loss, z_loss, stats)
+        router_logits = [out.router_logits for out in moe_outputs]
+        return ModelOutput(logits_BSV, loss, ce_loss, aux_loss, z_loss, stats, router_logits)
 
     def update_router_biases(self, stats_list: Sequence[MoEStats]) -> None:
         """Call after the optimizer step with `output.router_stats` (aux-loss-free balancing)."""
         update_router_biases(self.moe_layers, stats_list)
+
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
+        """Write a Hugging Face folder (config.json + safetensors) that transformers'
+        `AutoModelForCausalLM` loads; keyword arguments as `moekit.hf.save_pretrained`."""
+        from moekit.hf import save_pretrained  # the interop package builds on this module
+
+        return save_pretrained(self, path, **kwargs)
 
     @torch.no_grad()
     def generate(

@@ -12,6 +12,12 @@ Rotary encodes relative position only, so left padding (which shifts every real 
 the same amount) does not change attention between real tokens and needs no per-row positions.
 The T5 relative position bias (Switch Transformers) is relative too; it is added to the scores
 through SDPA's float mask (`with_position_bias`).
+
+Options of the Hugging Face decoder families live in `Attention` too, each off by default: an output
+bias, q/k RMSNorm over each head or over the whole projection (OLMoE), q/k/v clipping (OLMoE),
+learned attention sinks (GPT-OSS, `attention_with_sinks`) and sliding windows (masks built with
+`sliding_window`). Multi-head latent attention (DeepSeek) is its own module, mla.py;
+`build_attention` picks the one a config asks for.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.model.config import ModelConfig
+from moekit.model.rope import rope_frequencies
 from moekit.moe import MoE, MoEOutput
 from moekit.moe.experts import ffn_activation, glu_activation
 
@@ -46,11 +53,17 @@ class RMSNorm(nn.Module):
 # ---------------------------------------------------------------------- rotary
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, each [max_seq_len, head_dim // 2], float32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [K/2]
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, scaling: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, each [max_seq_len, head_dim // 2], float32.
+
+    `scaling`: long-context rotary (linear, YaRN; see rope.py); YaRN also scales cos and sin."""
+    inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling, max_seq_len)  # [K/2] float64
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # [T, K/2]
-    return angles.cos().float(), angles.sin().float()
+    if attention_factor == 1.0:
+        return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * attention_factor).float(), (angles.sin() * attention_factor).float()
 
 
 def apply_rope(x_BHSK: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor) -> torch.Tensor:
@@ -68,9 +81,9 @@ class Rotary(nn.Module):
     or mind that `.to(torch.bfloat16)` rounds them too (positions beyond ~256 lose precision).
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: dict | None = None) -> None:
         super().__init__()
-        cos, sin = rope_tables(head_dim, max_seq_len, theta)
+        cos, sin = rope_tables(head_dim, max_seq_len, theta, scaling)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -147,15 +160,18 @@ def build_attention_mask(
     q_offset: int = 0,
     self_attention: bool = True,
     device: torch.device | None = None,
+    sliding_window: int | None = None,
 ) -> AttentionMask:
     """Mask for S = q_len queries at positions q_offset.. against T = k_len keys at positions 0..
 
     key_mask_BT: True = real key; padded keys are never attended. In self-attention with padding
     each query may always see itself, so a padded query (left padding) never has an empty row,
     whose softmax is NaN on some GPU kernels; a padded query's output is unused anyway.
+    sliding_window: a query at position p sees only keys p - window < k <= p (transformers' rule).
     Returns no tensor at all when none is needed, so SDPA can take its fastest path.
     """
-    if key_mask_BT is None:
+    windowed = sliding_window is not None and q_offset + q_len - 1 >= sliding_window
+    if key_mask_BT is None and not windowed:
         if not causal or (q_len == 1 and q_offset == k_len - 1):
             return AttentionMask()
         if q_offset == 0 and q_len == k_len:
@@ -163,6 +179,8 @@ def build_attention_mask(
     q_pos_S1 = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]  # [S, 1]
     k_pos_1T = torch.arange(k_len, device=device)[None, :]  # [1, T]
     allowed_ST = k_pos_1T <= q_pos_S1 if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if windowed:
+        allowed_ST = allowed_ST & (k_pos_1T > q_pos_S1 - sliding_window)
     mask = allowed_ST[None, None]  # [1, 1, S, T]
     if key_mask_BT is not None:
         mask = mask & key_mask_BT.bool()[:, None, None, :]  # [B, 1, S, T]
@@ -207,10 +225,12 @@ class KVCache:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        v_head_dim: int | None = None,  # None = head_dim (MLA caches differently sized pieces)
     ) -> None:
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)  # [B, G, T, K]
+        v_shape = shape[:-1] + (head_dim if v_head_dim is None else v_head_dim,)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.key_mask_BT = torch.ones(batch_size, max_seq_len, dtype=torch.bool, device=device)
         self.has_padding = False
         self.max_seq_len = max_seq_len
@@ -242,6 +262,45 @@ class KVCache:
 # ---------------------------------------------------------------------- attention
 
 
+def allowed_keys(mask: AttentionMask, q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
+    """The bool mask [B or 1, 1, S, T] (True = attend) an AttentionMask stands for; None = all keys."""
+    if mask.mask is not None:
+        return mask.mask
+    if mask.is_causal:  # SDPA's is_causal is aligned top-left
+        return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()[None, None]
+    return None
+
+
+def attention_with_sinks(
+    q_BHSK: torch.Tensor,
+    k_BGTK: torch.Tensor,
+    v_BGTK: torch.Tensor,
+    mask: AttentionMask,
+    sinks_H: torch.Tensor,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Softmax attention in which a learned logit per head (the sink) joins every normalization.
+
+    p_t = exp(s_t) / (exp(sink_h) + sum_t' exp(s_t')): the sink takes probability mass and adds no
+    value, so a head may attend to nothing (GPT-OSS). Written out, since SDPA has no such term.
+    """
+    B, H, S, K = q_BHSK.shape
+    G, T = k_BGTK.shape[1], k_BGTK.shape[2]
+    k_BHTK = k_BGTK.repeat_interleave(H // G, dim=1)  # each kv head serves H/G query heads
+    v_BHTK = v_BGTK.repeat_interleave(H // G, dim=1)
+    scores_BHST = (q_BHSK @ k_BHTK.transpose(-1, -2)) * (K**-0.5 if scale is None else scale)
+    allowed = allowed_keys(mask, S, T, q_BHSK.device)
+    if allowed is not None and allowed.dtype == torch.bool:
+        scores_BHST = scores_BHST.masked_fill(~allowed, float("-inf"))
+    elif allowed is not None:  # a float mask is an additive bias
+        scores_BHST = scores_BHST + allowed
+    sink_BHS1 = sinks_H.to(scores_BHST.dtype).view(1, H, 1, 1).expand(B, H, S, 1)
+    probs_BHST = torch.cat([scores_BHST, sink_BHS1], dim=-1).float().softmax(dim=-1)[..., :-1]
+    probs_BHST = F.dropout(probs_BHST, dropout_p) if dropout_p > 0 else probs_BHST
+    return probs_BHST.to(v_BHTK.dtype) @ v_BHTK  # [B, H, S, K]
+
+
 class Attention(nn.Module):
     """Grouped-query attention through `F.scaled_dot_product_attention`.
 
@@ -258,9 +317,15 @@ class Attention(nn.Module):
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attn_out_bias)
+        self.qk_norm_full = cfg.qk_norm_scope == "full"  # OLMoE: over the whole projection, not per head
+        q_norm_dim = cfg.n_heads * cfg.head_dim if self.qk_norm_full else cfg.head_dim
+        k_norm_dim = cfg.n_kv_heads * cfg.head_dim if self.qk_norm_full else cfg.head_dim
+        self.q_norm = RMSNorm(q_norm_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_norm_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.clip_qkv = cfg.clip_qkv
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attention_sinks else None  # [H]
+        self.sliding_window = cfg.layer_window(layer_id)  # the decoder builds this layer's mask with it
 
     def forward(
         self,
@@ -273,25 +338,34 @@ class Attention(nn.Module):
         B, S, _ = x_BSD.shape
         kv_in_BTD = x_BSD if context_BTD is None else context_BTD
         T = kv_in_BTD.shape[1]
-        q_BHSK = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BGTK = self.wk(kv_in_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v_BGTK = self.wv(kv_in_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
+        q_BSF, k_BTF, v_BTF = self.wq(x_BSD), self.wk(kv_in_BTD), self.wv(kv_in_BTD)  # F = heads * K
+        if self.q_norm is not None and self.qk_norm_full:
+            q_BSF, k_BTF = self.q_norm(q_BSF), self.k_norm(k_BTF)
+        if self.clip_qkv is not None:
+            q_BSF, k_BTF, v_BTF = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q_BSF, k_BTF, v_BTF))
+        q_BHSK = q_BSF.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BGTK = k_BTF.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGTK = v_BTF.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None and not self.qk_norm_full:
             q_BHSK, k_BGTK = self.q_norm(q_BHSK), self.k_norm(k_BGTK)
         if rope is not None:
             q_BHSK, k_BGTK = apply_rope(q_BHSK, *rope), apply_rope(k_BGTK, *rope)
         if cache is not None:
             k_BGTK, v_BGTK = cache.update(self.layer_id, k_BGTK, v_BGTK)  # T grows to pos + S
-        out_BHSK = F.scaled_dot_product_attention(
-            q_BHSK,
-            k_BGTK,
-            v_BGTK,
-            attn_mask=mask.mask,
-            is_causal=mask.is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=self.scale,
-            enable_gqa=self.n_kv_heads != self.n_heads,  # each of G kv heads serves H/G query heads
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        if self.sinks is not None:
+            out_BHSK = attention_with_sinks(q_BHSK, k_BGTK, v_BGTK, mask, self.sinks, self.scale, dropout_p)
+        else:
+            out_BHSK = F.scaled_dot_product_attention(
+                q_BHSK,
+                k_BGTK,
+                v_BGTK,
+                attn_mask=mask.mask,
+                is_causal=mask.is_causal,
+                dropout_p=dropout_p,
+                scale=self.scale,
+                enable_gqa=self.n_kv_heads != self.n_heads,  # each of G kv heads serves H/G query heads
+            )
         return self.wo(out_BHSK.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))  # [B, S, D]
 
     @torch.no_grad()
@@ -300,6 +374,15 @@ class Attention(nn.Module):
             nn.init.normal_(lin.weight, std=std)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
+
+
+def build_attention(cfg: ModelConfig, layer_id: int) -> nn.Module:
+    """The self-attention a config asks for: multi-head latent attention or grouped-query attention."""
+    if cfg.mla is not None:
+        from moekit.model.mla import MLAttention  # mla.py builds on this module
+
+        return MLAttention(cfg, layer_id)
+    return Attention(cfg, layer_id)
 
 
 # ---------------------------------------------------------------------- feed-forward
@@ -350,7 +433,7 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg, layer_id)
+        self.attn = build_attention(cfg, layer_id)
         self.cross_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cross_attention else None
         self.cross_attn = Attention(cfg, layer_id) if cross_attention else None
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)

@@ -54,6 +54,7 @@ class MoEOutput(NamedTuple):
     z_loss: Tensor  # router z-loss times its coefficient (float32 scalar)
     stats: MoEStats
     losses: dict[str, Tensor]  # every loss unweighted: load_balance, z, importance, load, seq_balance
+    router_logits: Tensor | None = None  # [T, E] float32 raw router logits (pooled losses, HF interop)
 
 
 class MoE(nn.Module):
@@ -156,7 +157,7 @@ class MoE(nn.Module):
             aux_loss, z_loss = aux_loss + inner_aux, z_loss + inner_z
         routed_E = state.routed_E if routed_E is None else routed_E
         stats = self._stats(routing, routed_E, state.kept_E, mask_T)
-        return MoEOutput(out_TD.view(x.shape), aux_loss, z_loss, stats, losses)
+        return MoEOutput(out_TD.view(x.shape), aux_loss, z_loss, stats, losses, routing.logits_TE)
 
     def _check_input(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if not torch.is_tensor(x) or not x.is_floating_point():

@@ -10,6 +10,8 @@ Shape legend: T tokens, E experts, A assignments, B sequences, S tokens per sequ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -113,3 +115,29 @@ def max_load_violation(counts_E: Tensor) -> Tensor:
     """MaxVio = max_i load_i / mean load - 1 (0 at perfect balance)."""
     mean = counts_E.float().mean()
     return torch.where(mean > 0, counts_E.float().max() / mean.clamp_min(1e-12) - 1.0, mean.new_zeros(()))
+
+
+def pooled_load_balancing_loss(
+    logits_per_layer: Sequence[Tensor], top_k: int, mask_T: Tensor | None = None
+) -> Tensor:
+    """transformers' `load_balancing_loss_func`: the Switch loss over all layers' tokens pooled.
+
+    Each layer's [T, E] logits go through softmax and a top-k; selections and probabilities are
+    summed over layers as if all layers' tokens were one batch (the same expert index in different
+    layers counts together): `E * sum_e (count_e / N) * (Psum_e / N)`, N = layers * real tokens.
+    About k at balance (moekit's per-layer loss is 1). Padding (mask_T False) is left out.
+    Only the probabilities carry gradient, as in transformers.
+    """
+    num_experts = logits_per_layer[0].shape[-1]
+    counts_E = logits_per_layer[0].new_zeros(num_experts, dtype=torch.float32)
+    prob_sum_E = torch.zeros_like(counts_E)
+    rows = counts_E.new_zeros(())
+    for logits_TE in logits_per_layer:
+        probs_TE = _at_least_float32(logits_TE).softmax(dim=-1)
+        selected_TK = probs_TE.topk(top_k, dim=-1).indices
+        m_T = _mask_or_ones(mask_T, probs_TE.shape[0], probs_TE.device)
+        counts_E = counts_E.index_add(0, selected_TK.reshape(-1), m_T.repeat_interleave(top_k))
+        prob_sum_E = prob_sum_E + (probs_TE * m_T[:, None]).sum(dim=0)
+        rows = rows + m_T.sum()
+    rows = rows.clamp_min(1.0)
+    return num_experts * ((counts_E / rows) * (prob_sum_E / rows)).sum()
