@@ -29,6 +29,7 @@ from torch import nn
 from moekit import __version__
 from moekit.data import (
     LMBatchSampler,
+    PreparedData,
     SpanCorruptionSampler,
     Tokenizer,
     TokenizerConfig,
@@ -143,16 +144,7 @@ class Trainer:
         self.run_dir = Path(t.out_dir) / t.run_name
         self.ckpt_dir = self.run_dir / "checkpoint"
 
-        d = cfg.data
-        self.data = prepare_data(
-            d.paths or None,
-            validation_paths=d.validation_paths or None,
-            validation_fraction=d.validation_fraction,
-            text_field=d.text_field,
-            tokenizer_config=TokenizerConfig(vocab_size=d.vocab_size, max_train_chars=d.tokenizer_max_chars),
-            tokenizer_file=d.tokenizer or None,
-            cache_dir=d.cache_dir or None,
-        )
+        self.data = self._prepare_data()
         self.tokenizer: Tokenizer = self.data.tokenizer
 
         torch.manual_seed(t.seed)
@@ -171,6 +163,19 @@ class Trainer:
         self.sampler = self._train_sampler()
 
     # -------------------------------------------------------------- data
+    def _prepare_data(self) -> PreparedData:
+        """Corpus, tokenizer and token streams from cfg.data (fine-tuning on other data overrides it)."""
+        d = self.cfg.data
+        return prepare_data(
+            d.paths or None,
+            validation_paths=d.validation_paths or None,
+            validation_fraction=d.validation_fraction,
+            text_field=d.text_field,
+            tokenizer_config=TokenizerConfig(vocab_size=d.vocab_size, max_train_chars=d.tokenizer_max_chars),
+            tokenizer_file=d.tokenizer or None,
+            cache_dir=d.cache_dir or None,
+        )
+
     def _train_sampler(self):
         d, t = self.cfg.data, self.cfg.train
         tokens = self.data.tokens.train
