@@ -24,6 +24,7 @@ ROUTERS = (
 ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu", "silu", "gpt_oss")
 GLU_ACTIVATIONS = ("swiglu", "geglu", "gpt_oss")
 DROP_POLICIES = ("position", "probability")
+ROUTER_DTYPES = ("float32", "bfloat16")
 CAPACITY_GROUPS = ("batch", "sequence")
 
 
@@ -55,6 +56,7 @@ class MoEConfig:
     causal: bool = False  # set by decoders; expert choice refuses causal use unless allowed
     allow_causal_expert_choice: bool = False
     check_finite: bool = True  # raise on NaN/Inf router logits (one host sync per call)
+    router_dtype: str = "float32"  # "bfloat16" rounds router math through bf16 (Switch's unstable baseline)
 
     # --- capacity ---
     capacity_factor: float | None = None  # None = dropless
@@ -97,6 +99,8 @@ class MoEConfig:
             _fail("top_k", self.top_k, f"an integer in [1, num_experts={self.num_experts}]")
         if self.router not in ROUTERS:
             _fail("router", self.router, f"one of {list(ROUTERS)}")
+        if self.router_dtype not in ROUTER_DTYPES:
+            _fail("router_dtype", self.router_dtype, f"one of {list(ROUTER_DTYPES)}")
         if self.activation not in ACTIVATIONS:
             _fail("activation", self.activation, f"one of {list(ACTIVATIONS)}")
         if self.drop_policy not in DROP_POLICIES:

@@ -7,13 +7,16 @@ dispatcher, the experts and the combine only ever see that flat list, so every r
 every dispatcher.
 
 All router math runs in float32 whatever the experts' dtype (Switch's "selective precision":
-bf16 routers diverge). Routers are picked by name through `build_router(config)`.
+bf16 routers diverge). `MoEConfig.router_dtype="bfloat16"` emulates such a low-precision router
+for experiments: input, gate, logits, probabilities and combine weights are rounded through bf16.
+Routers are picked by name through `build_router(config)`.
 
 Shape legend: T tokens, D model dim, E experts, K experts per token, A assignments, C capacity.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -64,6 +67,10 @@ class Router(nn.Module):
         self.top_k = config.top_k
         self.gate = nn.Linear(config.dim, config.num_experts, bias=config.router_bias)
         self.reset_parameters()
+        if config.router_dtype == "bfloat16":
+            # compute_logits rounds input, gate and logits; this hook rounds what every subclass
+            # derives from them (probabilities, combine weights) on the way out.
+            self.register_forward_hook(_round_routing_to_bf16)
 
     def reset_parameters(self) -> None:
         std = self.config.router_init_scale / math.sqrt(self.config.dim)
@@ -75,9 +82,16 @@ class Router(nn.Module):
         dtype = router_dtype(x_TD)
         weight = self.gate.weight.to(dtype)
         bias = None if self.gate.bias is None else self.gate.bias.to(dtype)
+        x_TD = x_TD.to(dtype)
+        low_precision = self.config.router_dtype == "bfloat16"
+        if low_precision:  # a bf16 product: bf16 operands, float32 accumulation, bf16 result
+            x_TD, weight = round_to_bf16(x_TD), round_to_bf16(weight)
+            bias = None if bias is None else round_to_bf16(bias)
         # Autocast would run this product in bf16; the router's selective precision forbids that.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.to(dtype), weight, bias)  # [T, E] float32 (float64 for float64 input)
+            logits_TE = F.linear(x_TD, weight, bias)  # [T, E] float32 (float64 for float64 input)
+        if low_precision:
+            logits_TE = round_to_bf16(logits_TE)
         if self.config.check_finite and not torch.isfinite(logits_TE).all():
             bad = (~torch.isfinite(logits_TE)).sum().item()
             raise ValueError(
@@ -90,6 +104,17 @@ class Router(nn.Module):
         """Aux-loss-free bias update; only the sigmoid_bias router has a bias to update."""
 
     # Subclasses define forward(x_TD, mask_T=None) -> Routing.
+
+
+def round_to_bf16(t: Tensor) -> Tensor:
+    """`t` rounded to the nearest bfloat16 value, in t's dtype; its gradient is rounded the same way."""
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+def _round_routing_to_bf16(module: nn.Module, inputs: tuple, routing: Routing) -> Routing:
+    return dataclasses.replace(
+        routing, probs_TE=round_to_bf16(routing.probs_TE), weight_A=round_to_bf16(routing.weight_A)
+    )
 
 
 def _top_k_renorm(values_TK: Tensor, renormalize: bool) -> Tensor:
