@@ -3,6 +3,7 @@
     moekit demo                 run the MoE layer on random data and print its losses and stats
     moekit train [--config F]   train an MoE language model (the main job)
     moekit eval / generate      evaluate or sample from a checkpoint
+    moekit serve --ckpt DIR     OpenAI-compatible HTTP server for a checkpoint (serve extra)
 
 Every subcommand registers its arguments in `_build_parser` and returns an exit code.
 """
@@ -46,6 +47,11 @@ def _build_parser() -> argparse.ArgumentParser:
     from moekit.train.commands import add_commands as add_train_commands
 
     add_train_commands(sub)  # train, eval, generate
+
+    from moekit.serve.commands import add_commands as add_serve_commands
+
+    add_serve_commands(sub)  # serve
+
     from moekit.analysis.commands import add_commands as add_analysis_commands
 
     add_analysis_commands(sub)  # analyze
