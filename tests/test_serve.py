@@ -405,14 +405,14 @@ def test_hf_folder_goes_through_its_loader_and_hf_tokenizer(tmp_path, monkeypatc
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
     calls = []
 
-    def from_pretrained(path):
-        calls.append(path)
-        return ckpt.load_model(checkpoint)  # (model, config): the loader's tuple is unpacked
+    def from_pretrained(path, device="cpu"):  # moekit.from_pretrained's signature, in short
+        calls.append((path, str(device)))
+        return ckpt.load_model(checkpoint, device)  # (model, config): the loader's tuple is unpacked
 
     monkeypatch.setitem(sys.modules, "moekit_test_hf", types.SimpleNamespace(from_pretrained=from_pretrained))
     monkeypatch.setattr(loading, "HF_LOADERS", (("moekit_test_hf", "from_pretrained"),))
     loaded = loading.load_for_serving(tmp_path, name="hf-tiny")
-    assert calls == [str(tmp_path)] and loaded.format == "huggingface" and loaded.name == "hf-tiny"
+    assert calls == [(str(tmp_path), "cpu")] and loaded.format == "huggingface" and loaded.name == "hf-tiny"
     assert loaded.eos_ids == (1, 2)  # generation_config.json wins over config.json
     assert loaded.tokenizer.encode("hello world") == [2, 3]
     assert loaded.tokenizer.decode([0, 2, 3, 1]) == "hello world"  # special tokens dropped

@@ -19,6 +19,7 @@ generation_config.json or config.json.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,9 @@ from moekit.train.checkpoint import (
     resolve,
 )
 
-# (module, function) pairs tried in order; each takes the folder path and returns a model (or a
-# tuple whose first item is the model) with `new_cache` and `forward(ids, cache=...)`.
+# (module, function) pairs tried in order; each takes the folder path (and `device=` when it has that
+# parameter) and returns a model, or a tuple whose first item is the model, with `new_cache` and
+# `forward(ids, cache=...)`.
 HF_LOADERS = (("moekit", "from_pretrained"), ("moekit.hf", "from_pretrained"))
 QUANT_LOADERS = (("moekit.quant", "load_quantized"), ("moekit.quantize", "load_quantized"))
 QUANT_KEYS = ("quantization", "quantization_config")
@@ -149,9 +151,12 @@ def hf_eos_ids(folder: Path) -> tuple[int, ...]:
     return ()
 
 
-def _call_loader(loader: Callable[..., Any], folder: Path) -> torch.nn.Module:
-    result = loader(str(folder))
-    return result[0] if isinstance(result, tuple) else result
+def _call_loader(loader: Callable[..., Any], folder: Path, device: torch.device) -> torch.nn.Module:
+    """loader(folder[, device=...]): the model, or the first item of a tuple, on `device`."""
+    takes_device = "device" in inspect.signature(loader).parameters
+    result = loader(str(folder), device=device) if takes_device else loader(str(folder))
+    model = result[0] if isinstance(result, tuple) else result
+    return model.to(device)
 
 
 def default_name(folder: Path) -> str:
@@ -182,7 +187,7 @@ def load_for_serving(path: str | Path, device: str = "cpu", name: str | None = N
         if loader is None:
             wanted = " or ".join(f"{m}.{f}" for m, f in loaders)
             raise _unsupported(folder, f"is a {fmt} checkpoint, but {wanted} is not available")
-        model = _call_loader(loader, folder).to(dev).eval()
+        model = _call_loader(loader, folder, dev).eval()
     if not hasattr(model, "new_cache"):
         raise _unsupported(folder, f"loads as {type(model).__name__}, which has no KV cache (new_cache)")
     tokenizer, eos_ids = load_tokenizer(folder)
