@@ -140,6 +140,17 @@ def test_greedy_generation_matches_transformers(saved, cap):
     assert got.tolist() == ref.tolist()
 
 
+def test_bfloat16_router_matches_transformers(tmp_path):
+    hf = build_hf(seed=15, expert_capacity=3, router_dtype="bfloat16")
+    hf.save_pretrained(tmp_path)
+    model = load_switch(tmp_path)
+    assert model.config.moe.router_dtype == "bfloat16"
+    x, y, mask = batch(seed=16)
+    with torch.no_grad():
+        ref = hf(input_ids=x, attention_mask=mask, decoder_input_ids=y).logits
+        assert max_diff(model(x, y, attention_mask=mask).logits, ref) <= TOL
+
+
 def test_sparse_mlp_semantics_match_transformers(saved):
     """One sparse layer on the same hidden states: per-sequence capacity, position priority, dropped
     tokens get exactly zero (transformers 5.23; 4.x passed them through scaled by p_max)."""
@@ -262,6 +273,8 @@ def test_config_defaults_and_refusals(saved):
         switch_config_from_hf({**hf, "model_type": "t5"})
     with pytest.raises(ValueError, match="dense_act_fn"):
         switch_config_from_hf({**hf, "dense_act_fn": "gated-gelu"})
+    with pytest.raises(ValueError, match="router_dtype"):
+        switch_config_from_hf({**hf, "router_dtype": "float16"})
     with pytest.raises(ValueError, match="sparse_layers"):
         switch_config_to_hf(ModelConfig.from_dict({**cfg.to_dict(), "sparse_layers": [0]}))
     with pytest.raises(ValueError, match="position_encoding"):

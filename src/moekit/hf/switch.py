@@ -22,7 +22,8 @@ How transformers 5.23 (`modeling_switch_transformers.py`) maps onto moekit optio
     explicit lists `encoder_sparse_layers` / `sparse_layers`, checked against the router tensors.
   * Router: float32 linear (optional bias), softmax, argmax; the weight is p_max, not renormalized;
     multiplicative jitter in training only (moekit's copy never mutates the input; transformers'
-    does). `router_dtype` other than float32 is not reproduced: moekit routers always run in float32.
+    does). `router_dtype="bfloat16"` maps onto moekit's bf16-rounding router (equal logits in the
+    tests); "float16" is refused.
   * Capacity: `expert_capacity` slots per expert in EVERY SEQUENCE (the router runs on [B, S, E]
     and takes a cumulative sum along S), first tokens of the sequence win (position priority),
     in training and in evaluation alike: `MoEConfig(expert_capacity=C, capacity_group="sequence")`.
@@ -117,6 +118,14 @@ def _hf_get(hf: dict[str, Any], name: str) -> Any:
     return hf.get(name, HF_DEFAULTS[name])
 
 
+def _router_dtype(name: str) -> str:
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(
+            f"config.json router_dtype={name!r} is not supported: expected 'float32' or 'bfloat16'"
+        )
+    return name
+
+
 def switch_config_from_hf(hf: dict[str, Any], max_seq_len: int = 512) -> ModelConfig:
     """The moekit ModelConfig of a transformers `switch_transformers` config.json dict.
 
@@ -145,6 +154,7 @@ def switch_config_from_hf(hf: dict[str, Any], max_seq_len: int = 512) -> ModelCo
             top_k=1,
             router="switch",
             router_bias=_hf_get(hf, "router_bias"),
+            router_dtype=_router_dtype(_hf_get(hf, "router_dtype")),
             jitter_eps=float(_hf_get(hf, "router_jitter_noise")),
             expert_capacity=_hf_get(hf, "expert_capacity"),
             capacity_group="sequence",
@@ -301,7 +311,7 @@ def switch_config_to_hf(
         expert_capacity=moe.expert_capacity,
         router_bias=moe.router_bias,
         router_jitter_noise=moe.jitter_eps,
-        router_dtype="float32",
+        router_dtype=moe.router_dtype,
         router_z_loss_coef=moe.z_loss_coef,
         router_aux_loss_coef=moe.seq_balance_coef,
     )
