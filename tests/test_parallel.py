@@ -36,8 +36,10 @@ from moekit.parallel import (
     expected_traffic,
     expert_parameter_names,
     gather_full_state_dict,
+    gather_optimizer_state,
     init_parallel,
     load_sharded,
+    load_sharded_optimizer_state,
     reduce_stats,
     shard_model,
     sync_gradients,
@@ -247,6 +249,50 @@ def _load_from_one(layout: ParallelLayout, path: str) -> dict:
     return {"output": out, "x": x[layout.rank], "round_trip_equal": same}
 
 
+def _optimizer_case(layout: ParallelLayout) -> dict:
+    """AdamW state gathered to the single-process layout equals one process's; loading it back
+    into freshly sharded ranks and stepping again still matches (resume under another EP size)."""
+    world, rank = layout.world_size, layout.rank
+    torch.manual_seed(21)
+    ref = MoE(_cfg(capacity_factor=1.0))
+    model = shard_model(copy.deepcopy(ref), layout)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    x_all = torch.randn(world, B, S, D, generator=torch.Generator().manual_seed(4))
+
+    def step(m, o, x, sync):
+        o.zero_grad()
+        m(x).output.square().mean().backward()
+        if sync:
+            sync_gradients(m, layout)
+        o.step()
+
+    step(model, opt, x_all[rank], True)
+    step(ref, ref_opt, x_all.reshape(world * B, S, D), False)  # mean over all = mean of rank means
+    full = gather_optimizer_state(opt, model, layout)
+    want = ref_opt.state_dict()["state"]
+    errs = {
+        f"adam/{i}/{k}": _max_err(v.float(), want[i][k].float())
+        for i, st in full["state"].items()
+        for k, v in st.items()
+    }
+    ref_params = gather_full_state_dict(model, layout)
+    errs.update({f"param/{k}": _max_err(v, ref.state_dict()[k]) for k, v in ref_params.items()})
+
+    torch.manual_seed(99)  # resume into new shards from the single-process model and optimizer
+    resumed = shard_model(MoE(_cfg(capacity_factor=1.0)), layout)
+    load_sharded(resumed, ref.state_dict(), layout)
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    # a copy, as from a file: torch's load_state_dict keeps the given tensors (no aliasing with ref_opt)
+    load_sharded_optimizer_state(resumed_opt, copy.deepcopy(ref_opt.state_dict()), resumed, layout)
+    x2 = x_all.flip(0)
+    step(resumed, resumed_opt, x2[rank], True)
+    step(ref, ref_opt, x2.reshape(world * B, S, D), False)
+    for k, v in gather_full_state_dict(resumed, layout).items():
+        errs[f"resumed/{k}"] = _max_err(v, ref.state_dict()[k])
+    return {"errs": errs}
+
+
 def _model_case(layout: ParallelLayout) -> dict:
     """A whole decoder: loss and every gradient vs one process on the concatenated batch.
 
@@ -319,6 +365,7 @@ def scenario_parity(ep: int, cases: list[str], ckpt_dir: str = "") -> dict:
         "traffic_dropless": lambda: _balanced_traffic_case(layout, None),
         "traffic_capacity": lambda: _balanced_traffic_case(layout, 1.0),
         "model": lambda: _model_case(layout),
+        "optimizer": lambda: _optimizer_case(layout),
         "reshard_to_one": lambda: _reshard_to_one(layout, ckpt_dir),
         "load_from_one": lambda: _load_from_one(layout, os.path.join(ckpt_dir, "single.pt")),
     }
@@ -394,6 +441,7 @@ def test_world2_ep2_matches_single_process(tmp_path):
         "traffic_dropless",
         "traffic_capacity",
         "model",
+        "optimizer",
         "reshard_to_one",
     ]
     results = run_ranks("parity", 2, ep=2, cases=cases, ckpt_dir=str(tmp_path))

@@ -10,7 +10,9 @@ Checkpoints are always in the single-process layout, so any EP size can read any
   - `gather_full_state_dict(model, layout)` all-gathers the expert shards over the EP group and
     returns the state dict of the unsharded model (full `[E, ...]` expert tensors) on every rank;
   - `load_sharded(model, state_dict, layout)` loads such a state dict into a sharded model,
-    slicing out the local experts. EP 2 -> 1 and 1 -> 4 round trips give identical outputs.
+    slicing out the local experts. EP 2 -> 1 and 1 -> 4 round trips give identical outputs;
+  - `gather_optimizer_state` / `load_sharded_optimizer_state` do the same for the optimizer's
+    per-parameter state (Adam moments), so a run can resume under another EP size.
 
 Names stay those of the unsharded model (`...ffn.experts.w_in_EDF`), only the leading dim shrinks.
 
@@ -117,14 +119,14 @@ def gather_experts(tensors: dict[str, Tensor], model: nn.Module, layout: Paralle
     every rank calls it with the same keys.
     """
     sharded = _sharded_expert_keys(model)
-    full = {}
-    for key, value in tensors.items():
-        if key in sharded:
-            parts = [torch.empty_like(value) for _ in range(layout.ep)]
-            dist.all_gather(parts, value.detach().contiguous(), group=layout.ep_group)
-            value = torch.cat(parts, dim=0)  # [E, ...] in EP-rank order = expert order
-        full[key] = value
-    return full
+    return {key: _gather_shards(value, layout) if key in sharded else value for key, value in tensors.items()}
+
+
+def _gather_shards(local: Tensor, layout: ParallelLayout) -> Tensor:
+    """[L, ...] on every EP rank -> [E, ...] (EP-rank order is expert order)."""
+    parts = [torch.empty_like(local) for _ in range(layout.ep)]
+    dist.all_gather(parts, local.detach().contiguous(), group=layout.ep_group)
+    return torch.cat(parts, dim=0)
 
 
 def slice_experts(tensors: dict[str, Tensor], model: nn.Module, layout: ParallelLayout) -> dict[str, Tensor]:
@@ -158,3 +160,58 @@ def load_sharded(model: nn.Module, state_dict: dict[str, Any], layout: ParallelL
     Returns what `load_state_dict` returns (missing and unexpected keys when strict=False).
     """
     return model.load_state_dict(slice_experts(state_dict, model, layout), strict=strict)
+
+
+def _optimizer_param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[int, str]:
+    """Optimizer state index (as in `optimizer.state_dict()`) -> parameter name."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {i: names[id(p)] for i, p in enumerate(params) if id(p) in names}
+
+
+def gather_optimizer_state(
+    optimizer: torch.optim.Optimizer, model: nn.Module, layout: ParallelLayout
+) -> dict:
+    """`optimizer.state_dict()` in the single-process layout: the per-parameter state tensors of
+    sharded experts (Adam moments, [L, ...]) all-gathered to [E, ...]. Every rank calls it."""
+    sd = optimizer.state_dict()
+    names = _optimizer_param_names(optimizer, model)
+    sharded = _sharded_expert_keys(model)
+    params = dict(model.named_parameters())
+    state = {}
+    for index, per_param in sd["state"].items():  # the same order on every rank
+        name = names.get(index)
+        state[index] = {
+            k: _gather_shards(v, layout) if name in sharded and _like(v, params[name]) else v
+            for k, v in per_param.items()
+        }
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def load_sharded_optimizer_state(
+    optimizer: torch.optim.Optimizer, state_dict: dict, model: nn.Module, layout: ParallelLayout
+) -> None:
+    """Load a single-process-layout optimizer state dict, slicing expert state to the local experts."""
+    names = _optimizer_param_names(optimizer, model)
+    sharded = _sharded_expert_keys(model)
+    state = {}
+    for index, per_param in state_dict["state"].items():
+        name = names.get(int(index))
+        if name not in sharded:
+            state[index] = per_param
+            continue
+        num_experts = sharded[name].config.num_experts
+        experts = layout.local_experts(num_experts)
+        state[index] = {  # clones: a view would keep the full [E, ...] moments alive
+            k: v[experts.start : experts.stop].clone() if _is_expert_state(v, num_experts) else v
+            for k, v in per_param.items()
+        }
+    optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
+
+
+def _is_expert_state(value: Any, num_experts: int) -> bool:
+    return torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == num_experts
+
+
+def _like(value: Any, param: Tensor) -> bool:
+    return torch.is_tensor(value) and value.shape == param.shape
