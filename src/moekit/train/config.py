@@ -278,9 +278,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults, then the TOML file, then each --set override; validated."""
-    cfg = RunConfig()
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: RunConfig | None = None
+) -> RunConfig:
+    """Defaults (or `base`, e.g. a checkpoint's run), then the TOML file, then each --set override; validated."""
+    cfg = RunConfig() if base is None else base
     if path is not None:
         p = Path(path)
         if not p.is_file():
