@@ -10,6 +10,7 @@ Run: python -m pytest tests/test_hf_switch.py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -134,7 +135,7 @@ def test_greedy_generation_matches_transformers(saved, cap):
     x, _, mask = batch(seed=2)
     with torch.no_grad():
         ref = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=6, do_sample=False, num_beams=1)
-    ids = switch_token_ids(json.loads((folder / "config.json").read_text()))
+    ids = switch_token_ids(model.config.extra["hf_config"])
     assert ids == {"decoder_start_id": 0, "eos_id": 1, "pad_id": 0}
     got = model.generate(x, 6, mask, **ids)
     assert got.tolist() == ref.tolist()
@@ -196,9 +197,11 @@ def test_round_trip_moekit_to_transformers(tmp_path, tied):
         ref = hf(input_ids=x, attention_mask=mask, decoder_input_ids=y).logits
         assert max_diff(model(x, y, attention_mask=mask).logits, ref) <= TOL
         assert max_diff(again(input_ids=x, attention_mask=mask, decoder_input_ids=y).logits, ref) <= TOL
-    assert (
-        switch_config_from_hf(json.loads((tmp_path / "moekit" / "config.json").read_text())) == model.config
+    written = json.loads((tmp_path / "moekit" / "config.json").read_text())
+    assert dataclasses.replace(switch_config_from_hf(written), extra={}) == dataclasses.replace(
+        model.config, extra={}
     )
+    assert switch_token_ids(written) == switch_token_ids(model.config.extra["hf_config"])
 
 
 def test_moekit_built_model_saves_and_reloads(tmp_path):

@@ -2,9 +2,12 @@
 
     model = load_switch("google-switch-folder")       # -> MoEEncoderDecoder in eval mode
     out = model(input_ids, decoder_input_ids, attention_mask)   # out.logits equal transformers'
-    ids = switch_token_ids(json.load(open("google-switch-folder/config.json")))
+    ids = switch_token_ids(model.config.extra["hf_config"])     # decoder_start_id, eos_id, pad_id
     tokens = model.generate(input_ids, 20, attention_mask, **ids)   # greedy, equal to transformers'
     save_switch(model, "out-folder")                  # AutoModelForSeq2SeqLM.from_pretrained loads it
+
+The source config.json stays in `model.config.extra["hf_config"]`; `save_switch` takes the special
+token ids from it unless given.
 
 A folder holds config.json and model.safetensors, or shards listed by model.safetensors.index.json.
 Tensors are streamed one at a time from safetensors (`safe_open`) into a model allocated once,
@@ -185,6 +188,7 @@ def switch_config_from_hf(hf: dict[str, Any], max_seq_len: int = 512) -> ModelCo
         attn_scale=1.0,
         ffn_activation=ACTIVATIONS[act],
         output_scale=d_model**-0.5 if tied else 1.0,
+        extra={"hf_config": dict(hf)},
     )
 
 
@@ -509,18 +513,25 @@ def save_switch(
     model: MoEEncoderDecoder,
     path: str | os.PathLike[str],
     *,
-    pad_id: int = 0,
-    eos_id: int = 1,
-    decoder_start_id: int = 0,
+    pad_id: int | None = None,
+    eos_id: int | None = None,
+    decoder_start_id: int | None = None,
     max_shard_bytes: int | None = None,
 ) -> None:
     """Write a moekit Switch model as a transformers folder (config.json + safetensors, per-expert keys).
 
     With max_shard_bytes, the tensors are split into model-0000i-of-0000n.safetensors shards plus
     model.safetensors.index.json; each shard's tensors are materialized only while it is written.
+    Token ids left None come from `model.config.extra["hf_config"]` (else transformers' defaults).
     """
     cfg = model.config
-    hf = switch_config_to_hf(cfg, pad_id=pad_id, eos_id=eos_id, decoder_start_id=decoder_start_id)
+    ids = switch_token_ids(cfg.extra.get("hf_config") or {})
+    hf = switch_config_to_hf(
+        cfg,
+        pad_id=ids["pad_id"] if pad_id is None else pad_id,
+        eos_id=ids["eos_id"] if eos_id is None else eos_id,
+        decoder_start_id=ids["decoder_start_id"] if decoder_start_id is None else decoder_start_id,
+    )
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters(remove_duplicate=False))
