@@ -3,6 +3,7 @@
     moekit demo                 run the MoE layer on random data and print its losses and stats
     moekit train [--config F]   train an MoE language model (the main job)
     moekit eval / generate      evaluate or sample from a checkpoint
+    moekit convert --from-hf DIR | --to-hf CKPT --out P   Hugging Face folders <-> moekit checkpoints
     moekit finetune / upcycle / distill   adapt a trained checkpoint (see moekit.adapt)
     moekit serve --ckpt DIR     OpenAI-compatible HTTP server for a checkpoint (serve extra)
 
@@ -48,6 +49,10 @@ def _build_parser() -> argparse.ArgumentParser:
     from moekit.train.commands import add_commands as add_train_commands
 
     add_train_commands(sub)  # train, eval, generate
+
+    from moekit.hf.commands import add_commands as add_hf_commands
+
+    add_hf_commands(sub)  # convert
     from moekit.adapt.commands import add_commands as add_adapt_commands
 
     add_adapt_commands(sub)  # finetune, upcycle, distill

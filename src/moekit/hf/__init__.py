@@ -38,12 +38,13 @@ from moekit.hf.io import (
     write_sharded,
 )
 from moekit.hf.plan import assemble, check_plan, check_source, load_plan, nbytes
-from moekit.model import ModelConfig, MoETransformer, Rotary
+from moekit.model import ModelConfig, MoEEncoderDecoder, MoETransformer, Rotary
 
 FAMILIES: dict[str, ModuleType] = {
     m.MODEL_TYPE: m for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss)
 }
-SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+SWITCH = "switch_transformers"  # encoder-decoder: moekit.hf.switch, dispatched from here
+SUPPORTED_MODEL_TYPES = (*FAMILIES, SWITCH)
 AUX_LOSS_MODES = {"moekit": "per_layer", "transformers": "transformers"}
 FLOAT32_SUFFIXES = ("e_score_correction_bias",)  # transformers keeps DeepSeek's router bias in float32
 
@@ -61,6 +62,11 @@ __all__ = [
 
 
 def family(model_type: str | None) -> ModuleType:
+    """The decoder family module of a config.json `model_type`."""
+    if model_type == SWITCH:
+        raise CheckpointFormatError(
+            f"{SWITCH} is an encoder-decoder: load it with moekit.from_pretrained or moekit.hf.switch.load_switch"
+        )
     if model_type not in FAMILIES:
         raise CheckpointFormatError(
             f"model_type {model_type!r} is not supported; supported decoder families: {list(SUPPORTED_MODEL_TYPES)}"
@@ -137,14 +143,19 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     aux_loss: str = "moekit",
-) -> MoETransformer:
-    """Load a transformers decoder MoE folder as a MoETransformer in eval mode.
+) -> MoETransformer | MoEEncoderDecoder:
+    """Load a transformers decoder MoE folder as a MoETransformer in eval mode
+    (a `switch_transformers` folder as a MoEEncoderDecoder, through moekit.hf.switch).
 
     dtype None keeps the checkpoint's dtype. aux_loss: see `config_from_hf`. The source config
     stays in `model.config.extra["hf_config"]`, so `model.save_pretrained` writes the same family.
     """
     folder = Path(path)
     hf = read_config(folder)
+    if hf.get("model_type") == SWITCH:
+        from moekit.hf.switch import load_switch
+
+        return load_switch(folder, dtype=dtype or torch.float32, device=device)
     cfg = config_from_hf(hf, aux_loss)
     fam = family(hf.get("model_type"))
     reader = SafetensorsReader(folder)
@@ -189,7 +200,7 @@ def convert_to_hf(
 
 
 def save_pretrained(
-    model: MoETransformer,
+    model: MoETransformer | MoEEncoderDecoder,
     path: str | Path,
     model_type: str | None = None,
     fused: bool = False,
@@ -201,6 +212,11 @@ def save_pretrained(
     model_type: the family (default: the one the model was imported from). fused: expert layout
     on disk (default per-expert, as hub checkpoints). dtype: of the written tensors (default the
     model's). One shard's tensors are built at a time."""
+    if not isinstance(model, MoETransformer):  # the encoder-decoder: Switch Transformers
+        from moekit.hf.switch import save_switch
+
+        save_switch(model, path, max_shard_bytes=parse_size(max_shard_size))
+        return Path(path)
     cfg = model.config
     hf = config_to_hf(cfg, model_type)
     fam = family(hf["model_type"])

@@ -175,10 +175,12 @@ class MoETransformer(nn.Module):
         targets: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        task_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids, targets, attention_mask: [B, S]. attention_mask: 1/True = real token, 0 = padding
         (keys and routing exclude padding; mask padded targets yourself with -100). With `cache`,
-        input_ids are the next S tokens after the cache's `pos` and only their mask is passed."""
+        input_ids are the next S tokens after the cache's `pos` and only their mask is passed.
+        task_ids [B]: the task of every sequence, read by task routers (router='task') only."""
         B, S = input_ids.shape
         start = 0 if cache is None else cache.pos
         if start + S > self.config.max_seq_len:
@@ -205,7 +207,9 @@ class MoETransformer(nn.Module):
         x_BSD = self.tok_embeddings(input_ids)  # [B, S, D]
         moe_outputs: list[MoEOutput] = []
         for block in self.layers:
-            x_BSD, moe_out = block(x_BSD, masks[block.attn.sliding_window], rope, token_mask_BS, cache=cache)
+            x_BSD, moe_out = block(
+                x_BSD, masks[block.attn.sliding_window], rope, token_mask_BS, cache=cache, task_ids=task_ids
+            )
             if moe_out is not None:
                 moe_outputs.append(moe_out)
         if cache is not None:
@@ -244,8 +248,10 @@ class MoETransformer(nn.Module):
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Prompt [B, S] -> [B, S + n] with n <= max_new_tokens, decoding through a KV cache.
+        task_ids [B]: the task of every row, for task-routed models.
 
         Greedy when temperature == 0. Batched prompts of different lengths must be left-padded
         (with attention_mask). A row that has produced eos_id continues with eos_id; decoding stops
@@ -257,7 +263,8 @@ class MoETransformer(nn.Module):
             raise ValueError(f"temperature={temperature!r} is invalid: expected >= 0 (0 = greedy)")
         B, S = input_ids.shape
         cache = self.new_cache(B, S + max_new_tokens)
-        logits_BV = self(input_ids, attention_mask=attention_mask, cache=cache).logits[:, -1]
+        out = self(input_ids, attention_mask=attention_mask, cache=cache, task_ids=task_ids)
+        logits_BV = out.logits[:, -1]
         tokens = [input_ids]
         done_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
@@ -268,5 +275,5 @@ class MoETransformer(nn.Module):
             tokens.append(next_B[:, None])
             if step == max_new_tokens - 1 or (eos_id is not None and bool(done_B.all())):
                 break
-            logits_BV = self(next_B[:, None], cache=cache).logits[:, -1]
+            logits_BV = self(next_B[:, None], cache=cache, task_ids=task_ids).logits[:, -1]
         return torch.cat(tokens, dim=1)

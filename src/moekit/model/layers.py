@@ -453,8 +453,10 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         context_BTD: torch.Tensor | None = None,
         context_mask: AttentionMask | None = None,
+        task_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEOutput | None]:
-        """token_mask_BS: True = real token, so padding is kept out of routing and router losses."""
+        """token_mask_BS: True = real token, so padding is kept out of routing and router losses.
+        task_ids [B]: the task of every sequence, for task routers (router='task')."""
         x_BSD = x_BSD + self.resid_dropout(self.attn(self.attn_norm(x_BSD), mask, rope, cache=cache))
         if self.cross_attn is not None:
             h_BSD = self.cross_attn(self.cross_norm(x_BSD), context_mask, context_BTD=context_BTD)
@@ -462,5 +464,5 @@ class Block(nn.Module):
         h_BSD = self.ffn_norm(x_BSD)
         if not self.is_moe:
             return x_BSD + self.resid_dropout(self.ffn(h_BSD)), None
-        moe_out = self.ffn(h_BSD, mask=token_mask_BS)
+        moe_out = self.ffn(h_BSD, mask=token_mask_BS, task_ids=task_ids)
         return x_BSD + self.resid_dropout(moe_out.output), moe_out

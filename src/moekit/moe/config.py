@@ -20,6 +20,7 @@ ROUTERS = (
     "noisy_topk",  # Shazeer 2017 noisy gating with learned noise scale
     "sigmoid_bias",  # sigmoid scores + non-gradient bias, aux-loss-free balancing (DeepSeek-V3)
     "expert_choice",  # each expert picks its top-C tokens (Zhou 2022)
+    "task",  # a whole sequence goes to its task's experts, given task ids (Task-MoE, Kudugunta 2021)
 )
 ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu", "silu", "gpt_oss")
 GLU_ACTIVATIONS = ("swiglu", "geglu", "gpt_oss")
@@ -57,6 +58,8 @@ class MoEConfig:
     allow_causal_expert_choice: bool = False
     check_finite: bool = True  # raise on NaN/Inf router logits (one host sync per call)
     router_dtype: str = "float32"  # "bfloat16" rounds router math through bf16 (Switch's unstable baseline)
+    num_tasks: int = 0  # router="task": task ids 0..num_tasks-1 (with 1, task ids may be omitted)
+    task_experts: list[list[int]] | None = None  # router="task": experts each task may use; None = all
 
     # --- capacity ---
     capacity_factor: float | None = None  # None = dropless
@@ -150,8 +153,33 @@ class MoEConfig:
                 )
             if self.inner is not None:
                 _fail("inner", "MoEConfig", "None with router='expert_choice'")
+        if self.router == "task":
+            self._validate_task_routing()
         if self.inner is not None and self.inner.dim != self.dim:
             _fail("inner.dim", self.inner.dim, f"equal to dim={self.dim}")
+
+    def _validate_task_routing(self) -> None:
+        if not isinstance(self.num_tasks, int) or isinstance(self.num_tasks, bool) or self.num_tasks < 1:
+            _fail("num_tasks", self.num_tasks, "a positive integer with router='task'")
+        if self.capacity_factor is not None or self.expert_capacity is not None:
+            _fail(
+                "capacity_factor" if self.capacity_factor is not None else "expert_capacity",
+                self.capacity_factor if self.capacity_factor is not None else self.expert_capacity,
+                "None with router='task' (all tokens of a task share its experts; capacity would drop most)",
+            )
+        table = self.task_experts
+        if table is None:
+            return
+        if not isinstance(table, (list, tuple)) or len(table) != self.num_tasks:
+            _fail("task_experts", table, f"None or one list of experts per task ({self.num_tasks} lists)")
+        for t, experts in enumerate(table):
+            ok = isinstance(experts, (list, tuple)) and len(set(experts)) == len(experts) >= self.top_k
+            if not ok or not all(isinstance(e, int) and 0 <= e < self.num_experts for e in experts):
+                _fail(
+                    f"task_experts[{t}]",
+                    experts,
+                    f"at least top_k={self.top_k} distinct expert indices in [0, {self.num_experts})",
+                )
 
     # ------------------------------------------------------------------ helpers
     @property

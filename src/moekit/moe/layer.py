@@ -95,12 +95,17 @@ class MoE(nn.Module):
         self.shared = SharedExperts(config) if config.num_shared_experts > 0 else None
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> MoEOutput:
+    def forward(self, x: Tensor, mask: Tensor | None = None, task_ids: Tensor | None = None) -> MoEOutput:
+        """x [..., D]; mask [...] (True = real token); task_ids: the task of every sequence, a leading
+        part of x's shape (e.g. [B] for x [B, S, D]), read only by task routers (router='task')."""
         cfg = self.config
         x_TD, mask_T = self._check_input(x, mask)
 
         # 1. route
-        routing = self.router(x_TD, mask_T)
+        if getattr(self.router, "uses_task_ids", False):
+            routing = self.router(x_TD, mask_T, _task_of_tokens(task_ids, x))
+        else:
+            routing = self.router(x_TD, mask_T)
         token_A = routing.token_index()
         real_A = None if mask_T is None else mask_T[token_A]  # assignments of real (non-padding) tokens
         valid_A = _and(real_A, routing.keep_A)
@@ -225,6 +230,20 @@ class MoE(nn.Module):
         if c.expert_capacity is not None:
             cf = f"expert_capacity={c.expert_capacity} per {c.capacity_group}"
         return f"dim={c.dim}, hidden_dim={c.hidden_dim}, experts={c.num_experts}, top_k={c.top_k}, router={c.router}, {cf}"
+
+
+def _task_of_tokens(task_ids: Tensor | None, x: Tensor) -> Tensor | None:
+    """[T] task of every token from the task of every sequence (a leading part of x's shape)."""
+    if task_ids is None:
+        return None
+    lead = tuple(x.shape[:-1])
+    if tuple(task_ids.shape) != lead[: task_ids.ndim]:
+        raise ValueError(
+            f"task_ids has shape {tuple(task_ids.shape)}: expected a leading part of the input's "
+            f"shape {lead}, e.g. [B] for [B, S, D]"
+        )
+    view = task_ids.reshape(*task_ids.shape, *([1] * (len(lead) - task_ids.ndim)))
+    return view.expand(lead).reshape(-1)
 
 
 def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:

@@ -288,6 +288,68 @@ class ExpertChoiceRouter(Router):
         return Routing(logits_TE, probs_TE, expert_idx_A, weight_A, 0, token_idx_A=token_idx_A, keep_A=keep_A)
 
 
+class TaskRouter(Router):
+    """Task-level routing (Task-MoE, Kudugunta et al. 2021): every token goes to its task's experts.
+
+    The gate reads a one-hot task vector instead of the token: `logits = W[:, task] (+ b)`, a learned
+    [E, num_tasks] table (`gate.weight`), optionally restricted to a fixed task -> experts table
+    (`MoEConfig.task_experts`; other experts get -inf). A task's top-k experts get the softmax of
+    their logits as combine weights (GPT-OSS order: top-k, then softmax over the chosen). Since the
+    choice depends on the task only, a trained task's experts are fixed and can be cut out into a
+    smaller standalone model (`moekit extract`). `task_T` may be omitted when num_tasks == 1.
+    """
+
+    uses_task_ids = True  # MoE.forward passes the tokens' task ids to routers that set this
+
+    def __init__(self, config: MoEConfig):
+        super().__init__(config)
+        self.gate = nn.Linear(config.num_tasks, config.num_experts, bias=config.router_bias)
+        allowed_SE = torch.ones(config.num_tasks, config.num_experts, dtype=torch.bool)
+        if config.task_experts is not None:
+            allowed_SE.zero_()
+            for task, experts in enumerate(config.task_experts):
+                allowed_SE[task, list(experts)] = True
+        self.register_buffer("allowed_SE", allowed_SE, persistent=False)  # rebuilt from the config
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # std = router_init_scale: distinct random task preferences from the start, like a random
+        # assignment of tasks to experts that training then refines (the input is one-hot, not x).
+        nn.init.normal_(self.gate.weight, std=self.config.router_init_scale)
+        if self.gate.bias is not None:
+            nn.init.zeros_(self.gate.bias)
+
+    def task_logits(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """[num_tasks, E] logits of every task (-inf outside its allowed experts)."""
+        table_SE = self.gate.weight.t().to(dtype)
+        if self.gate.bias is not None:
+            table_SE = table_SE + self.gate.bias.to(dtype)
+        return table_SE.masked_fill(~self.allowed_SE, float("-inf"))
+
+    def task_experts(self, task: int) -> list[int]:
+        """The experts task `task` is routed to, in increasing index order."""
+        return sorted(self.task_logits()[task].topk(self.top_k).indices.tolist())
+
+    def forward(self, x_TD: Tensor, mask_T: Tensor | None = None, task_T: Tensor | None = None) -> Routing:
+        num_tasks = self.config.num_tasks
+        if task_T is None:
+            if num_tasks != 1:
+                raise ValueError(
+                    f"router='task' with num_tasks={num_tasks} needs task ids: pass task_ids=[B] "
+                    "(the task of every sequence) to the model or layer"
+                )
+            task_T = torch.zeros(x_TD.shape[0], dtype=torch.long, device=x_TD.device)
+        if task_T.numel() and (int(task_T.min()) < 0 or int(task_T.max()) >= num_tasks):
+            bad = task_T[(task_T < 0) | (task_T >= num_tasks)][0].item()
+            raise ValueError(f"task id {bad} is out of range: expected 0 <= task < num_tasks={num_tasks}")
+        logits_TE = self.task_logits(router_dtype(x_TD))[task_T.long()]  # [T, E]
+        top_logits_TK, top_idx_TK = logits_TE.topk(self.top_k, dim=-1)
+        weight_TK = top_logits_TK.softmax(dim=-1)
+        return Routing(
+            logits_TE, logits_TE.softmax(-1), top_idx_TK.reshape(-1), weight_TK.reshape(-1), self.top_k
+        )
+
+
 ROUTER_CLASSES: dict[str, type[Router]] = {
     "topk": TopKRouter,
     "topk_then_softmax": TopKThenSoftmaxRouter,
@@ -296,6 +358,7 @@ ROUTER_CLASSES: dict[str, type[Router]] = {
     "noisy_topk": NoisyTopKRouter,
     "sigmoid_bias": SigmoidBiasRouter,
     "expert_choice": ExpertChoiceRouter,
+    "task": TaskRouter,
 }
 
 

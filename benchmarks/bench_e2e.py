@@ -1,0 +1,183 @@
+"""End-to-end speed: moekit's default MoE language model against transformers' MixtralForCausalLM.
+
+Both models get the same architecture (moekit's default.toml: 4 layers, dim 256, 8 heads with 4 KV
+heads, 8 SwiGLU experts of hidden 512, top-2 in every layer, vocabulary 4096, tied embeddings),
+the same batch and sequence length, float32 on the CPU, AdamW. Measured in one process, medians
+after warm-up:
+  - training tokens/s: forward + backward (with each library's load-balancing loss) + AdamW step;
+  - greedy generation tokens/s at batch 1 with the KV cache (a fixed number of new tokens).
+transformers is measured with both its `eager` and `grouped_mm` experts and the faster one is the
+baseline. Run:  python -m moekit bench --suite e2e   (or python benchmarks/bench_e2e.py [--quick]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+
+ARCH = dict(vocab=4096, dim=256, layers=4, heads=8, kv_heads=4, experts=8, top_k=2, expert_hidden=512)
+
+
+def moekit_model(arch: dict[str, int]) -> torch.nn.Module:
+    from moekit.model import ModelConfig, MoETransformer
+    from moekit.moe import MoEConfig
+
+    moe = MoEConfig(
+        dim=arch["dim"],
+        hidden_dim=arch["expert_hidden"],
+        num_experts=arch["experts"],
+        top_k=arch["top_k"],
+        causal=True,
+    )
+    cfg = ModelConfig(
+        vocab_size=arch["vocab"], dim=arch["dim"], n_layers=arch["layers"], n_heads=arch["heads"],
+        n_kv_heads=arch["kv_heads"], ffn_hidden_dim=arch["expert_hidden"], max_seq_len=1024, tie_embeddings=True, moe=moe,
+    )  # fmt: skip
+    return MoETransformer(cfg)
+
+
+def hf_model(arch: dict[str, int], experts_implementation: str) -> torch.nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        vocab_size=arch["vocab"], hidden_size=arch["dim"], intermediate_size=arch["expert_hidden"],
+        num_hidden_layers=arch["layers"], num_attention_heads=arch["heads"], num_key_value_heads=arch["kv_heads"],
+        num_local_experts=arch["experts"], num_experts_per_tok=arch["top_k"], max_position_embeddings=1024,
+        tie_word_embeddings=True, output_router_logits=True, router_aux_loss_coef=0.01,
+        experts_implementation=experts_implementation, attn_implementation="sdpa",
+    )  # fmt: skip
+    return MixtralForCausalLM(cfg)
+
+
+def _median_time(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_tokens_per_s(
+    model: torch.nn.Module, kind: str, batch: int, seq: int, warmup: int, repeats: int
+) -> float:
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    vocab = ARCH["vocab"]
+    x = torch.randint(0, vocab, (batch, seq))
+    y = torch.randint(0, vocab, (batch, seq))
+
+    def step():
+        if kind == "moekit":
+            loss = model(x, targets=y).loss
+        else:
+            loss = model(input_ids=x, labels=y).loss  # includes the router aux loss (output_router_logits)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return batch * seq / _median_time(step, warmup, repeats)
+
+
+@torch.no_grad()
+def generate_tokens_per_s(
+    model: torch.nn.Module, kind: str, prompt_len: int, new_tokens: int, warmup: int, repeats: int
+) -> float:
+    torch.manual_seed(0)
+    model.eval()
+    prompt = torch.randint(0, ARCH["vocab"], (1, prompt_len))
+
+    def run():
+        if kind == "moekit":
+            out = model.generate(prompt, max_new_tokens=new_tokens, temperature=0.0)
+        else:
+            out = model.generate(
+                prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                pad_token_id=0, eos_token_id=None,
+            )  # fmt: skip
+        assert out.shape[1] == prompt_len + new_tokens
+
+    return new_tokens / _median_time(run, warmup, repeats)
+
+
+def run_e2e(quick: bool = False) -> dict[str, Any]:
+    """Measure both libraries; returns the numbers and the two ratios with their targets."""
+    batch, seq = (2, 64) if quick else (8, 256)
+    warmup, repeats = (1, 2) if quick else (2, 5)
+    prompt_len, new_tokens = (8, 8) if quick else (32, 64)
+    arch = dict(ARCH)
+    if quick:
+        arch.update(layers=2, dim=64, heads=4, kv_heads=2, expert_hidden=128)
+    results: dict[str, Any] = {
+        "batch": batch,
+        "seq_len": seq,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "arch": arch,
+    }
+    torch.manual_seed(0)
+    mk = moekit_model(arch)
+    results["moekit_train_tokens_per_s"] = train_tokens_per_s(mk, "moekit", batch, seq, warmup, repeats)
+    results["moekit_generate_tokens_per_s"] = generate_tokens_per_s(
+        mk, "moekit", prompt_len, new_tokens, warmup, repeats
+    )
+    del mk
+    for impl in ("eager", "grouped_mm"):
+        torch.manual_seed(0)
+        hf = hf_model(arch, impl)
+        results[f"hf_{impl}_train_tokens_per_s"] = train_tokens_per_s(hf, "hf", batch, seq, warmup, repeats)
+        results[f"hf_{impl}_generate_tokens_per_s"] = generate_tokens_per_s(
+            hf, "hf", prompt_len, new_tokens, warmup, repeats
+        )
+        del hf
+    best_train = max(results["hf_eager_train_tokens_per_s"], results["hf_grouped_mm_train_tokens_per_s"])
+    best_gen = max(results["hf_eager_generate_tokens_per_s"], results["hf_grouped_mm_generate_tokens_per_s"])
+    results["train_speedup"] = results["moekit_train_tokens_per_s"] / best_train
+    results["generate_speedup"] = results["moekit_generate_tokens_per_s"] / best_gen
+    results["targets"] = {
+        "train_speedup >= 1.3": results["train_speedup"] >= 1.3,
+        "generate_speedup >= 2": results["generate_speedup"] >= 2.0,
+    }
+    return results
+
+
+def format_e2e(r: dict[str, Any]) -> str:
+    lines = [
+        f"End to end (batch {r['batch']} x {r['seq_len']} tokens for training; {r['new_tokens']} greedy tokens "
+        f"after a {r['prompt_len']}-token prompt for generation), tokens/s:",
+        "",
+        "| | moekit | transformers eager | transformers grouped_mm | speedup vs best | target |",
+        "|---|---|---|---|---|---|",
+        f"| training | {r['moekit_train_tokens_per_s']:.0f} | {r['hf_eager_train_tokens_per_s']:.0f} | "
+        f"{r['hf_grouped_mm_train_tokens_per_s']:.0f} | {r['train_speedup']:.2f}x | >= 1.3x: "
+        f"{'met' if r['targets']['train_speedup >= 1.3'] else 'NOT met'} |",
+        f"| generation | {r['moekit_generate_tokens_per_s']:.1f} | {r['hf_eager_generate_tokens_per_s']:.1f} | "
+        f"{r['hf_grouped_mm_generate_tokens_per_s']:.1f} | {r['generate_speedup']:.2f}x | >= 2x: "
+        f"{'met' if r['targets']['generate_speedup >= 2'] else 'NOT met'} |",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (smoke test)")
+    parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    results = run_e2e(args.quick)
+    print(format_e2e(results))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
