@@ -6,6 +6,7 @@
     moekit convert --from-hf DIR | --to-hf CKPT --out P   Hugging Face folders <-> moekit checkpoints
     moekit finetune / upcycle / distill   adapt a trained checkpoint (see moekit.adapt)
     moekit serve --ckpt DIR     OpenAI-compatible HTTP server for a checkpoint (serve extra)
+    moekit train-tasks / extract   task-level routing: multi-task training, one task's sub-network
 
 Every subcommand registers its arguments in `_build_parser` and returns an exit code.
 """
@@ -64,6 +65,10 @@ def _build_parser() -> argparse.ArgumentParser:
     from moekit.analysis.commands import add_commands as add_analysis_commands
 
     add_analysis_commands(sub)  # analyze
+
+    from moekit.tasks.commands import add_commands as add_task_commands
+
+    add_task_commands(sub)  # train-tasks, extract
     return parser
 
 
