@@ -68,7 +68,7 @@ def _worker(rank: int, world: int, port: int, scenario: str, args: dict, out_dir
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world,
-            timeout=timedelta(seconds=45),
+            timeout=timedelta(seconds=60),
         )
         result = SCENARIOS[scenario](**args)
     except Exception:
@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, port: int, scenario: str, args: dict, out_dir
         dist.destroy_process_group()
 
 
-def run_ranks(scenario: str, world: int, timeout: float = 100.0, **args) -> list[dict]:
+def run_ranks(scenario: str, world: int, timeout: float = 180.0, **args) -> list[dict]:
     """Run SCENARIOS[scenario](**args) on `world` spawned gloo ranks; per-rank results."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
@@ -503,6 +503,14 @@ def test_single_process_layout_is_a_no_op():
     assert all(torch.equal(before[n], p.grad) for n, p in moe.named_parameters())
     with pytest.raises(ValueError, match="ep=2 does not divide the world size 1"):
         init_parallel(2)
+
+
+def test_shard_refuses_hierarchical_experts():
+    inner = MoEConfig(dim=D, hidden_dim=8, num_experts=2, top_k=1)
+    model = MoE(_cfg(inner=inner))
+    assert shard_model(model, ParallelLayout.single()) is model  # EP 1 leaves any model alone
+    with pytest.raises(ValueError, match="HierarchicalExperts experts"):
+        shard_model(model, ParallelLayout(world_size=2, rank=0, ep=2))
 
 
 def test_layout_groups_are_ep_major():

@@ -90,6 +90,8 @@ def shard_model(model: nn.Module, layout: ParallelLayout) -> nn.Module:
     Call it on identically initialized (or identically loaded) full models on every rank. With
     ep == 1 the model is left as is: the local dispatcher is the EP-1 all-to-all.
     """
+    if layout.ep == 1:
+        return model
     layers = moe_layers(model)
     for name, layer in layers.items():
         if not isinstance(layer.experts, ExpertBank):
@@ -100,8 +102,6 @@ def shard_model(model: nn.Module, layout: ParallelLayout) -> nn.Module:
         check_divisible(layer.config.num_experts, layout.ep, layout.world_size)
         if is_sharded(layer):
             raise ValueError(f"MoE layer {name or '<root>'} is already sharded")
-    if layout.ep == 1:
-        return model
     for layer in layers.values():
         experts = layout.local_experts(layer.config.num_experts)
         layer.experts = _local_bank(layer.experts, experts)
