@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -288,6 +289,7 @@ BAD_REQUESTS = [
     ("empty stop", {"prompt": "a", "stop": ""}, None, "stop"),
     ("string stream", {"prompt": "a", "stream": "yes"}, None, "stream"),
     ("string seed", {"prompt": "a", "seed": "x"}, None, "seed"),
+    ("huge seed", {"prompt": "a", "seed": 2**70}, None, "seed"),
     ("unsupported echo", {"prompt": "a", "echo": True}, None, "echo"),
     ("unsupported logprobs", {"prompt": "a", "logprobs": 2}, None, "logprobs"),
     ("unknown model", {"prompt": "a", "model": "gpt-nope"}, None, "model"),
@@ -341,6 +343,9 @@ def test_cli_serves_and_stops_on_sigterm(checkpoint):
         env=env,
     )
     try:
+        ready = selectors.DefaultSelector()
+        ready.register(proc.stdout, selectors.EVENT_READ)
+        assert ready.select(timeout=60), "no startup line within 60 s"
         line = proc.stdout.readline()  # the startup line, printed once the port is bound
         assert "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
         url = line.split(" at ")[-1].strip().removesuffix("/v1/completions")

@@ -176,8 +176,8 @@ def parse_completion_request(body: Any, model_name: str) -> CompletionRequest:
             '`stream_options` must be an object like {"include_usage": true}', param="stream_options"
         )
     seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise RequestError(f"`seed` must be an integer, got {seed!r}", param="seed")
+    if seed is not None and not (_is_int(seed) and -(2**63) <= seed < 2**64):  # torch's seed range
+        raise RequestError(f"`seed` must be an integer in [-2**63, 2**64), got {seed!r}", param="seed")
     top_k = _int(body, "top_k", None, minimum=-1)
     params = SamplingParams(
         max_tokens=_int(body, "max_tokens", 16, minimum=0),
