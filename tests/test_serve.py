@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -393,8 +394,19 @@ def test_quantized_and_hf_folders_without_their_loaders(tmp_path, monkeypatch):
     with pytest.raises(loading.UnsupportedCheckpointError, match="quantized.*moekit_test_absent_quant"):
         loading.load_for_serving(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
-    with pytest.raises(loading.UnsupportedCheckpointError, match="huggingface.*this install serves: moekit"):
+    with pytest.raises(
+        loading.UnsupportedCheckpointError, match="Hugging Face folder.*this install serves: moekit"
+    ):
         loading.load_for_serving(tmp_path)
+
+
+def test_quantized_checkpoint_that_load_model_reads(tmp_path, monkeypatch, checkpoint):
+    monkeypatch.setattr(loading, "QUANT_LOADERS", (("moekit_test_absent_quant", "load_quantized"),))
+    folder = Path(shutil.copytree(checkpoint, tmp_path / "q"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization": {"bits": 8}}))
+    loaded = loading.load_for_serving(folder)
+    assert loaded.format == "quantized" and hasattr(loaded.model, "new_cache")
 
 
 def test_hf_folder_goes_through_its_loader_and_hf_tokenizer(tmp_path, monkeypatch, checkpoint, reference):

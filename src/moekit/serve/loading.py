@@ -4,8 +4,9 @@
     loaded.model, loaded.tokenizer, loaded.eos_ids, loaded.format, loaded.name
 
 Formats, told apart by the folder's contents (config.json and the files beside it):
-    quantized    config.json has a "quantization" / "quantization_config" entry, or the folder has
-                 one of QUANT_FILES; loaded by the first importable function in QUANT_LOADERS
+    quantized    config.json has a "quantization" / "quantization_config" entry (what `moekit
+                 quantize` adds), or the folder has one of QUANT_FILES; loaded by the first
+                 importable function in QUANT_LOADERS, else by `load_model` if that can
     moekit       config.json has "arch" and "model" (what `moekit train` writes; a run folder or a
                  `<name>.old` left by an interrupted save resolve to it); `load_model`
     huggingface  config.json has "model_type" or "architectures"; the first importable function in
@@ -42,7 +43,7 @@ from moekit.train.checkpoint import (
 # parameter) and returns a model, or a tuple whose first item is the model, with `new_cache` and
 # `forward(ids, cache=...)`.
 HF_LOADERS = (("moekit", "from_pretrained"), ("moekit.hf", "from_pretrained"))
-QUANT_LOADERS = (("moekit.quant", "load_quantized"), ("moekit.quantize", "load_quantized"))
+QUANT_LOADERS = (("moekit.compress", "load_quantized"), ("moekit.compress.quantize", "load_quantized"))
 QUANT_KEYS = ("quantization", "quantization_config")
 QUANT_FILES = ("quantization.json", "quant_config.json")
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -151,6 +152,10 @@ def hf_eos_ids(folder: Path) -> tuple[int, ...]:
     return ()
 
 
+def _names(loaders: Sequence[tuple[str, str]]) -> str:
+    return " or ".join(f"{module}.{function}" for module, function in loaders)
+
+
 def _call_loader(loader: Callable[..., Any], folder: Path, device: torch.device) -> torch.nn.Module:
     """loader(folder[, device=...]): the model, or the first item of a tuple, on `device`."""
     takes_device = "device" in inspect.signature(loader).parameters
@@ -175,19 +180,25 @@ def load_for_serving(path: str | Path, device: str = "cpu", name: str | None = N
     folder = find_config_folder(path)
     fmt = detect_format(folder, read_json(folder / CONFIG_FILE))
     dev = resolve_device(device)
-    if fmt == "moekit":
-        model, config = load_model(folder, dev)
+    loaders = {"moekit": (), "quantized": QUANT_LOADERS, "huggingface": HF_LOADERS}[fmt]
+    loader = find_loader(loaders)
+    if loader is not None:
+        model = _call_loader(loader, folder, dev).eval()
+    elif fmt == "huggingface":
+        raise _unsupported(folder, f"is a Hugging Face folder, but {_names(loaders)} is not available")
+    else:  # a quantized checkpoint may still load with load_model, if that learns its format
+        try:
+            model, config = load_model(folder, dev)
+        except CheckpointError as exc:
+            if fmt == "moekit":
+                raise
+            raise _unsupported(
+                folder, f"is a quantized checkpoint, but {_names(loaders)} is not available"
+            ) from exc
         if config["arch"] != "decoder":
             raise CheckpointError(
                 f"serve needs a decoder-only checkpoint; {str(folder)!r} is {config['arch']!r}"
             )
-    else:
-        loaders = QUANT_LOADERS if fmt == "quantized" else HF_LOADERS
-        loader = find_loader(loaders)
-        if loader is None:
-            wanted = " or ".join(f"{m}.{f}" for m, f in loaders)
-            raise _unsupported(folder, f"is a {fmt} checkpoint, but {wanted} is not available")
-        model = _call_loader(loader, folder, dev).eval()
     if not hasattr(model, "new_cache"):
         raise _unsupported(folder, f"loads as {type(model).__name__}, which has no KV cache (new_cache)")
     tokenizer, eos_ids = load_tokenizer(folder)
