@@ -7,6 +7,7 @@
     moekit finetune / upcycle / distill   adapt a trained checkpoint (see moekit.adapt)
     moekit serve --ckpt DIR     OpenAI-compatible HTTP server for a checkpoint (serve extra)
     moekit train-tasks / extract   task-level routing: multi-task training, one task's sub-network
+    moekit prune / merge / quantize   fewer experts, or int8/int4/ternary experts, in a new checkpoint
 
 Every subcommand registers its arguments in `_build_parser` and returns an exit code.
 """
@@ -69,6 +70,10 @@ def _build_parser() -> argparse.ArgumentParser:
     from moekit.tasks.commands import add_commands as add_task_commands
 
     add_task_commands(sub)  # train-tasks, extract
+
+    from moekit.compress.commands import add_commands as add_compress_commands
+
+    add_compress_commands(sub)  # prune, merge, quantize
     return parser
 
 
