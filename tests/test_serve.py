@@ -409,6 +409,17 @@ def test_quantized_checkpoint_that_load_model_reads(tmp_path, monkeypatch, check
     assert loaded.format == "quantized" and hasattr(loaded.model, "new_cache")
 
 
+def test_real_hf_folder_serves_like_the_original(tmp_path, checkpoint, reference):
+    hf = pytest.importorskip("moekit.hf")
+    folder = hf.save_pretrained(reference[0], tmp_path / "mixtral-tiny", model_type="mixtral")
+    shutil.copy(checkpoint / ckpt.TOKENIZER_FILE, Path(folder) / ckpt.TOKENIZER_FILE)
+    loaded = loading.load_for_serving(folder)
+    assert loaded.format == "huggingface" and loaded.name == "mixtral-tiny"
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.name, eos_ids=loaded.eos_ids)
+    done = engine.complete(engine.encode_prompt("def parse("), SamplingParams(max_tokens=12, temperature=0))
+    assert done.text == expected_completion(reference, "def parse(", 12, temperature=0.0)[0]
+
+
 def test_hf_folder_goes_through_its_loader_and_hf_tokenizer(tmp_path, monkeypatch, checkpoint, reference):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers
