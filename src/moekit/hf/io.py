@@ -149,19 +149,39 @@ class SafetensorsReader:
         return f"{key!r} in {str(self.folder / self.key_file[key])!r}"
 
     def read(self, key: str) -> torch.Tensor:
-        """The tensor `key`, as a view into a reused buffer: valid until the next `read`."""
+        """The tensor `key`, as a view into a reused buffer: valid until the next read."""
+        return self.read_rows(key, 0, self.shape(key)[0] if self.shape(key) else 1)
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 (along dim 0) of `key`, a view into the reused buffer.
+
+        Rows are contiguous on disk, so a large tensor is read in slabs without ever being whole."""
+        info = self._info(key)
+        shape, dtype = list(info["shape"]), DTYPES[info["dtype"]]
+        row_bytes = torch.Size(shape[1:]).numel() * dtype.itemsize
+        n = (stop - start) * row_bytes if shape else dtype.itemsize
+        if self._scratch.numel() < n:
+            self._scratch = torch.empty(n, dtype=torch.uint8)
+        buf = self._scratch[:n]
+        self._read_bytes(key, start * row_bytes, buf)
+        return buf.view(dtype).view([stop - start, *shape[1:]] if shape else [])
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Read `key` straight into `out` (contiguous, same dtype and shape): no intermediate copy."""
+        if not out.is_contiguous() or out.dtype != self.dtype(key) or tuple(out.shape) != self.shape(key):
+            raise ValueError(
+                f"read_into {key!r}: target must be contiguous {self.dtype(key)} {self.shape(key)}"
+            )
+        self._read_bytes(key, 0, out.view(-1).view(torch.uint8) if out.numel() else out.view(torch.uint8))
+
+    def _read_bytes(self, key: str, offset: int, buf: torch.Tensor) -> None:
         name = self.key_file[key]
         data_start, header = self.headers[name]
-        info = header[key]
-        begin, end = info["data_offsets"]
-        if self._scratch.numel() < end - begin:
-            self._scratch = torch.empty(end - begin, dtype=torch.uint8)
-        buf = self._scratch[: end - begin]
+        begin = header[key]["data_offsets"][0]
         with open(self.folder / name, "rb") as f:
-            f.seek(data_start + begin)
-            if f.readinto(memoryview(buf.numpy())) != end - begin:
+            f.seek(data_start + begin + offset)
+            if f.readinto(memoryview(buf.numpy())) != buf.numel():
                 raise CheckpointFormatError(f"{self.describe(key)} is truncated")
-        return buf.view(DTYPES[info["dtype"]]).view(info["shape"])
 
 
 class DictReader:

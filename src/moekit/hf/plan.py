@@ -25,6 +25,7 @@ import torch
 from moekit.hf.io import CheckpointFormatError
 
 ALL = slice(None)
+SLAB_BYTES = 16 * 2**20  # largest read buffer when a big tensor is loaded a slab of rows at a time
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class TensorSource(Protocol):
     def keys(self) -> list[str]: ...
     def __contains__(self, key: str) -> bool: ...
     def shape(self, key: str) -> tuple[int, ...]: ...
+    def dtype(self, key: str) -> torch.dtype: ...
     def describe(self, key: str) -> str: ...
     def read(self, key: str) -> torch.Tensor: ...
 
@@ -116,15 +118,65 @@ def check_source(
 
 
 @torch.no_grad()
-def load_plan(plan: list[HFTensor], source: TensorSource, params: dict[str, torch.Tensor]) -> None:
-    """Copy every planned transformers tensor into its moekit regions, one tensor at a time."""
+def load_plan(
+    plan: list[HFTensor], source: TensorSource, params: dict[str, torch.Tensor], slab_bytes: int = SLAB_BYTES
+) -> None:
+    """Copy every planned transformers tensor into its moekit regions, one tensor at a time.
+
+    With a streaming source (io.SafetensorsReader) a tensor that is a moekit tensor as it is is
+    read straight into it, and a large one whose pieces keep dim 0 (fused expert banks, embeddings)
+    is read in slabs of rows of at most `slab_bytes`: the extra memory stays one slab."""
     for t in plan:
-        value = source.read(t.key)
-        for p in t.pieces:
-            region = value[p.src]
-            if p.transpose:
-                region = region.transpose(-1, -2)
-            params[p.param][p.dst].copy_(region)
+        direct = _whole_same(t, source, params)
+        if direct is not None and hasattr(source, "read_into"):
+            source.read_into(t.key, direct)
+            continue
+        row_bytes = torch.Size(t.shape[1:]).numel() * source.dtype(t.key).itemsize
+        if hasattr(source, "read_rows") and _keeps_rows(t) and row_bytes * t.shape[0] > slab_bytes:
+            step = max(1, slab_bytes // max(row_bytes, 1))
+            for start in range(0, t.shape[0], step):
+                stop = min(start + step, t.shape[0])
+                _copy_pieces(t, source.read_rows(t.key, start, stop), params, rows=slice(start, stop))
+            continue
+        _copy_pieces(t, source.read(t.key), params)
+
+
+def _copy_pieces(
+    t: HFTensor, value: torch.Tensor, params: dict[str, torch.Tensor], rows: slice | None = None
+) -> None:
+    """Copy the pieces of `t` from `value` (all of it, or the dim-0 rows `rows` of it)."""
+    for p in t.pieces:
+        src, dst = p.src, p.dst
+        if rows is not None:  # _keeps_rows: both indices are () or start with a full slice
+            src, dst = (ALL, *src[1:]), (rows, *dst[1:])
+        region = value[src]
+        if p.transpose:
+            region = region.transpose(-1, -2)
+        params[p.param][dst].copy_(region)
+
+
+def _whole_same(t: HFTensor, source: TensorSource, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The moekit tensor `t` can be read into directly (one whole piece, same dtype), else None."""
+    if len(t.pieces) != 1:
+        return None
+    p = t.pieces[0]
+    target = params[p.param]
+    if p.src or p.dst or p.transpose or target.dtype != source.dtype(t.key) or not target.is_contiguous():
+        return None
+    return target
+
+
+def _keeps_rows(t: HFTensor) -> bool:
+    """Whether dim 0 of `t` is dim 0 of every piece's moekit region (so rows can be read apart)."""
+    if len(t.shape) < 2:
+        return False
+    for p in t.pieces:
+        if p.transpose and len(t.shape) < 3:  # a transposed matrix: HF rows are moekit columns
+            return False
+        for index in (p.src, p.dst):
+            if index and not (isinstance(index[0], slice) and index[0] == ALL):
+                return False
+    return True
 
 
 def assemble(t: HFTensor, params: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:

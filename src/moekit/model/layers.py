@@ -51,6 +51,7 @@ class RMSNorm(nn.Module):
 
 
 # ---------------------------------------------------------------------- rotary
+ROPE_BLOCK = 8192  # positions per float64 block when building rotary tables
 
 
 def rope_tables(
@@ -58,12 +59,17 @@ def rope_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position * frequency, each [max_seq_len, head_dim // 2], float32.
 
-    `scaling`: long-context rotary (linear, YaRN; see rope.py); YaRN also scales cos and sin."""
+    `scaling`: long-context rotary (linear, YaRN; see rope.py); YaRN also scales cos and sin.
+    Angles are taken in float64 a block of positions at a time, so a 128k-position table (imported
+    checkpoints) needs no float64 copy of the whole table."""
     inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling, max_seq_len)  # [K/2] float64
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # [T, K/2]
-    if attention_factor == 1.0:
-        return angles.cos().float(), angles.sin().float()
-    return (angles.cos() * attention_factor).float(), (angles.sin() * attention_factor).float()
+    cos, sin = torch.empty(max_seq_len, head_dim // 2), torch.empty(max_seq_len, head_dim // 2)
+    for start in range(0, max_seq_len, ROPE_BLOCK):
+        positions = torch.arange(start, min(start + ROPE_BLOCK, max_seq_len), dtype=torch.float64)
+        angles = torch.outer(positions, inv_freq)  # [block, K/2]
+        cos[start : start + ROPE_BLOCK] = angles.cos() * attention_factor
+        sin[start : start + ROPE_BLOCK] = angles.sin() * attention_factor
+    return cos, sin
 
 
 def apply_rope(x_BHSK: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor) -> torch.Tensor:
