@@ -62,6 +62,14 @@ def assign_slots(
 ) -> SlotAssignment:
     """Sort valid assignments by expert (priority order within an expert) and drop those past capacity."""
     num_assignments = expert_idx_A.numel()
+    if valid_A is None and capacity is None:  # dropless: every assignment runs, in expert order
+        perm_A = (
+            torch.argsort(expert_idx_A, stable=True)
+            if order_A is None
+            else order_A[torch.argsort(expert_idx_A[order_A], stable=True)]
+        )
+        routed_E = torch.bincount(expert_idx_A, minlength=num_experts).float()  # [E]
+        return SlotAssignment(perm_A, [int(c) for c in routed_E.tolist()], routed_E, routed_E.clone())
     # Invalid assignments go to a sentinel bucket E, sorted last and never computed.
     bucket_A = expert_idx_A if valid_A is None else expert_idx_A.masked_fill(~valid_A, num_experts)
     if order_A is None:
@@ -153,6 +161,11 @@ class _GatherRows(torch.autograd.Function):
         return grad_TKD.sum(dim=1), None, None, None
 
 
+# Below this many elements a batched product is done as K multiply-adds: bmm opens an OpenMP
+# region even for tiny batches, which costs a scheduler slice whenever the cores are busy.
+_SMALL_COMBINE = 1 << 15
+
+
 class _CombineTopK(torch.autograd.Function):
     """out_TD[t] = sum_k weight_TK[t, k] * y_ND[row of (t, k)], as one gather and a batched product."""
 
@@ -164,6 +177,11 @@ class _CombineTopK(torch.autograd.Function):
         w_T1K = weight_A.to(y_ND.dtype).view(num_tokens, 1, top_k)
         ctx.save_for_backward(y_TKD if ctx.needs_input_grad[1] else None, w_T1K, perm_N)
         ctx.weight_dtype = weight_A.dtype
+        if y_TKD.numel() <= _SMALL_COMBINE:
+            out_TD = y_TKD[:, 0] * w_T1K[:, 0, 0:1]
+            for k in range(1, top_k):
+                out_TD.addcmul_(y_TKD[:, k], w_T1K[:, 0, k : k + 1])
+            return out_TD
         return torch.bmm(w_T1K, y_TKD).view(num_tokens, dim)  # [T, D]
 
     @staticmethod
@@ -178,8 +196,11 @@ class _CombineTopK(torch.autograd.Function):
             grad_TKD = w_T1K.view(num_tokens, top_k, 1) * grad_TD.view(num_tokens, 1, dim)  # [T, K, D]
             grad_y = grad_TKD.view(num_tokens * top_k, dim).index_select(0, perm_N)  # back to sorted rows
         if ctx.needs_input_grad[1]:
-            grad_TK1 = torch.bmm(y_TKD, grad_TD.view(num_tokens, dim, 1))
-            grad_w = grad_TK1.view(-1).to(ctx.weight_dtype)
+            if y_TKD.numel() <= _SMALL_COMBINE:
+                grad_TK = (y_TKD * grad_TD.view(num_tokens, 1, dim)).sum(-1)
+            else:
+                grad_TK = torch.bmm(y_TKD, grad_TD.view(num_tokens, dim, 1))
+            grad_w = grad_TK.reshape(-1).to(ctx.weight_dtype)
         return grad_y, grad_w, None, None, None
 
 

@@ -151,11 +151,11 @@ class MoE(nn.Module):
             out_TD = out_TD + self.shared(x_TD)
 
         losses = self._losses(x, routing, token_A, real_A, mask_T)
-        aux_loss = (
-            cfg.load_balance_coef * losses["load_balance"]
-            + cfg.importance_coef * losses["importance"]
-            + cfg.load_coef * losses["load"]
-            + cfg.seq_balance_coef * losses["seq_balance"]
+        aux_loss = _weighted_sum(
+            (cfg.load_balance_coef, losses["load_balance"]),
+            (cfg.importance_coef, losses["importance"]),
+            (cfg.load_coef, losses["load"]),
+            (cfg.seq_balance_coef, losses["seq_balance"]),
         )
         z_loss = cfg.z_loss_coef * losses["z"]
         if inner_aux is not None:
@@ -209,7 +209,7 @@ class MoE(nn.Module):
     @torch.no_grad()
     def _stats(self, routing: Routing, routed_E: Tensor, kept_E: Tensor, mask_T: Tensor | None) -> MoEStats:
         total = routed_E.sum()
-        dropped = torch.where(total > 0, 1.0 - kept_E.sum() / total.clamp_min(1.0), total.new_zeros(()))
+        dropped = (total - kept_E.sum()) / total.clamp_min(1.0)  # 0 when nothing was routed
         return MoEStats(
             tokens_per_expert=kept_E.detach(),
             routed_per_expert=routed_E.detach(),
@@ -230,6 +230,15 @@ class MoE(nn.Module):
         if c.expert_capacity is not None:
             cf = f"expert_capacity={c.expert_capacity} per {c.capacity_group}"
         return f"dim={c.dim}, hidden_dim={c.hidden_dim}, experts={c.num_experts}, top_k={c.top_k}, router={c.router}, {cf}"
+
+
+def _weighted_sum(*terms: tuple[float, Tensor]) -> Tensor:
+    """sum of coef * loss over the terms with a non-zero coefficient (a float32 zero if none)."""
+    total = None
+    for coef, loss in terms:
+        if coef:
+            total = coef * loss if total is None else total + coef * loss
+    return terms[0][1].new_zeros(()) if total is None else total
 
 
 def _task_of_tokens(task_ids: Tensor | None, x: Tensor) -> Tensor | None:

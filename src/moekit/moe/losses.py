@@ -39,6 +39,10 @@ def switch_load_balance_loss(probs_TE: Tensor, counts_E: Tensor, mask_T: Tensor 
     capacity drop) that chose expert i; P_i: mean router probability of expert i over real tokens.
     """
     num_tokens, num_experts = probs_TE.shape
+    if mask_T is None:  # the common case in few ops: it runs on every call, decode steps included
+        p_sum_E = probs_TE.sum(dim=0)
+        scale = num_experts / max(num_tokens, 1)
+        return (counts_E * p_sum_E).sum() * scale / counts_E.sum().clamp_min(1.0)
     m_T = _mask_or_ones(mask_T, num_tokens, probs_TE.device)
     f_E = counts_E / counts_E.sum().clamp_min(1.0)
     p_E = (probs_TE * m_T[:, None]).sum(dim=0) / m_T.sum().clamp_min(1.0)
@@ -47,8 +51,10 @@ def switch_load_balance_loss(probs_TE: Tensor, counts_E: Tensor, mask_T: Tensor 
 
 def router_z_loss(logits_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
     """ST-MoE router z-loss: mean over real tokens of (logsumexp_j logits_tj)^2."""
-    m_T = _mask_or_ones(mask_T, logits_TE.shape[0], logits_TE.device)
     lse_T = torch.logsumexp(_at_least_float32(logits_TE), dim=-1)
+    if mask_T is None:
+        return lse_T.square().sum() / max(logits_TE.shape[0], 1)
+    m_T = _mask_or_ones(mask_T, logits_TE.shape[0], logits_TE.device)
     return (lse_T.square() * m_T).sum() / m_T.sum().clamp_min(1.0)
 
 
@@ -106,15 +112,19 @@ def sequence_balance_loss(
 
 def router_entropy(probs_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
     """Mean over real tokens of the entropy (nats) of the router distribution."""
+    if mask_T is None:
+        return torch.special.entr(probs_TE).sum() / max(probs_TE.shape[0], 1)  # entr(p) = -p log p
     m_T = _mask_or_ones(mask_T, probs_TE.shape[0], probs_TE.device)
-    ent_T = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(dim=-1)
+    ent_T = torch.special.entr(probs_TE).sum(dim=-1)
     return (ent_T * m_T).sum() / m_T.sum().clamp_min(1.0)
 
 
 def max_load_violation(counts_E: Tensor) -> Tensor:
     """MaxVio = max_i load_i / mean load - 1 (0 at perfect balance)."""
-    mean = counts_E.float().mean()
-    return torch.where(mean > 0, counts_E.float().max() / mean.clamp_min(1e-12) - 1.0, mean.new_zeros(()))
+    counts_E = counts_E.float()
+    total = counts_E.sum()
+    # (max * E - total) / total = max / mean - 1, and 0 / 1 = 0 when nothing was routed
+    return (counts_E.max() * counts_E.numel() - total) / total.clamp_min(1e-12)
 
 
 def pooled_load_balancing_loss(

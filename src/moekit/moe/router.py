@@ -48,8 +48,8 @@ class Routing:
         """[A] token of every assignment."""
         if self.token_idx_A is not None:
             return self.token_idx_A
-        num_tokens = self.logits_TE.shape[0]
-        return torch.arange(num_tokens, device=self.expert_idx_A.device).repeat_interleave(self.top_k)
+        arange_A = torch.arange(self.num_assignments, device=self.expert_idx_A.device)
+        return arange_A.div(self.top_k, rounding_mode="floor")  # row a belongs to token a // K
 
 
 def router_dtype(x: Tensor) -> torch.dtype:

@@ -1,0 +1,113 @@
+"""`moekit bench`: the benchmark suites of benchmarks/, run from the command line.
+
+    moekit bench                    layer suite, full: writes docs/benchmarks.json and docs/benchmarks.md
+    moekit bench --quick            smoke run of the whole pipeline (shrunk shapes, one repeat)
+    moekit bench --suite e2e        end-to-end training/generation tokens/s against transformers' Mixtral
+    moekit bench --suite all        both
+
+The suites live in the repository's benchmarks/ folder (benchmarks/bench_layer.py,
+benchmarks/bench_e2e.py) as importable modules with their own `main`; this module finds that
+folder next to the source tree and loads them by path, so a wheel install without the
+repository says so instead of failing obscurely. A suite whose module is not there is reported
+as "not yet built", never faked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+SUITES = ("layer", "e2e", "all")
+
+
+def benchmarks_dir() -> Path:
+    """The repository's benchmarks/ folder (src/moekit/bench.py -> ../../benchmarks)."""
+    return Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load_suite(name: str) -> ModuleType | None:
+    """benchmarks/bench_<name>.py as a module, or None when the file does not exist."""
+    path = benchmarks_dir() / f"bench_{name}.py"
+    if not path.is_file():
+        return None
+    module_name = f"moekit_bench_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(suite: str, quick: bool = False, tokens: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Run the suite(s) -> {"layer": result, "e2e": result}; a missing suite gets a status entry."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}: expected one of {list(SUITES)}")
+    results: dict[str, Any] = {}
+    if suite in ("layer", "all"):
+        layer = load_suite("layer")
+        if layer is None:
+            raise OSError(
+                f"benchmarks/bench_layer.py not found under {benchmarks_dir()} (run from a checkout)"
+            )
+        results["layer"] = layer.run_layer(quick, tokens)
+    if suite in ("e2e", "all"):
+        e2e = load_suite("e2e")
+        results["e2e"] = {"status": "not yet built"} if e2e is None else e2e.run_e2e(quick)
+    return results
+
+
+def format_results(results: dict[str, Any]) -> str:
+    parts = []
+    if "layer" in results:
+        parts.append("## MoE layer\n\n" + load_suite("layer").format_layer(results["layer"]))
+    if "e2e" in results:
+        e2e = results["e2e"]
+        if e2e.get("status") == "not yet built":
+            parts.append("## End to end\n\nnot yet built\n")
+        else:
+            parts.append("## End to end\n\n" + load_suite("e2e").format_e2e(e2e))
+    return "\n".join(parts)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    tokens = tuple(int(t) for t in args.tokens.split(",")) if args.tokens else None
+    results = run(args.suite, args.quick, tokens)
+    text = format_results(results)
+    print(text)
+    out = args.out if args.out is not None else (None if args.quick else "docs/benchmarks.json")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=1) + "\n")
+        print(f"results: {out}")
+    md = args.md if args.md is not None else (None if args.quick else "docs/benchmarks.md")
+    if md:
+        command = "moekit bench" + (f" --suite {args.suite}" if args.suite != "layer" else "")
+        Path(md).parent.mkdir(parents=True, exist_ok=True)
+        Path(md).write_text(f"# Benchmarks\n\nCommand: `{command}`\n\n{text}")
+        print(f"tables: {md}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `moekit bench`."""
+    bench = sub.add_parser("bench", help="benchmark the MoE layer (and end to end) against transformers")
+    bench.add_argument("--suite", choices=SUITES, default="layer", help="which benchmarks (default: layer)")
+    bench.add_argument(
+        "--quick", action="store_true", help="smoke run: shrunk shapes, tiny T list, one repeat"
+    )
+    bench.add_argument("--tokens", default=None, help="comma-separated T list for the layer suite")
+    bench.add_argument(
+        "--out", default=None, help="JSON path (default docs/benchmarks.json; none with --quick)"
+    )
+    bench.add_argument(
+        "--md", default=None, help="Markdown path (default docs/benchmarks.md; none with --quick)"
+    )
+    bench.set_defaults(func=_bench)
