@@ -153,11 +153,11 @@ def test_interrupted_save_keeps_last_good_checkpoint(corpus_dir, tmp_path, monke
     trainer.fit()
     before = (trainer.ckpt_dir / ckpt.MODEL_FILE).read_bytes()
 
-    def broken(folder, model, config):
+    def broken(folder, state_dict, config):
         (folder / ckpt.MODEL_FILE).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_model_files", broken)
+    monkeypatch.setattr(ckpt, "save_state_files", broken)
     with pytest.raises(OSError, match="disk full"):
         trainer.save()
     assert (trainer.ckpt_dir / ckpt.MODEL_FILE).read_bytes() == before

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +40,23 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------- tensors <-> files
-def dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop tensors that share storage with an earlier key; return (tensors, alias -> kept key)."""
+def tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """alias -> the earlier key whose tensor it shares storage with (tied weights)."""
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    tensors, tied = {}, {}
+    tied = {}
     for key, t in state.items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if ident in seen and t.numel() > 0:
             tied[key] = seen[ident]
-            continue
-        seen[ident] = key
-        tensors[key] = t.detach().contiguous().cpu()
+        else:
+            seen[ident] = key
+    return tied
+
+
+def dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share storage with an earlier key; return (tensors, alias -> kept key)."""
+    tied = tied_aliases(state)
+    tensors = {key: t.detach().contiguous().cpu() for key, t in state.items() if key not in tied}
     return tensors, tied
 
 
@@ -75,10 +82,20 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def load_model_tensors(model: nn.Module, path: Path, tied: dict[str, str] | None = None) -> None:
     """Copy a model.safetensors into `model`, checking the key set and every shape first."""
+    load_state_checked(model, read_model_state(path, tied), path)
+
+
+def read_model_state(path: Path, tied: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict a model.safetensors holds, tied aliases (config.json "tied") restored."""
     tensors = read_safetensors(path)
     for alias, source in (tied or {}).items():
         if source in tensors:
             tensors[alias] = tensors[source]
+    return tensors
+
+
+def load_state_checked(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy `tensors` (read from `path`) into `model`, checking the key set and every shape first."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -103,8 +120,13 @@ def load_model_tensors(model: nn.Module, path: Path, tied: dict[str, str] | None
 def optimizer_tensors(
     optimizer: torch.optim.Optimizer,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Split an optimizer state dict into tensors (for safetensors) and JSON-able param groups."""
-    sd = optimizer.state_dict()
+    """Split an optimizer's state into tensors (for safetensors) and JSON-able param groups."""
+    return optimizer_state_tensors(optimizer.state_dict())
+
+
+def optimizer_state_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Split an optimizer state dict (e.g. one gathered over expert-parallel ranks) into tensors and
+    JSON-able param groups; `optimizer_state_dict` is the inverse."""
     tensors = {}
     for pid, state in sd["state"].items():
         for name, value in state.items():
@@ -117,8 +139,21 @@ def optimizer_tensors(
 
 
 def load_optimizer_state(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    groups: list[dict[str, Any]],
+    load: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
+    """Restore an optimizer from `optimizer_state_tensors` output. `load(state_dict)` replaces
+    `optimizer.load_state_dict` (under expert parallelism it slices the expert moments)."""
+    try:
+        (load or optimizer.load_state_dict)(optimizer_state_dict(tensors, groups))
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"optimizer state does not match this model's parameters: {exc}") from exc
+
+
+def optimizer_state_dict(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The optimizer state dict that `optimizer_state_tensors` split into tensors and groups."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if not key.startswith("state."):
@@ -131,10 +166,7 @@ def load_optimizer_state(
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
         fixed_groups.append(g)
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": fixed_groups})
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"optimizer state does not match this model's parameters: {exc}") from exc
+    return {"state": state, "param_groups": fixed_groups}
 
 
 # ---------------------------------------------------------------------- atomic folders
@@ -204,7 +236,13 @@ def resolve(path: str | Path) -> Path:
 
 def save_model_files(folder: Path, model: nn.Module, config: dict[str, Any]) -> None:
     """model.safetensors and config.json (with the tied-weight aliases) into `folder`."""
-    tensors, tied = dedupe_tied(model.state_dict())
+    save_state_files(folder, model.state_dict(), config)
+
+
+def save_state_files(folder: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """`save_model_files` for a state dict (e.g. gathered from expert-parallel ranks): tied weights
+    are the entries that share storage, so re-tie a copied state dict before saving it."""
+    tensors, tied = dedupe_tied(state_dict)
     save_file(tensors, str(folder / MODEL_FILE), metadata={"format": "pt", "producer": "moekit"})
     write_json(folder / CONFIG_FILE, {**config, "tied": tied})
 
@@ -233,5 +271,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{str(folder / CONFIG_FILE)!r}: invalid model config: {exc}") from exc
     model = build_model(config["arch"], model_cfg)
+    if config.get("quantization") and (folder / MODEL_FILE).is_file():  # experts saved by `moekit quantize`
+        from moekit.compress.qexperts import install_quantized_banks
+
+        install_quantized_banks(model, folder / MODEL_FILE, config["quantization"])
     load_model_tensors(model, folder / MODEL_FILE, config.get("tied"))
     return model.to(device).eval(), {**config, "folder": str(folder)}

@@ -1,6 +1,7 @@
 """`moekit train`, `moekit eval` and `moekit generate`: argument parsing and console output.
 
 moekit train [--config FILE] [--set section.key=value ...] [--print-config]
+torchrun --nproc-per-node W -m moekit train --set parallel.ep=P ...   (W processes, experts split P ways)
 moekit eval --ckpt DIR [--data PATH ...] [--batches N]
 moekit generate --ckpt DIR --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]
 """
@@ -50,7 +51,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """One process, or each of the W processes `torchrun --nproc-per-node W -m moekit train` starts
+    (rank 0 prints and writes the report; errors are printed by every rank, which all exit non-zero)."""
     from moekit.train.config import load_config, to_toml
+    from moekit.train.distributed import env_rank, stop_process_group
     from moekit.train.report import write_report
     from moekit.train.trainer import Trainer
 
@@ -58,13 +62,22 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_toml(cfg))
         return 0
-    print(f"moekit train: run folder {Path(cfg.train.out_dir) / cfg.train.run_name}")
-    trainer = Trainer(cfg)
-    print(
-        f"data: {trainer.data.corpus.name} corpus, {len(trainer.data.tokens.train):,} train / "
-        f"{len(trainer.data.tokens.validation):,} validation tokens, vocabulary {trainer.tokenizer.vocab_size}"
-    )
-    result = trainer.fit()
+    rank, world = env_rank()
+    if rank == 0:
+        processes = f" ({world} processes, parallel.ep={cfg.parallel.ep})" if world > 1 else ""
+        print(f"moekit train: run folder {Path(cfg.train.out_dir) / cfg.train.run_name}{processes}")
+    try:
+        trainer = Trainer(cfg)
+        if trainer.is_main:
+            print(
+                f"data: {trainer.data.corpus.name} corpus, {len(trainer.data.tokens.train):,} train / "
+                f"{len(trainer.data.tokens.validation):,} validation tokens, vocabulary {trainer.tokenizer.vocab_size}"
+            )
+        result = trainer.fit()
+    finally:
+        stop_process_group()
+    if not trainer.is_main:
+        return 130 if result.interrupted else 0
     summary_path = write_report(result.run_dir, result.summary, result.checkpoint_dir)
     s = result.summary
     print()

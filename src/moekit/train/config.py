@@ -6,7 +6,7 @@ Sections (see configs/default.toml for every key with its default):
     [moe]       MoEConfig fields (dim comes from model.dim) plus `enabled` (false = dense model)
     [data]      corpus, tokenizer, sequence length and batch size
     [train]     optimizer, schedule, logging, evaluation, checkpoints, seed, device
-    [parallel]  expert parallelism (ep)
+    [parallel]  multi-process training: expert-parallel size (ep), collective timeout
 
 Values are type-checked against the dataclass fields: an unknown section or key fails with the
 list of valid ones, a wrong type names the key, the value and the expected type. The resolved
@@ -77,7 +77,12 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
+    """Multi-process training (`torchrun --nproc-per-node W -m moekit train`); one process: ep = 1."""
+
     ep: int = 1  # expert-parallel size; must divide the world size and the number of experts
+    # Limit of every collective: a rank that hangs makes the others fail after this long instead of
+    # waiting forever. It also bounds the wait while rank 0 prepares (tokenizes) uncached data.
+    timeout_s: float = 600.0
 
 
 MODEL_EXTRA = {"arch": "decoder"}
@@ -154,6 +159,10 @@ class RunConfig:
             )
         if self.parallel.ep < 1:
             raise ValueError(f"parallel.ep={self.parallel.ep!r} is invalid: expected an integer >= 1")
+        if not self.parallel.timeout_s > 0:
+            raise ValueError(
+                f"parallel.timeout_s={self.parallel.timeout_s!r} is invalid: expected a number > 0"
+            )
 
     # ------------------------------------------------------------------ (de)serialization
     def to_dict(self) -> dict[str, Any]:

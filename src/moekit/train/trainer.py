@@ -9,6 +9,13 @@ end, at the time limit, and on Ctrl-C) an atomic checkpoint that a later run res
 model, optimizer moments, step, data position and RNG states.
 
 Run folder: <out_dir>/<run_name>/ {config.toml (resolved), metrics.jsonl, checkpoint/, report/}.
+
+Multi-process (`torchrun --nproc-per-node W -m moekit train --set parallel.ep=P`, helpers in
+`distributed.py`): every rank builds the same full model, keeps its E/P experts of every MoE layer
+(`moekit.parallel.shard_model`), and trains on its block of the global batch (W * batch_size *
+grad_accum sequences per step); gradients are averaged with `sync_gradients` after the last micro
+step and clipped by the norm of the whole model. Rank 0 alone writes logs, metrics and the
+checkpoint, which has the single-process layout (experts gathered), so any EP size resumes from it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moekit import __version__
@@ -38,7 +46,23 @@ from moekit.data import (
 )
 from moekit.model import MoEEncoderDecoder, count_params
 from moekit.moe import MoE
+from moekit.parallel import (
+    ParallelLayout,
+    check_consistent,
+    clip_grad_norm,
+    gather_full_state_dict,
+    gather_optimizer_state,
+    global_load,
+    init_parallel,
+    load_sharded_optimizer_state,
+    mean_over_ranks,
+    reduce_stats,
+    shard_model,
+    slice_experts,
+    sync_gradients,
+)
 from moekit.train import checkpoint as ckpt
+from moekit.train import distributed as D
 from moekit.train.checkpoint import build_model
 from moekit.train.config import RunConfig, to_toml
 
@@ -140,14 +164,21 @@ class Trainer:
         t = cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
-        self.device = resolve_device(t.device)
+        self.device = D.start_process_group(resolve_device(t.device), cfg.parallel.timeout_s)
+        self.layout = self._init_layout(model)
         self.run_dir = Path(t.out_dir) / t.run_name
         self.ckpt_dir = self.run_dir / "checkpoint"
 
-        self.data = self._prepare_data()
+        with D.main_process_first(self.layout):
+            self.data = self._prepare_data()
         self.tokenizer: Tokenizer = self.data.tokenizer
+        if self.layout.distributed:  # a rank started with other settings or data fails on every rank
+            fingerprint = {"run": cfg.to_dict(), "tokenizer": self.tokenizer.fingerprint}
+            check_consistent(
+                {**fingerprint, "train_tokens": len(self.data.tokens.train)}, what="run config or data"
+            )
 
-        torch.manual_seed(t.seed)
+        torch.manual_seed(t.seed)  # the same on every rank: identical replicated weights
         self.model_cfg = cfg.model_config(self.tokenizer.vocab_size) if model is None else model.config
         if self.model_cfg.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(
@@ -155,12 +186,42 @@ class Trainer:
                 f"{self.tokenizer.vocab_size}"
             )
         self.model = (model if model is not None else build_model(cfg.arch, self.model_cfg)).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.params = count_params(self.model)  # of the whole model, before sharding
+        shard_model(self.model, self.layout)  # this rank's experts; a no-op for EP 1
+        self.optimizer = build_optimizer(self.model, cfg)  # over the local shards
         self.moe_layers = moe_layers_of(self.model)
         self.step = 0
         self.tokens_seen = 0
         self.elapsed = 0.0
         self.sampler = self._train_sampler()
+        if self.layout.distributed:
+            self.sampler = D.RankRows(self.sampler, self.layout)
+            torch.manual_seed(D.rank_seed(t.seed, self.layout.rank, 0))  # per-rank dropout and noise
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that prints, logs and writes files."""
+        return self.layout.rank == 0
+
+    def _init_layout(self, model: nn.Module | None) -> ParallelLayout:
+        """Validate parallel.ep against the world and the model (the same error on every rank)."""
+        ep = self.cfg.parallel.ep
+        config = self.cfg.model_config(self.cfg.data.vocab_size) if model is None else model.config
+        try:
+            layout = init_parallel(ep, config)
+        except ValueError as exc:
+            if ep > 1 and not dist.is_initialized():
+                raise ValueError(
+                    f"{exc}; start one process per rank: torchrun --nproc-per-node N -m moekit train "
+                    f"--set parallel.ep={ep} (N a multiple of {ep})"
+                ) from exc
+            raise
+        if model is not None and layout.ep > 1:
+            raise ValueError(
+                f"parallel.ep={ep}: expert parallelism shards models the run builds itself (moekit train); "
+                "a given model (fine-tuning, distillation) trains with parallel.ep=1"
+            )
+        return layout
 
     # -------------------------------------------------------------- data
     def _prepare_data(self) -> PreparedData:
@@ -177,20 +238,22 @@ class Trainer:
         )
 
     def _train_sampler(self):
+        """The sampler of global batches: world_size * batch_size sequences (RankRows splits them)."""
         d, t = self.cfg.data, self.cfg.train
         tokens = self.data.tokens.train
+        batch_size = d.batch_size * self.layout.world_size
         if self.cfg.arch == "encdec":
             tk = self.tokenizer
             return SpanCorruptionSampler(
                 tokens,
-                d.batch_size,
+                batch_size,
                 d.seq_len,
                 sentinel_ids=tk.sentinel_ids,
                 eos_id=tk.eos_id,
                 pad_id=tk.pad_id,
                 seed=t.seed,
             )
-        return LMBatchSampler(tokens, d.batch_size, d.seq_len, seed=t.seed)
+        return LMBatchSampler(tokens, batch_size, d.seq_len, seed=t.seed)
 
     def _validation_batches(self):
         d, t = self.cfg.data, self.cfg.train
@@ -223,16 +286,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted validation cross-entropy and perplexity."""
+        """Token-weighted validation cross-entropy and perplexity.
+
+        Multi-process: every rank runs every validation batch in lockstep on its block of rows (the
+        forward of an expert-parallel model is a collective) and the sums are added over ranks.
+        """
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
         for batch in self._validation_batches():
+            batch = D.rank_rows(batch, self.layout)
             out = self.forward_batch(batch)
             n = int((batch[-1] != -100).sum())
-            total += float(out.ce_loss) * n
-            count += n
+            if n:  # an empty block still runs its forward (and gives a NaN mean)
+                total += float(out.ce_loss) * n
+                count += n
         self.model.train(was_training)
+        total, count = D.reduce_floats([total, count], self.layout)
         loss = total / max(count, 1)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
@@ -246,28 +316,60 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        tensors, groups = ckpt.optimizer_tensors(self.optimizer)
+        """Write the checkpoint atomically. Multi-process: every rank must call it (expert shards and
+        RNG states are gathered); rank 0 writes the single-process layout, plus each rank's RNG state
+        (`rng.rank<r>.torch`). The data position is the same on every rank (see RankRows)."""
+        model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+        if self.layout.ep > 1:  # every rank takes part in the gathers
+            model_state = gather_full_state_dict(self.model, self.layout)
+            for alias, source in ckpt.tied_aliases(self.model.state_dict()).items():
+                model_state[alias] = model_state[source]  # re-tie the copies: stored once, as usual
+            optimizer_state = gather_optimizer_state(self.optimizer, self.model, self.layout)
+        rng_states = D.gather_objects(self._rng_state(), self.layout)
+        if not self.is_main:  # wait for rank 0's write; fail with it rather than hang or go on
+            if D.reduce_floats([1.0], self.layout, "min")[0] < 1.0:
+                raise RuntimeError(f"rank 0 could not write the checkpoint {str(self.ckpt_dir)!r}")
+            return self.ckpt_dir
+        tensors, groups = ckpt.optimizer_state_tensors(optimizer_state)
         tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not self.layout.distributed:
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda.{i}"] = s
+        if self.layout.distributed:
+            for rank, states in enumerate(rng_states):
+                tensors.update({f"rng.rank{rank}.{kind}": s for kind, s in states.items()})
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "elapsed_seconds": self.elapsed,
             "sampler": self.sampler.state_dict(),
             "param_groups": groups,
+            "world_size": self.layout.world_size,
+            "ep": self.layout.ep,
         }
 
         def write(folder: Path) -> None:
             from safetensors.torch import save_file
 
-            ckpt.save_model_files(folder, self.model, self.checkpoint_config())
+            ckpt.save_state_files(folder, model_state, self.checkpoint_config())
             self.tokenizer.save(folder / ckpt.TOKENIZER_FILE)
             save_file(tensors, str(folder / ckpt.OPTIMIZER_FILE))
             ckpt.write_json(folder / ckpt.STATE_FILE, state)
 
-        return ckpt.save_folder_atomically(self.ckpt_dir, write)
+        try:
+            path = ckpt.save_folder_atomically(self.ckpt_dir, write)
+        except BaseException:
+            D.reduce_floats([0.0], self.layout, "min")  # the other ranks fail too instead of waiting
+            raise
+        D.reduce_floats([1.0], self.layout, "min")
+        return path
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        """This rank's random state: torch's CPU generator and its CUDA device's."""
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def try_resume(self) -> bool:
         """Load the run folder's checkpoint if there is one; False when starting fresh."""
@@ -282,24 +384,50 @@ class Trainer:
                 f"use another train.run_name or train.out_dir, or set train.resume=false to start over "
                 f"(nothing was overwritten)"
             )
-        ckpt.load_model_tensors(self.model, folder / ckpt.MODEL_FILE, config.get("tied"))
+        # The files hold the whole model (any EP size wrote them); each rank keeps its experts.
+        model_file = folder / ckpt.MODEL_FILE
+        full_state = ckpt.read_model_state(model_file, config.get("tied"))
+        ckpt.load_state_checked(self.model, slice_experts(full_state, self.model, self.layout), model_file)
         state = ckpt.read_json(folder / ckpt.STATE_FILE)
         tensors = ckpt.read_safetensors(folder / ckpt.OPTIMIZER_FILE)
-        ckpt.load_optimizer_state(self.optimizer, tensors, state["param_groups"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if torch.cuda.is_available():
-            cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-            if cuda_states:
-                torch.cuda.set_rng_state_all(cuda_states)
+        ckpt.load_optimizer_state(
+            self.optimizer,
+            tensors,
+            state["param_groups"],
+            load=lambda sd: load_sharded_optimizer_state(self.optimizer, sd, self.model, self.layout),
+        )
+        self._restore_rng(tensors, int(state.get("world_size", 1)), int(state["step"]))
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.elapsed = float(state["elapsed_seconds"])
         self.sampler.load_state_dict(state["sampler"])
         return True
 
+    def _restore_rng(self, tensors: dict[str, torch.Tensor], saved_world: int, step: int) -> None:
+        """This rank's random state as saved; a run resumed with another world size keeps the data
+        order exactly but draws fresh per-rank streams (dropout masks) from the step on."""
+        rank, world = self.layout.rank, self.layout.world_size
+        if world == 1:
+            torch.set_rng_state(tensors["rng.torch"])
+            if torch.cuda.is_available():
+                cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+                if cuda_states:
+                    torch.cuda.set_rng_state_all(cuda_states)
+        elif saved_world == world and f"rng.rank{rank}.torch" in tensors:
+            torch.set_rng_state(tensors[f"rng.rank{rank}.torch"])
+            if self.device.type == "cuda" and f"rng.rank{rank}.cuda" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.rank{rank}.cuda"], self.device)
+        else:
+            torch.manual_seed(D.rank_seed(self.cfg.train.seed, rank, step))
+
     # -------------------------------------------------------------- the loop
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over grad_accum micro-batches; returns the step's metrics."""
+        """One optimizer step over grad_accum micro-batches; returns the step's metrics.
+
+        Multi-process: each rank runs its block of every micro batch; losses and routing statistics
+        are reduced over all ranks, so the metrics are those of the global batch. Nothing is scaled
+        by the world size: the gradient mean over ranks (sync_gradients) averages the ranks' losses.
+        """
         cfg = self.cfg
         accum = cfg.train.grad_accum
         lr = lr_at(self.step, cfg)
@@ -317,18 +445,24 @@ class Trainer:
             ce += float(out.ce_loss.detach()) / accum
             aux += float(out.aux_loss.detach()) / accum
             z += float(out.z_loss.detach()) / accum
-            tokens += int(batch[0].numel())
+            tokens += int(batch[0].numel()) * self.layout.world_size
             for i, s in enumerate(router_stats_of(out)):
                 routed[i] += s.routed_per_expert.float().cpu()
+                s = reduce_stats(s, self.layout)  # over all ranks, for the metrics
                 dropped.append(float(s.dropped_fraction))
                 maxvio.append(float(s.max_load_violation))
+        sync_gradients(self.model, self.layout)  # mean over ranks; a no-op in one process
         grad_norm = 0.0
-        if cfg.train.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip))
+        if cfg.train.grad_clip > 0:  # the norm of the whole (unsharded) gradient
+            grad_norm = float(clip_grad_norm(self.model, cfg.train.grad_clip, self.layout))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        comm = D.comm_device(self.layout)
+        routed = [global_load(r.to(comm), self.layout).cpu() for r in routed]  # the same bias on all ranks
         for layer, load in zip(self.moe_layers, routed):
             layer.update_bias(load)  # aux-loss-free balancing; a no-op for other routers
+        losses = mean_over_ranks(torch.tensor([ce, aux, z], dtype=torch.float64, device=comm), self.layout)
+        ce, aux, z = losses.tolist()
         self.step += 1
         self.tokens_seen += tokens
         return {
@@ -345,24 +479,40 @@ class Trainer:
         }
 
     def fit(self) -> TrainResult:
+        """Train to train.steps (or the time limit), evaluating, logging and saving on the way.
+
+        Multi-process: every rank runs this loop in lockstep; rank 0 alone writes files and the
+        progress bar. Ctrl-C is agreed on at the end of a step, then all ranks evaluate and save.
+        """
         cfg, t = self.cfg, self.cfg.train
         resumed = t.resume and self.try_resume()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomically(self.run_dir / "config.toml", to_toml(cfg))  # the resolved config
         metrics_path = self.run_dir / "metrics.jsonl"
-        _truncate_metrics(metrics_path, self.step if resumed else 0)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_text_atomically(self.run_dir / "config.toml", to_toml(cfg))  # the resolved config
+            _truncate_metrics(metrics_path, self.step if resumed else 0)
+        log_path = metrics_path if self.is_main else Path(os.devnull)
         result = TrainResult(self.run_dir, self.ckpt_dir, self.step)
-        tb = _tensorboard_writer(self.run_dir / "tensorboard") if t.tensorboard else None
-        bar = _progress(t.progress, total=t.steps, initial=self.step, desc=f"train {t.run_name}")
+        tb = _tensorboard_writer(self.run_dir / "tensorboard") if t.tensorboard and self.is_main else None
+        bar = _progress(
+            t.progress and self.is_main, total=t.steps, initial=self.step, desc=f"train {t.run_name}"
+        )
         time_limit = t.time_limit_minutes * 60 if t.time_limit_minutes > 0 else math.inf
         last_val = None
         window_tokens, window_start = 0, time.perf_counter()
         try:
-            with open(metrics_path, "a", encoding="utf-8") as log:
+            with (
+                open(log_path, "a", encoding="utf-8") as log,
+                D.StopRequests(self.layout.distributed) as stop,
+            ):
                 while self.step < t.steps and self.elapsed < time_limit:
                     start = time.perf_counter()
                     m = self.train_step()
-                    self.elapsed += time.perf_counter() - start
+                    # The slowest rank's time and any rank's Ctrl-C: every rank decides alike.
+                    seconds, stop_now = D.reduce_floats(
+                        [time.perf_counter() - start, float(stop.requested)], self.layout, "max"
+                    )
+                    self.elapsed += seconds
                     result.train_losses.append(m["loss"])
                     window_tokens += m["tokens"]
                     if not math.isfinite(m["loss"]):
@@ -395,17 +545,23 @@ class Trainer:
                     bar.update(1)
                     if self.step % t.save_every == 0:
                         self.save()
+                    if stop_now:
+                        result.interrupted = True
+                        break
         except KeyboardInterrupt:
+            if self.layout.distributed:
+                raise  # a second Ctrl-C: the ranks are in different collectives; the last checkpoint stands
             result.interrupted = True
-            bar.write(f"interrupted at step {self.step}: saving a checkpoint to {self.ckpt_dir}")
         finally:
             bar.close()
             if tb is not None:
                 tb.close()
+        if result.interrupted and self.is_main:
+            bar.write(f"interrupted at step {self.step}: saving a checkpoint to {self.ckpt_dir}")
         if last_val is None or result.interrupted or self.step % t.eval_every:
             ev = self.evaluate()
             last_val = ev["val_loss"]
-            with open(metrics_path, "a", encoding="utf-8") as log:
+            with open(log_path, "a", encoding="utf-8") as log:
                 log.write(json.dumps({"step": self.step, "final": True, **ev}) + "\n")
         self.save()
         result.step = self.step
@@ -414,7 +570,7 @@ class Trainer:
         return result
 
     def summary(self, val_loss: float | None) -> dict[str, Any]:
-        params = count_params(self.model)
+        params = self.params
         out = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
