@@ -12,6 +12,7 @@ written: --out equal to it, inside it or above it is refused.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 
@@ -42,6 +43,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--router-rows", choices=ROUTER_ROWS, default="dominant", help="router row of a group")
     merge.add_argument("--no-align", action="store_true", help="average without aligning hidden units")
     merge.set_defaults(func=run_merge)
+
+    quant = sub.add_parser(
+        "quantize", help="int8 / int4 / ternary (sub-1-bit) experts; router and norms stay float32"
+    )
+    _common(quant)
+    quant.add_argument("--method", required=True, help="int8, int4 or ternary")
+    quant.add_argument("--group-size", type=int, default=32, help="int4: inputs per scale and zero point")
+    quant.add_argument("--no-gptq", action="store_true", help="ternary: plain rounding, no error feedback")
+    quant.add_argument(
+        "--damp", type=float, default=0.01, help="ternary: GPTQ dampening (fraction of mean diag)"
+    )
+    quant.add_argument("--dead-zone", type=float, default=0.5, help="ternary: round to 0 below this * level")
+    quant.add_argument("--code-bits", type=int, default=16, help="ternary: dictionary codeword width")
+    quant.set_defaults(func=run_quantize)
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
@@ -121,4 +136,44 @@ def run_merge(args: argparse.Namespace) -> int:
     )
     _print_plans(plans, records)
     _report(model, new, config, args, out)
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from moekit.compress.calibrate import calibration_batches
+    from moekit.compress.quantize import QuantSpec, quantize_model, save_quantized
+    from moekit.train.checkpoint import MODEL_FILE
+
+    spec = QuantSpec(
+        args.method, args.group_size, not args.no_gptq, args.damp, args.dead_zone, args.code_bits
+    )
+    model, config = _load(args)
+    if config.get("quantization"):
+        raise ValueError(
+            f"{config['folder']!r} is already quantized ({config['quantization'].get('method')}): "
+            "quantize its float source checkpoint"
+        )
+    batches = (
+        calibration_batches(config, args.calib, args.calib_sequences) if spec.needs_calibration else None
+    )
+    qmodel, report = quantize_model(model, spec, batches)
+    out = save_quantized(qmodel, config, args.out, spec)
+    print(
+        f"quantized the experts to {spec.method}: {report['bits_per_expert_param']:.3f} bits per expert weight"
+    )
+    if spec.method == "ternary":
+        print(
+            f"  zeros {report['zero_fraction']:.1%}, codewords {report['code_bits_per_param']:.3f} bits/weight "
+            f"(pair entropy {report['entropy_bits_per_param']:.3f}), the rest are the row levels"
+        )
+    before = (Path(config["folder"]) / MODEL_FILE).stat().st_size
+    after = (Path(out) / MODEL_FILE).stat().st_size
+    print(f"model file {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({before / after:.2f}x smaller)")
+    if args.eval_batches > 0:
+        from moekit.compress.evaluate import validation_loss
+
+        old_loss = validation_loss(model, config, args.eval_batches)["val_loss"]
+        new_loss = validation_loss(qmodel, config, args.eval_batches)["val_loss"]
+        print(f"validation loss {old_loss:.4f} -> {new_loss:.4f} ({new_loss - old_loss:+.4f})")
+    print(f"checkpoint: {out}")
     return 0

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from moekit.moe import MoE, MoEConfig
+from moekit.moe import ExpertBank, MoE, MoEConfig
 
 
 def moe_layers_named(model: nn.Module) -> list[tuple[str, MoE]]:
@@ -30,6 +30,11 @@ def moe_layers_named(model: nn.Module) -> list[tuple[str, MoE]]:
 
 def per_expert_tensors(moe: MoE) -> dict[str, Tensor]:
     """The layer's tensors indexed by expert on dimension 0 (router rows and expert weights)."""
+    if not isinstance(moe.experts, ExpertBank):
+        raise ValueError(
+            f"the experts are {getattr(moe.experts, 'method', type(moe.experts).__name__)}-quantized: "
+            "extract, prune or merge the float checkpoint, then quantize"
+        )
     num_experts = moe.config.num_experts
     return {
         name: t
