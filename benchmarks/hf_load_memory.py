@@ -53,13 +53,13 @@ if mode == "moekit":
     model = moekit.hf.from_pretrained(folder)
 elif mode == "mmap":
     from safetensors import safe_open
-    from moekit.hf import _plan_for, config_from_hf, empty_model, family
+    from moekit.hf import plan_for, config_from_hf, empty_model, family
     from moekit.hf.io import DTYPES, read_config
     from moekit.hf.plan import load_plan
     hf = read_config(folder)
     cfg = config_from_hf(hf)
     with safe_open(f"{folder}/model.safetensors", "pt") as f:
-        plan = _plan_for(cfg, family(hf["model_type"]), list(f.keys()))
+        plan = plan_for(cfg, family(hf["model_type"]), list(f.keys()))
         model = empty_model(cfg, torch.bfloat16)
         class Source:
             def dtype(self, key):
@@ -89,14 +89,18 @@ def build(folder: Path) -> None:
 
 def measure(mode: str, folder: Path) -> dict[str, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(folder)], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(folder)], capture_output=True, text=True, env=env
+    )
     if out.returncode:
         raise RuntimeError(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dir", default="/tmp/moekit-hf-memory")
     parser.add_argument("--transformers", action="store_true", help="also measure transformers' loader")
     args = parser.parse_args()
@@ -113,7 +117,9 @@ def main() -> None:
                 continue
             r = measure(mode, folder)
             extra = r["peak_mb"] - r["base_mb"]
-            print(f"| {layout} | {mode} | {size:.0f} | {r['model_mb']:.0f} | {extra:.0f} | {extra / size:.2f} |")
+            print(
+                f"| {layout} | {mode} | {size:.0f} | {r['model_mb']:.0f} | {extra:.0f} | {extra / size:.2f} |"
+            )
 
 
 if __name__ == "__main__":

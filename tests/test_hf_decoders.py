@@ -227,15 +227,15 @@ def test_transformers_mode_training_loss_matches(case):
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 def test_streaming_in_small_slabs_loads_the_same(case, layout):
     """Tensors read a few rows at a time (as large ones are) and converted to another dtype."""
-    from moekit.hf import _moekit_shapes, _plan_for, config_from_hf, empty_model, family
+    from moekit.hf import config_from_hf, empty_model, family, moekit_shapes, plan_for
     from moekit.hf.io import SafetensorsReader
     from moekit.hf.plan import check_plan, load_plan
 
     folder = getattr(case, layout)
     cfg = config_from_hf(json.loads((folder / "config.json").read_text()))
     reader = SafetensorsReader(folder)
-    plan = _plan_for(cfg, family(case.family), reader.keys())
-    check_plan(plan, _moekit_shapes(cfg))
+    plan = plan_for(cfg, family(case.family), reader.keys())
+    check_plan(plan, moekit_shapes(cfg))
     for dtype in (torch.float32, torch.float64):
         model = empty_model(cfg, dtype).eval()
         load_plan(plan, reader, dict(model.state_dict()), slab_bytes=300)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from moekit.hf import deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moekit.hf.common import check_round_trip, is_fused
 from moekit.hf.io import (
     CheckpointFormatError,
     DictReader,
@@ -37,7 +38,7 @@ from moekit.hf.io import (
     read_config,
     write_sharded,
 )
-from moekit.hf.plan import assemble, check_plan, check_source, load_plan, nbytes
+from moekit.hf.plan import HFTensor, assemble, check_plan, check_source, load_plan, nbytes
 from moekit.model import ModelConfig, MoEEncoderDecoder, MoETransformer, Rotary
 
 FAMILIES: dict[str, ModuleType] = {
@@ -101,20 +102,18 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
         )
     fam = family(model_type)
     hf = fam.config_to_hf(cfg)
-    from moekit.hf.common import check_round_trip
-
     check_round_trip(cfg, fam.config_from_hf(hf), model_type)
     return hf
 
 
 # ---------------------------------------------------------------------- loading
-def _plan_for(cfg: ModelConfig, fam: ModuleType, keys: list[str], fused: bool | None = None) -> list:
-    from moekit.hf.common import is_fused
+def plan_for(cfg: ModelConfig, fam: ModuleType, keys: list[str]) -> list[HFTensor]:
+    """The family's tensor plan for the expert layout the checkpoint keys show."""
+    return fam.tensor_plan(cfg, is_fused(keys))
 
-    return fam.tensor_plan(cfg, is_fused(keys) if fused is None else fused)
 
-
-def _moekit_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def moekit_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the MoETransformer state dict (the tied LM head left out), from a meta-device model."""
     with torch.device("meta"):
         state = MoETransformer(cfg).state_dict()
     return {k: tuple(v.shape) for k, v in state.items() if not (cfg.tie_embeddings and k == "output.weight")}
@@ -159,9 +158,9 @@ def from_pretrained(
     cfg = config_from_hf(hf, aux_loss)
     fam = family(hf.get("model_type"))
     reader = SafetensorsReader(folder)
-    plan = _plan_for(cfg, fam, reader.keys())
+    plan = plan_for(cfg, fam, reader.keys())
     check_source(plan, reader, lambda k: fam.ignored(k, cfg), f"{fam.MODEL_TYPE} checkpoint {str(folder)!r}")
-    check_plan(plan, _moekit_shapes(cfg))
+    check_plan(plan, moekit_shapes(cfg))
     model = empty_model(cfg, dtype or reader.dtype(plan[0].key), device)
     load_plan(plan, reader, dict(model.state_dict()))
     return model.eval()
@@ -174,9 +173,9 @@ def convert_from_hf(
     cfg = config_from_hf(hf_config, aux_loss)
     fam = family(hf_config.get("model_type"))
     source = DictReader(hf_state)
-    plan = _plan_for(cfg, fam, source.keys())
+    plan = plan_for(cfg, fam, source.keys())
     check_source(plan, source, lambda k: fam.ignored(k, cfg), f"{fam.MODEL_TYPE} state dict")
-    shapes = _moekit_shapes(cfg)
+    shapes = moekit_shapes(cfg)
     check_plan(plan, shapes)
     dtype = hf_state[plan[0].key].dtype
     state = {k: torch.empty(s, dtype=dtype) for k, s in shapes.items()}
@@ -195,7 +194,7 @@ def convert_to_hf(
     fused=False writes per-expert keys (hub layout), True the fused ones (GPT-OSS has only fused)."""
     hf = config_to_hf(cfg, model_type)
     plan = family(hf["model_type"]).tensor_plan(cfg, fused)
-    check_plan(plan, _moekit_shapes(cfg))
+    check_plan(plan, moekit_shapes(cfg))
     return {t.key: assemble(t, state) for t in plan}, hf
 
 
