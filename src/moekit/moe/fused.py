@@ -40,7 +40,7 @@ class ExpertSpec:
     block_bytes: int
 
     def block_rows(self, hidden: int, element_size: int) -> int:
-        return max(16, self.block_bytes // max(1, hidden * element_size))
+        return max(1, self.block_bytes // max(1, hidden * element_size))
 
 
 def _add_group_bias(rows: Tensor, bias_E: Tensor | None, plan: GroupPlan) -> None:
