@@ -1,6 +1,7 @@
 # moekit: two commands do all set-up.
 #   make train   create .venv, install moekit, run the main job
 #   make test    create .venv, install moekit with dev extras, run the tests
+#   make experiments   run every experiment against its paper's claim, writing docs/results.md
 # torch is installed first with TORCH_SPEC (a CPU build where one is on hand). A GPU user
 # installs their own torch into .venv first (see README); an importable torch is kept.
 PYTHON ?= python3
@@ -39,6 +40,9 @@ lint: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(PY) -m moekit bench $(ARGS)
+
+experiments: $(VENV)/.base
+	$(PY) -m moekit experiment all $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,6 +8,7 @@
     moekit serve --ckpt DIR     OpenAI-compatible HTTP server for a checkpoint (serve extra)
     moekit train-tasks / extract   task-level routing: multi-task training, one task's sub-network
     moekit prune / merge / quantize   fewer experts, or int8/int4/ternary experts, in a new checkpoint
+    moekit experiment NAME|all  run experiments against the papers' claims (docs/results.md)
     moekit bench [--quick] [--suite layer|e2e|all]   speed against transformers (docs/benchmarks.md)
 
 Every subcommand registers its arguments in `_build_parser` and returns an exit code.
@@ -75,6 +76,10 @@ def _build_parser() -> argparse.ArgumentParser:
     from moekit.compress.commands import add_commands as add_compress_commands
 
     add_compress_commands(sub)  # prune, merge, quantize
+
+    from moekit.experiments.commands import add_commands as add_experiment_commands
+
+    add_experiment_commands(sub)  # experiment
 
     from moekit.bench import add_commands as add_bench_commands
 

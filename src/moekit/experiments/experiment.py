@@ -1,0 +1,136 @@
+"""The `Experiment` base class and `run_experiment`, which runs one and writes its results.
+
+A subclass names its paper claim and defines three things:
+
+    variants(ctx)           the runs, as overrides on experiments/<name>.toml
+    summarize(ctx, records) tables and checks (claim, our number, agrees or not)
+    plot(records, path)     one PNG
+
+and may replace `run(ctx, variant)` for runs that are more than one training (fine-tuning after
+pre-training, distillation after a teacher). `run_experiment` runs the variants within a time
+budget and writes results/<name>.{md,json,png} under the output folder, then rebuilds the
+collected results.md there (see report.py).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from moekit.experiments import report
+from moekit.experiments.core import (
+    Context,
+    RunRecord,
+    Summary,
+    Variant,
+    overall_verdict,
+    run_variants,
+    train_variant,
+)
+
+
+class Experiment:
+    name = ""
+    title = ""
+    paper = ""  # the source, e.g. "Switch Transformers (Fedus et al. 2022), Table 1"
+    claim = ""  # the paper's claim with its numbers
+    needs = ""  # a missing API this experiment depends on, or "" (see `missing()`)
+
+    def variants(self, ctx: Context) -> list[Variant]:
+        raise NotImplementedError
+
+    def run(self, ctx: Context, variant: Variant) -> RunRecord:
+        return train_variant(ctx, variant)
+
+    def summarize(self, ctx: Context, records: list[RunRecord]) -> Summary:
+        raise NotImplementedError
+
+    def plot(self, records: list[RunRecord], path: Path) -> None:
+        raise NotImplementedError
+
+    def missing(self) -> str:
+        """Why this experiment cannot run in this checkout ("" when it can)."""
+        return ""
+
+
+@dataclass
+class ExperimentResult:
+    name: str
+    records: list[RunRecord]
+    summary: Summary
+    verdict: str
+    wall_seconds: float
+    out_dir: Path
+    fragment: Path  # results/<name>.md
+
+
+def default_config_dir() -> Path:
+    """experiments/ of the source checkout (src/moekit/experiments -> repository root), else of
+    the working directory."""
+    checkout = Path(__file__).resolve().parents[3] / "experiments"
+    return checkout if checkout.is_dir() else Path.cwd() / "experiments"
+
+
+def guard_smoke_output(out_dir: Path) -> None:
+    """Smoke results are not evidence: they never go into the repository's docs/ folder."""
+    docs = (Path(__file__).resolve().parents[3] / "docs").resolve()
+    out = out_dir.resolve()
+    if out == docs or docs in out.parents:
+        raise ValueError(f"--smoke writes to a temporary folder, never into {docs}: choose another --out")
+
+
+def run_experiment(
+    experiment: Experiment,
+    out_dir: Path | None = None,
+    *,
+    smoke: bool = False,
+    runs_dir: Path | None = None,
+    overrides: tuple[str, ...] = (),
+    budget_minutes: float = 30.0,
+    config_dir: Path | None = None,
+) -> ExperimentResult:
+    """Run every variant of `experiment` and write its results under out_dir (default: docs/,
+    or a new temporary folder in smoke mode); run folders go to runs_dir (default:
+    runs/experiments, or out_dir/runs in smoke mode)."""
+    if out_dir is None:
+        out_dir = Path(tempfile.mkdtemp(prefix="moekit-smoke-")) if smoke else Path("docs")
+    if smoke:
+        guard_smoke_output(out_dir)
+    if runs_dir is None:
+        runs_dir = out_dir / "runs" if smoke else Path("runs") / "experiments"
+    config_path = (config_dir or default_config_dir()) / f"{experiment.name}.toml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"experiment config {str(config_path)!r} does not exist")
+    start = time.monotonic()
+    deadline = start + budget_minutes * 60 if budget_minutes > 0 else math.inf
+    ctx = Context(experiment.name, config_path, runs_dir, smoke, tuple(overrides), deadline)
+    print(f"experiment {experiment.name}{' (smoke)' if smoke else ''}: {experiment.title}", flush=True)
+    missing = experiment.missing()
+    if missing:
+        records, summary = [], Summary(tables=[], checks=[], notes=[f"Not run: {missing}."])
+    else:
+        records = run_variants(ctx, experiment.variants(ctx), experiment.run)
+        summary = experiment.summarize(ctx, records)
+    verdict = overall_verdict(summary.checks) if not missing else "not run"
+    wall = time.monotonic() - start
+    png = None
+    if records:
+        png = report.results_dir(out_dir) / f"{experiment.name}.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
+        experiment.plot(records, png)
+    fragment = report.write_fragment(
+        experiment,
+        out_dir,
+        records,
+        summary,
+        verdict,
+        wall,
+        smoke=smoke,
+        png=png,
+        budget_minutes=budget_minutes,
+    )
+    print(f"  verdict: {verdict}; results: {fragment}", flush=True)
+    return ExperimentResult(experiment.name, records, summary, verdict, wall, out_dir, fragment)
