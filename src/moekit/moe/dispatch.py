@@ -139,11 +139,33 @@ class DispatchState:
     weight_A: Tensor | None = None  # [A] token-major combine weights
 
 
+def _sum_gathered(src_ND: Tensor, row_TK: Tensor, weight_TK: Tensor | None = None) -> Tensor:
+    """out[t] = sum_k (weight[t, k] *) src[row[t, k]]: K row gathers accumulated into one [T, D].
+
+    Gathering all T*K rows at once would allocate a fresh [T*K, D] tensor (often past glibc's mmap
+    threshold, so page faults on every call) and a batched product opens an OpenMP region even for
+    the tiny batches of a decode step; K gathers into a reused [T, D] buffer do neither.
+    """
+    num_tokens, top_k = row_TK.shape
+    out_TD = src_ND.new_empty(num_tokens, src_ND.shape[1])
+    torch.index_select(src_ND, 0, row_TK[:, 0], out=out_TD)
+    if weight_TK is not None:
+        out_TD.mul_(weight_TK[:, 0:1])
+    buf_TD = src_ND.new_empty(out_TD.shape) if top_k > 1 else None
+    for k in range(1, top_k):
+        torch.index_select(src_ND, 0, row_TK[:, k], out=buf_TD)
+        if weight_TK is None:
+            out_TD.add_(buf_TD)
+        else:
+            out_TD.addcmul_(buf_TD, weight_TK[:, k : k + 1])
+    return out_TD
+
+
 class _GatherRows(torch.autograd.Function):
     """x_ND = x_TD[token_N] where every token has exactly K rows; backward without a scatter-add.
 
     The gradient of token t is the sum of its K rows; `row_A` (token-major) lists them, so the
-    backward is one gather and a sum over K instead of a serial `index_add`.
+    backward is K gathers instead of a serial `index_add`.
     """
 
     @staticmethod
@@ -156,50 +178,38 @@ class _GatherRows(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_ND: Tensor):  # type: ignore[override]
         (row_A,) = ctx.saved_tensors
-        num_tokens = row_A.shape[0] // ctx.top_k
-        grad_TKD = grad_ND.index_select(0, row_A).view(num_tokens, ctx.top_k, grad_ND.shape[1])
-        return grad_TKD.sum(dim=1), None, None, None
-
-
-# Below this many elements a batched product is done as K multiply-adds: bmm opens an OpenMP
-# region even for tiny batches, which costs a scheduler slice whenever the cores are busy.
-_SMALL_COMBINE = 1 << 15
+        row_TK = row_A.view(-1, ctx.top_k)
+        return _sum_gathered(grad_ND.contiguous(), row_TK), None, None, None
 
 
 class _CombineTopK(torch.autograd.Function):
-    """out_TD[t] = sum_k weight_TK[t, k] * y_ND[row of (t, k)], as one gather and a batched product."""
+    """out_TD[t] = sum_k weight_TK[t, k] * y_ND[row of (t, k)]: K gathers, no scatter-add."""
 
     @staticmethod
     def forward(ctx, y_ND: Tensor, weight_A: Tensor, row_A: Tensor, perm_N: Tensor, top_k: int) -> Tensor:  # type: ignore[override]
-        num_tokens = row_A.shape[0] // top_k
-        dim = y_ND.shape[1]
-        y_TKD = y_ND.index_select(0, row_A).view(num_tokens, top_k, dim)  # token-major rows
-        w_T1K = weight_A.to(y_ND.dtype).view(num_tokens, 1, top_k)
-        ctx.save_for_backward(y_TKD if ctx.needs_input_grad[1] else None, w_T1K, perm_N)
+        row_TK = row_A.view(-1, top_k)
+        weight_TK = weight_A.to(y_ND.dtype).view(row_TK.shape)
+        ctx.save_for_backward(y_ND if ctx.needs_input_grad[1] else None, weight_TK, row_TK, perm_N)
         ctx.weight_dtype = weight_A.dtype
-        if y_TKD.numel() <= _SMALL_COMBINE:
-            out_TD = y_TKD[:, 0] * w_T1K[:, 0, 0:1]
-            for k in range(1, top_k):
-                out_TD.addcmul_(y_TKD[:, k], w_T1K[:, 0, k : k + 1])
-            return out_TD
-        return torch.bmm(w_T1K, y_TKD).view(num_tokens, dim)  # [T, D]
+        return _sum_gathered(y_ND, row_TK, weight_TK)  # [T, D]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_TD: Tensor):  # type: ignore[override]
-        y_TKD, w_T1K, perm_N = ctx.saved_tensors
-        num_tokens, top_k = w_T1K.shape[0], w_T1K.shape[2]
+        y_ND, weight_TK, row_TK, perm_N = ctx.saved_tensors
+        top_k = row_TK.shape[1]
         grad_TD = grad_TD.contiguous()
-        dim = grad_TD.shape[1]
         grad_y = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_TKD = w_T1K.view(num_tokens, top_k, 1) * grad_TD.view(num_tokens, 1, dim)  # [T, K, D]
-            grad_y = grad_TKD.view(num_tokens * top_k, dim).index_select(0, perm_N)  # back to sorted rows
+        if ctx.needs_input_grad[0]:  # row n of y came from token perm_N[n] // K with weight w[perm_N[n]]
+            weight_N = weight_TK.reshape(-1).index_select(0, perm_N)
+            token_N = perm_N.div(top_k, rounding_mode="floor")
+            grad_y = grad_TD.index_select(0, token_N).mul_(weight_N[:, None])  # [N, D]
         if ctx.needs_input_grad[1]:
-            if y_TKD.numel() <= _SMALL_COMBINE:
-                grad_TK = (y_TKD * grad_TD.view(num_tokens, 1, dim)).sum(-1)
-            else:
-                grad_TK = torch.bmm(y_TKD, grad_TD.view(num_tokens, dim, 1))
+            grad_TK = weight_TK.new_empty(weight_TK.shape)
+            buf_TD = grad_TD.new_empty(grad_TD.shape)
+            for k in range(top_k):
+                torch.index_select(y_ND, 0, row_TK[:, k], out=buf_TD)
+                torch.sum(buf_TD.mul_(grad_TD), dim=1, out=grad_TK[:, k])
             grad_w = grad_TK.reshape(-1).to(ctx.weight_dtype)
         return grad_y, grad_w, None, None, None
 
