@@ -102,3 +102,19 @@ def test_dropout_in_training_uses_composed_path():
     assert torch.equal(a, b)
     bank.eval()  # evaluation: dropout is off, the fused path runs and agrees with the composed one
     torch.testing.assert_close(bank(x, [6, 4]), bank._forward_composed(x, [6, 4]))
+
+
+def test_overwrite_input_only_without_autograd():
+    bank = _bank("swiglu", True)
+    bank.block_bytes = 3 * bank.w_in_EDF.shape[-1] * 4
+    counts = [4, 0, 5, 2]
+    x = torch.randn(11, 8)
+    with torch.no_grad():
+        want = bank(x, counts)
+        scratch = x.clone()
+        got = bank(scratch, counts, overwrite_input=True)
+    assert got.data_ptr() == scratch.data_ptr()  # written over the input rows
+    torch.testing.assert_close(got, want)
+    x_req = x.clone().requires_grad_(True)
+    y = bank(x_req, counts, overwrite_input=True)  # autograd needs x: a fresh output
+    assert y.data_ptr() != x_req.data_ptr() and torch.equal(x_req.detach(), x)

@@ -66,8 +66,13 @@ class ExpertBank(nn.Module):
             if b is not None:
                 nn.init.zeros_(b)
 
-    def forward(self, x_ND: Tensor, counts: Sequence[int]) -> Tensor:
-        """Rows of x_ND sorted by expert, `counts[e]` rows for expert e -> [N, D]."""
+    def forward(self, x_ND: Tensor, counts: Sequence[int], overwrite_input: bool = False) -> Tensor:
+        """Rows of x_ND sorted by expert, `counts[e]` rows for expert e -> [N, D].
+
+        `overwrite_input=True` lets the bank write its output over x_ND when no autograd graph
+        needs x_ND (a block's rows are read before they are overwritten); a caller that owns x_ND
+        as a temporary (the MoE layer) saves an [N, D] allocation that way.
+        """
         if isinstance(self.dropout, nn.Dropout) and self.dropout.training:
             return self._forward_composed(x_ND, counts)  # dropout masks: let autograd keep them
         plan = GroupPlan.from_counts(counts)
@@ -77,7 +82,8 @@ class ExpertBank(nn.Module):
         spec = ExpertSpec(self.activation, self.is_glu, self.strategy, self.block_bytes)
         if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
             return FusedExperts.apply(*params, plan, spec)
-        return expert_rows_forward(*params, plan, spec, save_hidden=False)[0]
+        out_ND = x_ND if overwrite_input and x_ND.shape[1] == self.w_out_EFD.shape[-1] else None
+        return expert_rows_forward(*params, plan, spec, save_hidden=False, out_ND=out_ND)[0]
 
     def _forward_composed(self, x_ND: Tensor, counts: Sequence[int]) -> Tensor:
         """The same math from autograd-tracked pieces (used with expert dropout while training)."""

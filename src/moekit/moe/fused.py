@@ -58,10 +58,14 @@ def expert_rows_forward(
     plan: GroupPlan,
     spec: ExpertSpec,
     save_hidden: bool,
+    out_ND: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """-> (y [N, D], pre-activation hidden [N, H] when save_hidden else None), no autograd."""
+    """-> (y [N, D], pre-activation hidden [N, H] when save_hidden else None), no autograd.
+
+    `out_ND` receives y when given; it may be x_ND itself (each block reads its rows first).
+    """
     num_rows, hidden_in = x_ND.shape[0], w_in_EDH.shape[-1]
-    y_ND = x_ND.new_empty(num_rows, w_out_EFD.shape[-1])
+    y_ND = x_ND.new_empty(num_rows, w_out_EFD.shape[-1]) if out_ND is None else out_ND
     if plan.num_rows < num_rows:  # rows past the last group (none in normal use) are zero
         y_ND[plan.num_rows :].zero_()
     blocks = plan.blocks(spec.block_rows(hidden_in, x_ND.element_size()))

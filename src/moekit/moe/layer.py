@@ -139,7 +139,10 @@ class MoE(nn.Module):
 
         # 3. experts
         inner_aux = inner_z = None
-        expert_out = self.experts(x_ND, counts)
+        if isinstance(self.experts, ExpertBank) and isinstance(self.dispatcher, LocalDispatcher):
+            expert_out = self.experts(x_ND, counts, overwrite_input=True)  # x_ND is our temporary
+        else:
+            expert_out = self.experts(x_ND, counts)
         if isinstance(expert_out, tuple):  # hierarchical experts also return their inner losses
             y_ND, inner_aux, inner_z = expert_out
         else:
