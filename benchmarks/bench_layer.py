@@ -464,9 +464,14 @@ def evaluate_targets(cells: list[dict[str, Any]], scaling: list[dict[str, Any]])
 
 # ---------------------------------------------------------------------------- run and report
 def run_layer(
-    quick: bool = False, tokens: tuple[int, ...] | None = None, memory: bool = True
+    quick: bool = False,
+    tokens: tuple[int, ...] | None = None,
+    memory: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """The whole layer suite -> a JSON-ready dict."""
+    """The whole layer suite -> a JSON-ready dict. `threads` sets torch's intra-op threads first."""
+    if threads:
+        torch.set_num_threads(threads)
     tokens = tokens or (QUICK_TOKENS if quick else TOKENS)
     info = machine_info()
     if quick:
@@ -497,7 +502,18 @@ def run_layer(
 def format_layer(r: dict[str, Any]) -> str:
     """Markdown tables of a `run_layer` result."""
     m, v, c = r["machine"], r["versions"], r["ceilings"]
-    lines = [
+    loads = [x for x in (m["loadavg_at_start"] or []) + (m.get("loadavg_at_end") or [])]
+    busy = max(loads[:1] + loads[3:4], default=0.0)  # 1-minute load averages at start and end
+    lines = []
+    if busy > 0.5 * (m["logical_cores"] or 1):
+        lines += [
+            f"**Note: the machine was shared while this ran** (1-minute load average up to {busy:.1f} on "
+            f"{m['logical_cores']} cores from other people's jobs): absolute times are inflated and noisy, "
+            "small cells most (an OpenMP/MKL region waits for a descheduled thread). The implementations of "
+            "a cell ran interleaved, so the ratios between them are the meaningful numbers.",
+            "",
+        ]
+    lines += [
         f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch threads {m['torch_threads']}; "
         f"load average {m['loadavg_at_start']} at start, {m.get('loadavg_at_end')} at end.",
         f"Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, moekit {v['moekit']}.",
@@ -555,10 +571,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny T list, one repeat (smoke test)")
     parser.add_argument("--tokens", default=None, help="comma-separated T list (default 1,8,64,512,4096)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=None, help="write the JSON result here")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     tokens = tuple(int(t) for t in args.tokens.split(",")) if args.tokens else None
-    result = run_layer(args.quick, tokens, memory=not args.no_memory)
+    result = run_layer(args.quick, tokens, memory=not args.no_memory, threads=args.threads)
     print(format_layer(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

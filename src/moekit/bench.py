@@ -46,7 +46,9 @@ def load_suite(name: str) -> ModuleType | None:
     return module
 
 
-def run(suite: str, quick: bool = False, tokens: tuple[int, ...] | None = None) -> dict[str, Any]:
+def run(
+    suite: str, quick: bool = False, tokens: tuple[int, ...] | None = None, threads: int | None = None
+) -> dict[str, Any]:
     """Run the suite(s) -> {"layer": result, "e2e": result}; a missing suite gets a status entry."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}: expected one of {list(SUITES)}")
@@ -57,7 +59,7 @@ def run(suite: str, quick: bool = False, tokens: tuple[int, ...] | None = None) 
             raise OSError(
                 f"benchmarks/bench_layer.py not found under {benchmarks_dir()} (run from a checkout)"
             )
-        results["layer"] = layer.run_layer(quick, tokens)
+        results["layer"] = layer.run_layer(quick, tokens, threads=threads)
     if suite in ("e2e", "all"):
         e2e = load_suite("e2e")
         results["e2e"] = {"status": "not yet built"} if e2e is None else e2e.run_e2e(quick)
@@ -79,7 +81,7 @@ def format_results(results: dict[str, Any]) -> str:
 
 def _bench(args: argparse.Namespace) -> int:
     tokens = tuple(int(t) for t in args.tokens.split(",")) if args.tokens else None
-    results = run(args.suite, args.quick, tokens)
+    results = run(args.suite, args.quick, tokens, args.threads)
     text = format_results(results)
     print(text)
     out = args.out if args.out is not None else (None if args.quick else "docs/benchmarks.json")
@@ -104,6 +106,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--quick", action="store_true", help="smoke run: shrunk shapes, tiny T list, one repeat"
     )
     bench.add_argument("--tokens", default=None, help="comma-separated T list for the layer suite")
+    bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     bench.add_argument(
         "--out", default=None, help="JSON path (default docs/benchmarks.json; none with --quick)"
     )
