@@ -26,6 +26,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +209,7 @@ class Trainer:
         ep = self.cfg.parallel.ep
         config = self.cfg.model_config(self.cfg.data.vocab_size) if model is None else model.config
         try:
-            layout = init_parallel(ep, config)
+            layout = init_parallel(ep, config, timeout=timedelta(seconds=self.cfg.parallel.timeout_s))
         except ValueError as exc:
             if ep > 1 and not dist.is_initialized():
                 raise ValueError(
