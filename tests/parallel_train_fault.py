@@ -5,7 +5,8 @@
 Rank FAULT_RANK fails when it is about to run step FAULT_STEP + 1, while every other rank goes on
 into the collectives of that step. FAULT=kill: it dies by SIGKILL (no cleanup, like a crashed or
 OOM-killed process). FAULT=hang: it stops making progress (sleeps) but stays alive, so only the
-collective timeout (parallel.timeout_s) can end the others' wait.
+collective timeout (parallel.timeout_s) can end the others' wait. FAULT=interrupt: it gets SIGINT
+(Ctrl-C) alone; the ranks must agree to stop after that step, evaluate and save together.
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ from moekit.train.trainer import Trainer
 
 def fail_at(rank: int, step: int, fault: str) -> None:
     """Patch Trainer.train_step so that rank `rank` dies or hangs before training step `step` + 1."""
-    if fault not in ("kill", "hang"):
-        raise ValueError(f"FAULT={fault!r}: expected kill or hang")
+    if fault not in ("kill", "hang", "interrupt"):
+        raise ValueError(f"FAULT={fault!r}: expected kill, hang or interrupt")
     train_step = Trainer.train_step
 
     def train_step_or_fail(self: Trainer):
         if self.layout.rank == rank and self.step == step:
             if fault == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(3600)
+            elif fault == "interrupt":
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                time.sleep(3600)
         return train_step(self)
 
     Trainer.train_step = train_step_or_fail

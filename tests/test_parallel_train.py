@@ -14,6 +14,7 @@ group's concatenated batch). Checked, each job started with the documented entry
   - a rank killed mid-run (SIGKILL) makes torchrun exit non-zero within a bounded time, and
     starting the same command again resumes from the last checkpoint and ends like the reference;
     a rank that hangs makes the others fail after parallel.timeout_s (expert-parallel groups too);
+    Ctrl-C on one rank stops all ranks after that step with a checkpoint and the report;
   - a bad layout fails on every rank with the values named.
 
 Every job runs in its own session and is killed with all its workers at a deadline, so a hang
@@ -270,6 +271,17 @@ def test_hung_rank_times_out(root, reference):
     assert rc != 0, output[-3000:]
     assert f"Timed out waiting {timeout_s * 1000}ms" in output, output[-3000:]
     assert seconds < JOB_TIMEOUT - 60, output[-3000:]
+
+
+def test_ctrl_c_on_one_rank_stops_all_with_a_checkpoint(root, reference):
+    args = overrides(root, "ctrl-c", **{"data.batch_size": "4", "parallel.ep": "2"})
+    rc, output, _ = torchrun(2, args, FAULT, env={"FAULT": "interrupt", "FAULT_RANK": "1", "FAULT_STEP": "3"})
+    assert rc != 0 and "exitcode  : 130" in output, output[-3000:]  # both ranks exit with 130
+    assert output.count("interrupted at step 4: saving a checkpoint") == 1, output[-3000:]
+    run = root / "runs" / "ctrl-c"
+    assert json.loads((run / "checkpoint" / ckpt.STATE_FILE).read_text())["step"] == 4
+    assert (run / "report" / "summary.md").is_file()
+    assert_losses_match(logged(run), reference["metrics"], range(1, 5))
 
 
 def test_bad_layout_fails_on_every_rank(root, reference, capsys):

@@ -54,7 +54,7 @@ def run_train(args: argparse.Namespace) -> int:
     """One process, or each of the W processes `torchrun --nproc-per-node W -m moekit train` starts
     (rank 0 prints and writes the report; errors are printed by every rank, which all exit non-zero)."""
     from moekit.train.config import load_config, to_toml
-    from moekit.train.distributed import env_rank, stop_process_group
+    from moekit.train.distributed import barrier, env_rank, stop_process_group
     from moekit.train.report import write_report
     from moekit.train.trainer import Trainer
 
@@ -74,11 +74,13 @@ def run_train(args: argparse.Namespace) -> int:
                 f"{len(trainer.data.tokens.validation):,} validation tokens, vocabulary {trainer.tokenizer.vocab_size}"
             )
         result = trainer.fit()
+        if trainer.is_main:
+            summary_path = write_report(result.run_dir, result.summary, result.checkpoint_dir)
+        barrier(trainer.layout)  # torchrun stops every rank once one exits non-zero (130): report first
     finally:
         stop_process_group()
     if not trainer.is_main:
         return 130 if result.interrupted else 0
-    summary_path = write_report(result.run_dir, result.summary, result.checkpoint_dir)
     s = result.summary
     print()
     state = "interrupted" if result.interrupted else "done"
