@@ -401,7 +401,16 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.elapsed = float(state["elapsed_seconds"])
-        self.sampler.load_state_dict(state["sampler"])
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as exc:
+            saved_world = int(state.get("world_size", 1))
+            if saved_world == self.layout.world_size:
+                raise
+            raise ckpt.CheckpointError(
+                f"{exc}: the checkpoint was written by {saved_world} processes and this run has "
+                f"{self.layout.world_size}; keep the global batch (processes * data.batch_size) to resume"
+            ) from exc
         return True
 
     def _restore_rng(self, tensors: dict[str, torch.Tensor], saved_world: int, step: int) -> None:
