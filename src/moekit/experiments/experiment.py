@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from moekit.experiments import report
 from moekit.experiments.core import (
     Context,
@@ -112,7 +114,11 @@ def run_experiment(
     if missing:
         records, summary = [], Summary(tables=[], checks=[], notes=[f"Not run: {missing}."])
     else:
-        records = run_variants(ctx, experiment.variants(ctx), experiment.run)
+        threads = torch.get_num_threads()  # runs may set train.threads; leave the process as found
+        try:
+            records = run_variants(ctx, experiment.variants(ctx), experiment.run)
+        finally:
+            torch.set_num_threads(threads)
         summary = experiment.summarize(ctx, records)
     verdict = overall_verdict(summary.checks) if not missing else "not run"
     wall = time.monotonic() - start

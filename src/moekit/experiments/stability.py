@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from moekit.experiments.core import (
     Check,
     Context,
@@ -20,9 +23,11 @@ from moekit.experiments.core import (
     Summary,
     Table,
     Variant,
+    agrees,
     by_group,
     fmt,
     mean,
+    train_variant,
 )
 from moekit.experiments.experiment import Experiment
 from moekit.experiments.report import pyplot
@@ -70,24 +75,53 @@ class Stability(Experiment):
             Variant(label, overrides, seed=s, group=label) for label, overrides in SETTINGS for s in seeds
         ]
 
+    def run(self, ctx: Context, variant: Variant) -> RunRecord:
+        keep: dict = {}
+        record = train_variant(ctx, variant, keep=keep)
+        if record.ok:
+            record.extra.update(router_logit_stats(keep["trainer"]))
+        return record
+
     def summarize(self, ctx: Context, records: list[RunRecord]) -> Summary:
         rows = []
         for i, r in enumerate(records, 1):
             why = divergence(r) if r.status != "skipped" else "not run"
-            rows.append([str(i), r.group, str(r.seed), str(r.steps), fmt(r.val_loss), why or "no"])
-        runs = Table("Runs", ["#", "setting", "seed", "steps", "final val loss", "diverged"], rows)
-        stats = {}
+            rows.append(
+                [
+                    str(i),
+                    r.group,
+                    str(r.seed),
+                    str(r.steps),
+                    fmt(r.val_loss),
+                    fmt(r.extra.get("router_z"), 2),
+                    fmt(r.extra.get("router_max_logit"), 2),
+                    why or "no",
+                ]
+            )
+        runs = Table(
+            "Runs",
+            ["#", "setting", "seed", "steps", "final val loss", "router z", "max router logit", "diverged"],
+            rows,
+        )
+        stats, router_z = {}, {}
         for group, rs in by_group(records).items():
             ran = [r for r in rs if r.status != "skipped"]
             diverged = [r for r in ran if divergence(r)]
             stable_losses = [r.val_loss for r in ran if not divergence(r)]
             stats[group] = (len(diverged), len(ran), mean(stable_losses))
+            router_z[group] = mean([r.extra.get("router_z") for r in ran])
         settings = Table(
             "Settings",
-            ["setting", "diverged", "mean final val loss of the others"],
-            [[g, f"{d}/{n}", fmt(m)] for g, (d, n, m) in stats.items()],
+            ["setting", "diverged", "mean final val loss of the others", "mean router z"],
+            [[g, f"{d}/{n}", fmt(m), fmt(router_z[g], 2)] for g, (d, n, m) in stats.items()],
         )
-        return Summary([settings, runs], _checks(stats), [f"Learning rate {ctx.base_config().train.lr:g}."])
+        notes = [
+            f"Learning rate {ctx.base_config().train.lr:g} (10x the other experiments'), gradient clipping "
+            "at norm 1.0 as in every run.",
+            "Router z = mean over tokens and MoE layers of logsumexp(router logits)^2 after training, on "
+            "validation text (what the z-loss penalizes); max router logit = the largest |logit| there.",
+        ]
+        return Summary([settings, runs], _checks(stats, router_z), notes)
 
     def plot(self, records: list[RunRecord], path: Path) -> None:
         plt = pyplot()
@@ -113,7 +147,24 @@ class Stability(Experiment):
         plt.close(fig)
 
 
-def _checks(stats: dict[str, tuple[int, int, float | None]]) -> list[Check]:
+@torch.no_grad()
+def router_logit_stats(trainer, windows: int = 16) -> dict[str, float]:
+    """Router z (mean logsumexp^2) and the largest |logit| of the trained model on validation text."""
+    model, seq = trainer.model, trainer.cfg.data.seq_len
+    tokens = np.asarray(trainer.data.tokens.validation[: windows * seq], dtype=np.int64)
+    n = len(tokens) // seq
+    was_training = model.training
+    model.eval()
+    out = model(torch.as_tensor(tokens[: n * seq]).view(n, seq).to(trainer.device))
+    model.train(was_training)
+    z = [float(torch.logsumexp(lg, dim=-1).pow(2).mean()) for lg in out.router_logits]
+    top = [float(lg.abs().max()) for lg in out.router_logits]
+    return {"router_z": sum(z) / len(z), "router_max_logit": max(top)} if z else {}
+
+
+def _checks(
+    stats: dict[str, tuple[int, int, float | None]], router_z: dict[str, float | None]
+) -> list[Check]:
     def counts(group: str) -> str:
         d, n, m = stats.get(group, (0, 0, None))
         return f"{group}: {d}/{n} diverged, others' loss {fmt(m)}"
@@ -148,14 +199,23 @@ def _checks(stats: dict[str, tuple[int, int, float | None]]) -> list[Check]:
             outcome,
         )
     )
-    if base[1] == 0 or bf16[1] == 0 or (base[0] == 0 and bf16[0] == 0):
-        outcome = "inconclusive"  # neither diverged: the claim about divergence is not tested
+    z_base, z_with = router_z.get("float32 router"), router_z.get("float32 router + z-loss")
+    checks.append(
+        Check(
+            "The z-loss keeps router logits small (ST-MoE section 3.2: large logits cause round-off "
+            "errors in the router's exponentials). Rule: lower mean router z with the z-loss.",
+            f"router z {fmt(z_with, 2)} with vs {fmt(z_base, 2)} without",
+            "inconclusive" if z_base is None or z_with is None else agrees(z_with < z_base),
+        )
+    )
+    if base[1] == 0 or bf16[1] == 0 or (base[0] == 0 and bf16[0] == 0) or base[0] == base[1]:
+        outcome = "inconclusive"  # neither diverged, or float32 always did: the setting cannot tell
     else:
         outcome = "agrees" if bf16[0] / bf16[1] > base[0] / base[1] else "disagrees"
     checks.append(
         Check(
             "A bfloat16 router diverges where a float32 router trains (Switch Table 2). Inconclusive when "
-            "neither diverges.",
+            "neither diverges or float32 always does.",
             f"{counts('float32 router')}; {counts('bf16 router')}",
             outcome,
         )
