@@ -13,8 +13,17 @@ from pathlib import Path
 import pytest
 
 from moekit.cli import main as cli_main
-from moekit.experiments import all_experiments, get_experiment, run_experiment
-from moekit.experiments.core import OUTCOMES, Check, overall_verdict, steps_to_reach
+from moekit.experiments import Experiment, all_experiments, get_experiment, run_experiment
+from moekit.experiments.core import (
+    OUTCOMES,
+    Check,
+    RunRecord,
+    Summary,
+    Table,
+    Variant,
+    overall_verdict,
+    steps_to_reach,
+)
 from moekit.experiments.report import write_results_index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,3 +134,44 @@ def test_steps_to_reach_interpolates_between_evaluations():
     assert steps_to_reach(curve, 3.5) == pytest.approx((25.0, 2.5))
     assert steps_to_reach(curve, 6.0) == (10.0, 1.0)
     assert steps_to_reach(curve, 2.0) is None
+
+
+class _Toy(Experiment):
+    """Two runs without training: the first raises, the second returns a record."""
+
+    name = "toy"
+    title = "Toy"
+    paper = "none"
+    claim = "none"
+
+    def variants(self, ctx):
+        return [Variant("broken"), Variant("fine")]
+
+    def run(self, ctx, variant):
+        if variant.label == "broken":
+            raise RuntimeError("boom")
+        return RunRecord(variant.label, variant.key, variant.seed, "moekit train", "", val_loss=1.0)
+
+    def summarize(self, ctx, records):
+        return Summary([Table("", ["run", "status"], [[r.label, r.status] for r in records])], [])
+
+    def plot(self, records, path):
+        path.write_bytes(b"\x89PNG\r\n\x1a\n")
+
+
+def test_a_failing_run_is_recorded_and_the_others_still_run(tmp_path):
+    (tmp_path / "toy.toml").write_text("")
+    result = run_experiment(_Toy(), tmp_path / "out", config_dir=tmp_path, runs_dir=tmp_path / "runs")
+    assert [r.status for r in result.records] == ["failed", "ok"]
+    assert "boom" in result.records[0].error
+    assert "**Run #1 (broken) failed**" in result.fragment.read_text()
+    assert result.verdict == "inconclusive"  # no checks
+
+
+def test_runs_past_the_budget_are_skipped_and_reported(tmp_path):
+    (tmp_path / "toy.toml").write_text("")
+    result = run_experiment(
+        _Toy(), tmp_path / "out", config_dir=tmp_path, runs_dir=tmp_path / "runs", budget_minutes=1e-9
+    )
+    assert [r.status for r in result.records] == ["skipped", "skipped"]
+    assert "2 of 2 runs were not run" in result.fragment.read_text()

@@ -19,6 +19,7 @@ import math
 import re
 import shlex
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,8 @@ def fit_and_record(trainer, record: RunRecord) -> RunRecord:
     result = None
     try:
         result = trainer.fit()
+        if result.interrupted:  # Ctrl-C: the trainer saved its checkpoint; stop the experiment too
+            raise KeyboardInterrupt
     except FloatingPointError as exc:  # the trainer's NaN/Inf loss check
         record.status, record.error = "nonfinite", str(exc)
     except ValueError as exc:  # the router's NaN/Inf logits check
@@ -302,7 +305,12 @@ def run_variants(ctx: Context, variants: list[Variant], run=train_variant) -> li
             records.append(skipped_record(ctx, variant, "not run: the experiment's time budget was spent"))
             continue
         start = time.perf_counter()
-        record = run(ctx, variant)
+        try:
+            record = run(ctx, variant)
+        except Exception as exc:  # one broken run must not lose the others: recorded, reported
+            traceback.print_exc()
+            record = skipped_record(ctx, variant, f"failed: {type(exc).__name__}: {exc}")
+            record.status = "failed"
         print(
             f"  [{i}/{len(variants)}] {variant.label} (seed {variant.seed}): {record.status}, "
             f"val {fmt(record.val_loss)}, {time.perf_counter() - start:.0f} s",

@@ -88,11 +88,15 @@ def write_fragment(
         lines += markdown_table(table)
     if png is not None:
         lines += [f"![{name}](results/{png.name})", ""]
-    skipped = [r for r in records if r.status == "skipped"]
+    for i, r in enumerate(records, 1):
+        if r.status == "failed":
+            lines += [f"**Run #{i} ({r.label}) failed**: {r.error}", ""]
+    skipped = [(i, r) for i, r in enumerate(records, 1) if r.status == "skipped"]
     if skipped:
+        reasons = "; ".join(f"#{i} {r.label}: {r.error}" for i, r in skipped)
         lines += [
-            f"**{len(skipped)} of {len(records)} runs were not run** (time budget of {budget_minutes:g} min "
-            "spent); their rows are empty and the checks use only the runs that ran.",
+            f"**{len(skipped)} of {len(records)} runs were not run** (budget {budget_minutes:g} min per "
+            f"experiment): {reasons}. Their rows are empty; the checks use only the runs that ran.",
             "",
         ]
     for note in summary.notes:
