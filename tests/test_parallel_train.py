@@ -205,9 +205,10 @@ def test_world2_ep2_matches_one_process(root, reference):
     # The checkpoint has the single-process layout: the same files, keys, shapes and tied weights.
     ours, ref = run / "checkpoint", reference["checkpoint"]
     assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in ref.iterdir())
-    assert json.loads((ours / ckpt.CONFIG_FILE).read_text())["tied"] == {
-        "output.weight": "tok_embeddings.weight"
-    }
+    config = json.loads((ours / ckpt.CONFIG_FILE).read_text())
+    assert config["tied"] == {"output.weight": "tok_embeddings.weight"}
+    # its run is the one-process run that continues it (what moekit eval or finetune rebuild)
+    assert (config["run"]["data"]["batch_size"], config["run"]["parallel"]["ep"]) == (8, 1)
     model, want = ckpt.read_safetensors(ours / ckpt.MODEL_FILE), ckpt.read_safetensors(ref / ckpt.MODEL_FILE)
     assert set(model) == set(want)
     for key in want:
@@ -229,6 +230,7 @@ def test_world2_ep2_matches_one_process(root, reference):
     }
     assert {k: v.shape for k, v in optimizer.items()} == {k: v.shape for k, v in ref_optimizer.items()}
     assert not torch.equal(tensors["rng.rank0.torch"], tensors["rng.rank1.torch"])  # per-rank streams
+    assert cli_main(["eval", "--ckpt", str(ours), "--batches", "2"]) == 0  # one process reads it
 
 
 def test_ep2_checkpoint_resumes_in_one_process(root, reference, killed):

@@ -309,11 +309,17 @@ class Trainer:
 
     # -------------------------------------------------------------- checkpoints
     def checkpoint_config(self) -> dict[str, Any]:
+        """config.json. Its run is the one-process run that continues the checkpoint exactly (the
+        files have the one-process layout): a W-rank run is stored with data.batch_size W*B and
+        parallel.ep 1, so `moekit eval`, fine-tuning and the like read it in one process."""
+        run = self.cfg.to_dict()
+        run["data"]["batch_size"] *= self.layout.world_size
+        run["parallel"]["ep"] = 1
         return {
             "moekit_version": __version__,
             "arch": self.cfg.arch,
             "model": self.model_cfg.to_dict(),
-            "run": self.cfg.to_dict(),
+            "run": run,
         }
 
     def save(self) -> Path:
