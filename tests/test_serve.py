@@ -401,12 +401,20 @@ def test_quantized_and_hf_folders_without_their_loaders(tmp_path, monkeypatch):
 
 
 def test_quantized_checkpoint_that_load_model_reads(tmp_path, monkeypatch, checkpoint):
+    """A real `moekit quantize` output serves, with the same greedy text as load_model's model."""
+    from moekit.compress.quantize import QuantSpec, quantize_model, save_quantized
+
     monkeypatch.setattr(loading, "QUANT_LOADERS", (("moekit_test_absent_quant", "load_quantized"),))
-    folder = Path(shutil.copytree(checkpoint, tmp_path / "q"))
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "quantization": {"bits": 8}}))
+    model, config = ckpt.load_model(checkpoint)
+    qmodel, _ = quantize_model(model, QuantSpec("int8"), None)
+    folder = Path(save_quantized(qmodel, config, tmp_path / "q", QuantSpec("int8")))
     loaded = loading.load_for_serving(folder)
     assert loaded.format == "quantized" and hasattr(loaded.model, "new_cache")
+    reference, _ = ckpt.load_model(folder)
+    prompt = torch.tensor([loaded.tokenizer.encode("def parse(")])
+    want = reference.generate(prompt, max_new_tokens=8, temperature=0.0)
+    got = loaded.model.generate(prompt, max_new_tokens=8, temperature=0.0)
+    assert torch.equal(got, want)
 
 
 def test_real_hf_folder_serves_like_the_original(tmp_path, checkpoint, reference):
