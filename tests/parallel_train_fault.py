@@ -5,8 +5,9 @@
 Rank FAULT_RANK fails when it is about to run step FAULT_STEP + 1, while every other rank goes on
 into the collectives of that step. FAULT=kill: it dies by SIGKILL (no cleanup, like a crashed or
 OOM-killed process). FAULT=hang: it stops making progress (sleeps) but stays alive, so only the
-collective timeout (parallel.timeout_s) can end the others' wait. FAULT=interrupt: it gets SIGINT
-(Ctrl-C) alone; the ranks must agree to stop after that step, evaluate and save together.
+collective timeout (parallel.timeout_s) can end the others' wait. FAULT=interrupt: it alone gets
+SIGINT twice (as after a Ctrl-C in a terminal: the terminal's and the one torchrun forwards); the
+ranks must agree to stop after that step, then save and evaluate together.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def fail_at(rank: int, step: int, fault: str) -> None:
             if fault == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             elif fault == "interrupt":
+                os.kill(os.getpid(), signal.SIGINT)
                 os.kill(os.getpid(), signal.SIGINT)
             else:
                 time.sleep(3600)

@@ -14,7 +14,8 @@ group's concatenated batch). Checked, each job started with the documented entry
   - a rank killed mid-run (SIGKILL) makes torchrun exit non-zero within a bounded time, and
     starting the same command again resumes from the last checkpoint and ends like the reference;
     a rank that hangs makes the others fail after parallel.timeout_s (expert-parallel groups too);
-    Ctrl-C on one rank stops all ranks after that step with a checkpoint and the report;
+    Ctrl-C on one rank (twice, as torchrun forwards it) stops all ranks after that step with a
+    checkpoint and the report;
   - a bad layout fails on every rank with the values named.
 
 Every job runs in its own session and is killed with all its workers at a deadline, so a hang

@@ -154,8 +154,10 @@ class StopRequests:
     """Ctrl-C in a multi-process run: noted, and the ranks stop together at the end of the step.
 
     A KeyboardInterrupt raised at once would leave the ranks in different collectives (one inside an
-    all-to-all, another saving), so with `enabled` the first SIGINT only sets `requested`; the loop
-    agrees on it with the other ranks. A second Ctrl-C interrupts at once (the previous handler).
+    all-to-all, another saving), so with `enabled` SIGINT only sets `requested`; the loop agrees on
+    it with the other ranks. Every SIGINT does only that: after a Ctrl-C in a terminal each worker
+    gets two (the terminal's and the one torchrun forwards), and torchrun kills workers that have not
+    exited 30 s after forwarding it.
     """
 
     def __init__(self, enabled: bool) -> None:
@@ -165,7 +167,6 @@ class StopRequests:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
 
     def __enter__(self) -> StopRequests:
         if self.enabled:

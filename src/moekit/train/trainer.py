@@ -564,9 +564,7 @@ class Trainer:
                     if stop_now:
                         result.interrupted = True
                         break
-        except KeyboardInterrupt:
-            if self.layout.distributed:
-                raise  # a second Ctrl-C: the ranks are in different collectives; the last checkpoint stands
+        except KeyboardInterrupt:  # one process (several agree on Ctrl-C above)
             result.interrupted = True
         finally:
             bar.close()
@@ -574,12 +572,12 @@ class Trainer:
                 tb.close()
         if result.interrupted and self.is_main:
             bar.write(f"interrupted at step {self.step}: saving a checkpoint to {self.ckpt_dir}")
+        self.save()  # before the final evaluation: torchrun kills stopping workers after 30 s
         if last_val is None or result.interrupted or self.step % t.eval_every:
             ev = self.evaluate()
             last_val = ev["val_loss"]
             with open(log_path, "a", encoding="utf-8") as log:
                 log.write(json.dumps({"step": self.step, "final": True, **ev}) + "\n")
-        self.save()
         result.step = self.step
         result.val_loss = last_val
         result.summary = self.summary(last_val)
