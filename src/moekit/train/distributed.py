@@ -3,7 +3,7 @@
 `torchrun --nproc-per-node W -m moekit train --set parallel.ep=P` starts W copies of one job; the
 Trainer joins them with these helpers around `moekit.parallel` (docs/expert_parallel.md, section 7):
 
-    device = start_process_group(device, timeout_s)    # WORLD_SIZE > 1: gloo on CPU, nccl on CUDA
+    device = start_process_group(device, timeout_s)    # WORLD_SIZE > 1: gloo, with nccl on CUDA
     layout = init_parallel(ep, model_config)           # validated on every rank, names the values
     with main_process_first(layout): prepare data      # rank 0 tokenizes and caches, then the others
     sampler = RankRows(sampler_of_global_batches, layout)
@@ -47,9 +47,10 @@ def env_rank() -> tuple[int, int]:
 
 def start_process_group(device: torch.device, timeout_s: float) -> torch.device:
     """Join the job's process group when torchrun started several processes; returns this rank's
-    device (cuda:LOCAL_RANK for a bare "cuda"). gloo on CPU, nccl on CUDA. `timeout_s` bounds every
-    collective, so a rank that hangs makes the others fail instead of waiting forever (a rank that
-    dies is noticed at once: torchrun stops the others). An existing group is reused."""
+    device (cuda:LOCAL_RANK for a bare "cuda"). gloo on CPU; on CUDA nccl for CUDA tensors and gloo
+    for the small CPU ones (config digests, RNG states). `timeout_s` bounds every collective, so a
+    rank that hangs makes the others fail instead of waiting forever (a rank that dies is noticed
+    at once: torchrun stops the others). An existing group is reused."""
     _, world = env_rank()
     if world <= 1 and not dist.is_initialized():
         return device
@@ -58,7 +59,7 @@ def start_process_group(device: torch.device, timeout_s: float) -> torch.device:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return device
 
