@@ -294,3 +294,26 @@ def test_cli_train_eval_generate(corpus_dir, tmp_path, capsys):
     assert text.startswith("def ")
     assert cli_main(["generate", "--ckpt", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_time_limit_plans_the_schedule_into_the_budget(corpus_dir, tmp_path):
+    """A time-limited run fixes its length after a few timed steps; the cosine ends inside the budget."""
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            corpus_dir,
+            tmp_path,
+            **{"train.steps": "100000", "train.time_limit_minutes": "0.04", "train.warmup_steps": "2"},
+        ),
+    )
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    assert 6 <= trainer.total_steps < 100000 and trainer.planned
+    assert result.step <= trainer.total_steps
+    assert result.summary["training_seconds"] <= 0.04 * 60 * 1.5
+    state = json.loads((trainer.ckpt_dir / ckpt.STATE_FILE).read_text())
+    assert state["total_steps"] == trainer.total_steps  # a resumed run keeps the plan
+    if result.step == trainer.total_steps:  # finished the plan: the learning rate reached its floor
+        assert lr_at(result.step, cfg, trainer.total_steps) == pytest.approx(
+            cfg.train.lr * cfg.train.min_lr_ratio
+        )

@@ -91,12 +91,14 @@ def router_stats_of(output: Any) -> list:
     return list(output.router_stats)
 
 
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warmup to lr over warmup_steps, then cosine decay to lr * min_lr_ratio at `steps`."""
+def lr_at(step: int, cfg: RunConfig, total_steps: int | None = None) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to lr * min_lr_ratio at the last
+    step (`total_steps`, default train.steps; shorter when a time limit plans fewer steps)."""
     t = cfg.train
+    total = t.steps if total_steps is None else total_steps
     if t.warmup_steps > 0 and step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    span = max(1, t.steps - t.warmup_steps)
+    span = max(1, total - t.warmup_steps)
     progress = min(1.0, (step - t.warmup_steps) / span)
     floor = t.lr * t.min_lr_ratio
     return floor + 0.5 * (t.lr - floor) * (1 + math.cos(math.pi * progress))
@@ -143,6 +145,7 @@ def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: i
 
 
 # ---------------------------------------------------------------------- the run
+PLAN_AFTER = 5  # timed steps before a time-limited run fixes its length
 
 
 @dataclass
@@ -194,6 +197,10 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.elapsed = 0.0
+        # With a time limit the run plans its length after PLAN_AFTER timed steps, so the cosine
+        # schedule ends inside the budget on any machine; the plan is saved and kept on resume.
+        self.total_steps = cfg.train.steps
+        self.planned = cfg.train.time_limit_minutes <= 0
         self.sampler = self._train_sampler()
         if self.layout.distributed:
             self.sampler = D.RankRows(self.sampler, self.layout)
@@ -349,6 +356,8 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "elapsed_seconds": self.elapsed,
+            "total_steps": self.total_steps,
+            "planned": self.planned,
             "sampler": self.sampler.state_dict(),
             "param_groups": groups,
             "world_size": self.layout.world_size,
@@ -407,6 +416,8 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.elapsed = float(state["elapsed_seconds"])
+        self.total_steps = int(state.get("total_steps", self.cfg.train.steps))
+        self.planned = bool(state.get("planned", True))
         try:
             self.sampler.load_state_dict(state["sampler"])
         except ValueError as exc:
@@ -446,7 +457,7 @@ class Trainer:
         """
         cfg = self.cfg
         accum = cfg.train.grad_accum
-        lr = lr_at(self.step, cfg)
+        lr = lr_at(self.step, cfg, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -511,7 +522,7 @@ class Trainer:
         result = TrainResult(self.run_dir, self.ckpt_dir, self.step)
         tb = _tensorboard_writer(self.run_dir / "tensorboard") if t.tensorboard and self.is_main else None
         bar = _progress(
-            t.progress and self.is_main, total=t.steps, initial=self.step, desc=f"train {t.run_name}"
+            t.progress and self.is_main, total=self.total_steps, initial=self.step, desc=f"train {t.run_name}"
         )
         time_limit = t.time_limit_minutes * 60 if t.time_limit_minutes > 0 else math.inf
         last_val = None
@@ -521,7 +532,8 @@ class Trainer:
                 open(log_path, "a", encoding="utf-8") as log,
                 D.StopRequests(self.layout.distributed) as stop,
             ):
-                while self.step < t.steps and self.elapsed < time_limit:
+                timed: list[float] = []
+                while self.step < self.total_steps and self.elapsed < time_limit:
                     start = time.perf_counter()
                     m = self.train_step()
                     # The slowest rank's time and any rank's Ctrl-C: every rank decides alike.
@@ -529,16 +541,22 @@ class Trainer:
                         [time.perf_counter() - start, float(stop.requested)], self.layout, "max"
                     )
                     self.elapsed += seconds
+                    if not self.planned:
+                        timed.append(seconds)
+                        if len(timed) > PLAN_AFTER:  # the first step (allocations, caches) is not timed
+                            self.plan_length(time_limit, sum(timed[1:]) / PLAN_AFTER)
+                            bar.total = self.total_steps
                     result.train_losses.append(m["loss"])
                     window_tokens += m["tokens"]
                     if not math.isfinite(m["loss"]):
                         raise FloatingPointError(f"training diverged at step {self.step}: loss {m['loss']}")
-                    if self.step % t.log_every == 0 or self.step == t.steps:
+                    last_step = self.step == self.total_steps
+                    if self.step % t.log_every == 0 or last_step:
                         now = time.perf_counter()
                         m["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
                         m["elapsed_s"] = self.elapsed
                         window_tokens, window_start = 0, now
-                        if self.step % t.eval_every == 0 or self.step == t.steps:
+                        if self.step % t.eval_every == 0 or last_step:
                             m.update(self.evaluate())
                             last_val = m["val_loss"]
                         log.write(json.dumps(m) + "\n")
@@ -582,6 +600,14 @@ class Trainer:
         result.val_loss = last_val
         result.summary = self.summary(last_val)
         return result
+
+    def plan_length(self, time_limit_s: float, seconds_per_step: float) -> None:
+        """Fit the run (and so the learning-rate schedule) into the time limit, leaving 3% spare."""
+        remaining = max(0.0, 0.97 * time_limit_s - self.elapsed)
+        self.total_steps = max(
+            self.step + 1, min(self.cfg.train.steps, self.step + int(remaining / seconds_per_step))
+        )
+        self.planned = True
 
     def summary(self, val_loss: float | None) -> dict[str, Any]:
         params = self.params
