@@ -24,6 +24,7 @@ from moekit.experiments.core import (
     overall_verdict,
     steps_to_reach,
 )
+from moekit.experiments.experiment import rerender
 from moekit.experiments.report import write_results_index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,3 +176,13 @@ def test_runs_past_the_budget_are_skipped_and_reported(tmp_path):
     )
     assert [r.status for r in result.records] == ["skipped", "skipped"]
     assert "2 of 2 runs were not run" in result.fragment.read_text()
+
+
+def test_report_only_rebuilds_the_fragment_from_the_saved_records(tmp_path):
+    (tmp_path / "toy.toml").write_text("")
+    first = run_experiment(_Toy(), tmp_path / "out", config_dir=tmp_path, runs_dir=tmp_path / "runs")
+    text = first.fragment.read_text()
+    first.fragment.unlink()
+    again = rerender(_Toy(), tmp_path / "out", config_dir=tmp_path)
+    assert again.fragment.read_text() == text
+    assert [r.status for r in again.records] == ["failed", "ok"]

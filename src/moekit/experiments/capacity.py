@@ -50,17 +50,34 @@ class Capacity(Experiment):
                 r.label.split(",")[0],
                 _cf_name(cf),
                 fmt(r.val_loss),
-                "-" if r.dropped_fraction is None else f"{100 * r.dropped_fraction:.2f}%",
+                _percent(r.dropped_fraction),
+                _percent(r.dropped_fraction_end),
                 fmt(r.seconds_per_step),
                 "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}",
             ]
             for i, (r, cf) in enumerate(zip(records, FACTORS * len(ROUTERS)), 1)
         ]
         table = Table(
-            "", ["#", "routing", "capacity", "final val loss", "dropped (train)", "s/step", "tokens/s"], rows
+            "",
+            [
+                "#",
+                "routing",
+                "capacity",
+                "final val loss",
+                "dropped (training mean)",
+                "dropped (last quarter)",
+                "s/step",
+                "tokens/s",
+            ],
+            rows,
         )
         grid = {(r.label.split(",")[0], cf): r for r, cf in zip(records, FACTORS * len(ROUTERS))}
-        return Summary([table], _checks(grid))
+        notes = [
+            "Routers start from moekit's default init (moe.router_init_scale=1.0); Switch used 0.1x. "
+            "Dropped fractions are over training batches (position priority); the training mean and the last "
+            "quarter show how the load settles.",
+        ]
+        return Summary([table], _checks(grid), notes)
 
     def plot(self, records: list[RunRecord], path: Path) -> None:
         plt = pyplot()
@@ -83,6 +100,10 @@ class Capacity(Experiment):
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def _checks(grid: dict[tuple[str, float | None], RunRecord]) -> list[Check]:

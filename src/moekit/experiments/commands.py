@@ -1,4 +1,5 @@
-"""`moekit experiment NAME|all [--smoke] [--out DIR] [--runs DIR] [--set K=V ...] [--budget-minutes M]`."""
+"""`moekit experiment NAME|all [--smoke] [--out DIR] [--runs DIR] [--set K=V ...] [--budget-minutes M]
+[--report-only]`: run experiments (or re-render their saved results) and rebuild OUT/results.md."""
 
 from __future__ import annotations
 
@@ -32,11 +33,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=30.0,
         help="per experiment: runs that would start later are skipped and reported (0 = no limit)",
     )
+    ex.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the tables, plot and verdict from OUT/results/<name>.json without training",
+    )
     ex.set_defaults(func=run_experiment_command)
 
 
 def run_experiment_command(args: argparse.Namespace) -> int:
     from moekit.experiments import all_experiments, get_experiment, run_experiment
+    from moekit.experiments.experiment import rerender
     from moekit.experiments.report import write_results_index
 
     experiments = all_experiments()
@@ -50,6 +57,10 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         out = Path(tempfile.mkdtemp(prefix="moekit-smoke-"))
     out = out or Path("docs")
     for experiment in chosen:
+        if args.report_only:
+            result = rerender(experiment, out)
+            print(f"{experiment.name}: verdict {result.verdict}; results: {result.fragment}")
+            continue
         run_experiment(
             experiment,
             out,

@@ -82,6 +82,7 @@ class RunRecord:
     seconds_per_step: float | None = None
     tokens_per_s: float | None = None
     dropped_fraction: float | None = None  # mean over the logged steps
+    dropped_fraction_end: float | None = None  # mean over the last quarter of the logged steps
     max_load_violation: float | None = None  # mean over the last quarter of the logged steps
     params_total: int | None = None
     params_active: int | None = None
@@ -278,7 +279,7 @@ def fill_from_metrics(record: RunRecord, path: Path) -> None:
     """Validation curve, dropped fraction and load violation from a run's metrics.jsonl."""
     if not path.exists():
         return
-    logged, elapsed = [], 0.0
+    logged, elapsed, record.val_curve = [], 0.0, []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             m = json.loads(line)
@@ -290,8 +291,9 @@ def fill_from_metrics(record: RunRecord, path: Path) -> None:
         if "val_loss" in m:
             record.val_curve.append((int(m["step"]), float(m["val_loss"]), float(elapsed)))
     if logged:
-        record.dropped_fraction = float(sum(m["dropped_fraction"] for m in logged) / len(logged))
         tail = logged[len(logged) - max(1, len(logged) // 4) :]
+        record.dropped_fraction = float(sum(m["dropped_fraction"] for m in logged) / len(logged))
+        record.dropped_fraction_end = float(sum(m["dropped_fraction"] for m in tail) / len(tail))
         record.max_load_violation = float(sum(m["max_load_violation"] for m in tail) / len(tail))
         if not record.train_curve:  # a run that raised: its logged losses are what is left
             record.train_curve = [float(m["loss"]) for m in logged]
@@ -366,3 +368,9 @@ def dense_ffn_hidden(cfg: RunConfig) -> int:
 
 def record_to_dict(record: RunRecord) -> dict[str, Any]:
     return asdict(record)
+
+
+def record_from_dict(d: dict[str, Any]) -> RunRecord:
+    record = RunRecord(**d)
+    record.val_curve = [tuple(point) for point in record.val_curve]
+    return record

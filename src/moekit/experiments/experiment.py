@@ -14,6 +14,7 @@ collected results.md there (see report.py).
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -28,7 +29,9 @@ from moekit.experiments.core import (
     RunRecord,
     Summary,
     Variant,
+    fill_from_metrics,
     overall_verdict,
+    record_from_dict,
     run_variants,
     train_variant,
 )
@@ -110,18 +113,35 @@ def run_experiment(
     deadline = start + budget_minutes * 60 if budget_minutes > 0 else math.inf
     ctx = Context(experiment.name, config_path, runs_dir, smoke, tuple(overrides), deadline)
     print(f"experiment {experiment.name}{' (smoke)' if smoke else ''}: {experiment.title}", flush=True)
-    missing = experiment.missing()
-    if missing:
-        records, summary = [], Summary(tables=[], checks=[], notes=[f"Not run: {missing}."])
-    else:
+    records: list[RunRecord] = []
+    if not experiment.missing():
         threads = torch.get_num_threads()  # runs may set train.threads; leave the process as found
         try:
             records = run_variants(ctx, experiment.variants(ctx), experiment.run)
         finally:
             torch.set_num_threads(threads)
-        summary = experiment.summarize(ctx, records)
-    verdict = overall_verdict(summary.checks) if not missing else "not run"
     wall = time.monotonic() - start
+    result = write_results(experiment, ctx, records, out_dir, wall, report.machine_line(wall), budget_minutes)
+    print(f"  verdict: {result.verdict}; results: {result.fragment}", flush=True)
+    return result
+
+
+def write_results(
+    experiment: Experiment,
+    ctx: Context,
+    records: list[RunRecord],
+    out_dir: Path,
+    wall: float,
+    machine: str,
+    budget_minutes: float,
+) -> ExperimentResult:
+    """Tables, checks, verdict, plot and fragment from the records of a run (or a saved one)."""
+    missing = experiment.missing() if not records else ""
+    if missing:
+        summary = Summary(tables=[], checks=[], notes=[f"Not run: {missing}."])
+    else:
+        summary = experiment.summarize(ctx, records)
+    verdict = "not run" if missing else overall_verdict(summary.checks)
     png = None
     if records:
         png = report.results_dir(out_dir) / f"{experiment.name}.png"
@@ -134,9 +154,43 @@ def run_experiment(
         summary,
         verdict,
         wall,
-        smoke=smoke,
+        smoke=ctx.smoke,
         png=png,
         budget_minutes=budget_minutes,
+        machine=machine,
+        context={"overrides": list(ctx.overrides), "runs_dir": str(ctx.runs_dir)},
     )
-    print(f"  verdict: {verdict}; results: {fragment}", flush=True)
     return ExperimentResult(experiment.name, records, summary, verdict, wall, out_dir, fragment)
+
+
+def rerender(experiment: Experiment, out_dir: Path, config_dir: Path | None = None) -> ExperimentResult:
+    """Rebuild results/<name>.{md,png} from the records saved in results/<name>.json (no training):
+    what a change to a table or plot needs. The verdict rules are the same code as in a run."""
+    saved = report.results_dir(out_dir) / f"{experiment.name}.json"
+    if not saved.is_file():
+        raise FileNotFoundError(
+            f"no saved results {str(saved)!r}: run `moekit experiment {experiment.name}` first"
+        )
+    data = json.loads(saved.read_text(encoding="utf-8"))
+    records = [record_from_dict(r) for r in data["records"]]
+    for r in records:  # numbers added to the records since they were saved come from the run folders
+        if r.run_dir:
+            fill_from_metrics(r, Path(r.run_dir) / "metrics.jsonl")
+    config_path = (config_dir or default_config_dir()) / f"{experiment.name}.toml"
+    ctx = Context(
+        experiment.name,
+        config_path,
+        Path(data.get("runs_dir", "runs/experiments")),
+        bool(data["smoke"]),
+        tuple(data.get("overrides", ())),
+    )
+    machine = data.get("machine") or _machine_line_of(saved.with_suffix(".md"))
+    return write_results(
+        experiment, ctx, records, out_dir, data["wall_seconds"], machine, data.get("budget_minutes", 30.0)
+    )
+
+
+def _machine_line_of(fragment: Path) -> str:
+    """The "Ran ..." line of a fragment written before the JSON kept it."""
+    lines = fragment.read_text(encoding="utf-8").splitlines() if fragment.is_file() else []
+    return next((line for line in lines if line.startswith("Ran ")), "")

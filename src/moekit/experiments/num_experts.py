@@ -82,7 +82,17 @@ class NumExperts(Experiment):
             ],
             rows,
         )
-        return Summary([table], _checks(losses))
+        notes = []
+        trained = [(n, r) for n, r in zip(EXPERT_COUNTS, records) if n > 1 and r.ok and r.tokens_per_s]
+        if trained:
+            per_expert = ", ".join(
+                f"{n}: {r.tokens_per_s * r.training_seconds / n / 1e3:.0f}k" for n, r in trained
+            )
+            notes.append(
+                f"Tokens each expert trained on (per MoE layer, on average): {per_expert}; Switch's "
+                "models saw orders of magnitude more, so many experts may be under-trained here."
+            )
+        return Summary([table], _checks(losses), notes)
 
     def plot(self, records: list[RunRecord], path: Path) -> None:
         plt = pyplot()

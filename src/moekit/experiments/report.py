@@ -71,6 +71,8 @@ def write_fragment(
     smoke: bool,
     png: Path | None,
     budget_minutes: float,
+    machine: str,
+    context: dict[str, Any],
 ) -> Path:
     """Write results/<name>.md and results/<name>.json; return the Markdown path."""
     folder = results_dir(out_dir)
@@ -108,7 +110,7 @@ def write_fragment(
         for i, r in enumerate(records, 1):
             lines += [f"# {i}: {r.label}, seed {r.seed}", r.command]
         lines += ["```", ""]
-    lines += [machine_line(wall_seconds), ""]
+    lines += [machine, ""]
     md = folder / f"{name}.md"
     _write(md, "\n".join(lines))
     data: dict[str, Any] = {
@@ -119,6 +121,9 @@ def write_fragment(
         "verdict": verdict,
         "smoke": smoke,
         "wall_seconds": wall_seconds,
+        "budget_minutes": budget_minutes,
+        "machine": machine,
+        **context,
         "checks": [vars(c) for c in summary.checks],
         "tables": [vars(t) for t in summary.tables],
         "notes": summary.notes,
@@ -137,10 +142,11 @@ def write_results_index(out_dir: Path, experiments: list[Experiment]) -> Path:
         "Each experiment is a base config in `experiments/<name>.toml` plus variants given as "
         "`--set` overrides; `make experiments` (or `moekit experiment all`) reruns everything and "
         "rewrites this page, `moekit experiment NAME` one experiment. Models are small (dim 128, "
-        "2 layers, a few hundred steps on the stdlib corpus) so each experiment fits in about ten "
-        "minutes on a 2-core CPU: the verdicts say whether the papers' direction holds at this scale, "
-        "not their magnitudes. Verdicts are computed from the numbers by fixed rules in "
-        "`src/moekit/experiments/`.",
+        "2 layers, a few hundred steps on the stdlib corpus, one torch thread) so each experiment fits "
+        "in about ten minutes on a 2-core CPU: the verdicts say whether the papers' direction holds at "
+        "this scale, not their magnitudes. Verdicts are computed from the numbers by fixed rules in "
+        "`src/moekit/experiments/` (each check states its rule); one seed unless a table shows several, "
+        "so differences of a few hundredths of a nat are within seed noise.",
         "",
     ]
     status = []
