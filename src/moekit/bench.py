@@ -69,7 +69,11 @@ def run(
 def format_results(results: dict[str, Any]) -> str:
     parts = []
     if "layer" in results:
-        parts.append("## MoE layer\n\n" + load_suite("layer").format_layer(results["layer"]))
+        layer = load_suite("layer")
+        method = "\n".join(
+            line for line in (layer.__doc__ or "").splitlines()[1:] if not line.startswith("Run:")
+        ).strip()
+        parts.append(f"## MoE layer\n\n{method}\n\n" + layer.format_layer(results["layer"]))
     if "e2e" in results:
         e2e = results["e2e"]
         if e2e.get("status") == "not yet built":
