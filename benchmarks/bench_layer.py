@@ -472,10 +472,20 @@ def run_layer(
     memory: bool = True,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """The whole layer suite -> a JSON-ready dict. `threads` sets torch's intra-op threads first."""
-    if threads:
-        torch.set_num_threads(threads)
-    tokens = tokens or (QUICK_TOKENS if quick else TOKENS)
+    """The whole layer suite -> a JSON-ready dict, run with `threads` intra-op threads if given.
+
+    The smoke run (quick) is single-threaded unless told otherwise: on a busy machine a thread team
+    stalls whenever one of its threads is descheduled.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or (1 if quick else previous))
+    try:
+        return _run_layer(quick, tokens or (QUICK_TOKENS if quick else TOKENS), memory)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_layer(quick: bool, tokens: tuple[int, ...], memory: bool) -> dict[str, Any]:
     info = machine_info()
     if quick:
         ceilings = {"sgemm": sgemm_ceiling((512,), 2), "read_bandwidth": read_bandwidth(64 << 20, 2)}
@@ -486,7 +496,7 @@ def run_layer(
     for shape in shapes:
         cells += bench_shape(shape, tokens, ceilings, quick, memory)
     scaling = bench_scaling(
-        shapes[0], SCALING_EXPERTS[:2] if quick else SCALING_EXPERTS, 64 if quick else 4096, quick
+        shapes[0], SCALING_EXPERTS[:2] if quick else SCALING_EXPERTS, 8 if quick else 4096, quick
     )
     info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return {
