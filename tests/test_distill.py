@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 
-from moekit.adapt.distill import dense_student, dense_student_config, distillation_loss
+from moekit.adapt.checkpoints import Source, run_config_for
+from moekit.adapt.distill import DistillTrainer, dense_student, dense_student_config, distillation_loss
 from moekit.cli import main as cli_main
 from moekit.model import MoETransformer
 from moekit.train import checkpoint as ckpt
+from moekit.train.checkpoint import build_model
 from tests.adapt_helpers import tiny_corpus, tiny_model_config, train_checkpoint
 
 
@@ -81,3 +83,20 @@ def test_cli_distill(tmp_path, capsys):
     assert cli_main(["distill", "--teacher", str(out), "--out", str(tmp_path / "s2")]) == 2
     assert "needs an MoE teacher" in capsys.readouterr().err
     assert (teacher_dir / ckpt.MODEL_FILE).read_bytes() == before
+
+    # the trainer optimizes the mix (the logged ce_loss stays the ground-truth loss)
+    source = Source.open(teacher_dir)
+    teacher = source.load_weights(build_model("decoder", source.model_config))
+    flags = {"train": {"out_dir": str(tmp_path / "api"), "run_name": "api"}}
+    data = {"data": {"tokenizer": str(source.tokenizer_file)}}
+    cfg = run_config_for(
+        "decoder", dense_student_config(source.model_config), source.run, defaults=data, flags=flags
+    )
+    trainer = DistillTrainer(cfg, dense_student(teacher, "decoder"), teacher, alpha=0.5)
+    inputs, targets = trainer.sampler.next_batch()
+    trainer.model.train()
+    out = trainer.forward_batch((inputs, targets))
+    with torch.no_grad():
+        teacher_logits = teacher.eval()(inputs).logits
+    torch.testing.assert_close(out.loss, distillation_loss(out.logits, teacher_logits, targets, 0.5))
+    assert abs(float(out.loss) - float(out.ce_loss)) > 1e-4

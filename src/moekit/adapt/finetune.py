@@ -44,6 +44,7 @@ from moekit.data.instruct import (
     validation_batches,
 )
 from moekit.data.loader import IGNORE_INDEX
+from moekit.train import checkpoint as ckpt
 from moekit.train.checkpoint import build_model
 from moekit.train.config import RunConfig
 from moekit.train.trainer import Trainer, TrainResult, autocast_for
@@ -214,6 +215,18 @@ class FinetuneTrainer(Trainer):
             for buffer, value in held:  # a frozen router's aux-loss-free bias stays where it was
                 buffer.copy_(value)
         return metrics
+
+    def try_resume(self) -> bool:
+        """Resume only a run with the same options: another strategy would restore the wrong optimizer."""
+        folder = self.ckpt_dir
+        if self.cfg.train.resume and (folder / ckpt.CONFIG_FILE).is_file():
+            saved = ckpt.read_json(folder / ckpt.CONFIG_FILE).get("finetune")
+            if saved != self.options.to_dict():
+                raise ckpt.CheckpointError(
+                    f"{str(folder)!r} holds a run with other fine-tuning options ({saved}); use another "
+                    "--out or train.run_name, or set train.resume=false to start over (nothing was overwritten)"
+                )
+        return super().try_resume()
 
     def checkpoint_config(self) -> dict[str, Any]:
         return {**super().checkpoint_config(), "finetune": self.options.to_dict()}
