@@ -98,6 +98,8 @@ def test_unknown_strategy_lists_the_valid_ones():
         ValueError, match=r"unknown freezing strategy 'experts_only': expected one of \['none', "
     ):
         freeze(mixed_model(), "experts_only")
+    with pytest.raises(ValueError, match="strategy 'moe' names no parameter of this model"):
+        freeze(MoETransformer(tiny_model_config(moe=False)), "moe")
 
 
 # ---------------------------------------------------------------------- with a trained checkpoint

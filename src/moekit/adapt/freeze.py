@@ -84,6 +84,8 @@ def frozen_parameter_names(model: nn.Module, strategy: str) -> list[str]:
 def freeze(model: nn.Module, strategy: str) -> list[str]:
     """Make exactly the parameters `strategy` names untrainable (all others trainable); returns their names."""
     frozen = set(frozen_parameter_names(model, strategy))
+    if not frozen and strategy != "none":
+        raise ValueError(f"freezing strategy {strategy!r} names no parameter of this model (is it dense?)")
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
     return [name for name, _ in model.named_parameters() if name in frozen]
