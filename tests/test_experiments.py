@@ -64,7 +64,7 @@ def test_smoke_run_writes_table_plot_checks_and_commands(name, tiny, tmp_path):
     experiment = get_experiment(name)
     out = tmp_path / "out"
     result = run_experiment(experiment, out, smoke=True, overrides=tiny, budget_minutes=0)
-    assert result.verdict in VERDICTS
+    assert result.verdict.split(" (")[0] in VERDICTS
     if experiment.missing():  # e.g. the fine-tuning data is not installed here
         assert result.verdict == "not run" and not result.records
         return
@@ -122,7 +122,8 @@ def test_overall_verdict():
     def c(outcome: str) -> Check:
         return Check("claim", "ours", outcome)
 
-    assert overall_verdict([c("agrees"), c("inconclusive")]) == "agrees"
+    assert overall_verdict([c("agrees"), c("agrees")]) == "agrees"
+    assert overall_verdict([c("agrees"), c("inconclusive")]) == "agrees (1 of 2 checks inconclusive)"
     assert overall_verdict([c("disagrees"), c("disagrees")]) == "disagrees"
     assert overall_verdict([c("agrees"), c("disagrees")]) == "partly agrees"
     assert overall_verdict([c("inconclusive")]) == "inconclusive"

@@ -129,15 +129,18 @@ def agrees(condition: bool) -> str:
 
 def overall_verdict(checks: list[Check]) -> str:
     """agrees / disagrees when every decided check does; partly agrees when mixed; inconclusive
-    when no check could be decided."""
+    when no check could be decided. Undecided checks are counted in the verdict."""
     decided = [c.outcome for c in checks if c.outcome != "inconclusive"]
     if not decided:
         return "inconclusive"
     if all(o == "agrees" for o in decided):
-        return "agrees"
-    if all(o == "disagrees" for o in decided):
-        return "disagrees"
-    return "partly agrees"
+        verdict = "agrees"
+    elif all(o == "disagrees" for o in decided):
+        verdict = "disagrees"
+    else:
+        verdict = "partly agrees"
+    undecided = len(checks) - len(decided)
+    return f"{verdict} ({undecided} of {len(checks)} checks inconclusive)" if undecided else verdict
 
 
 @dataclass

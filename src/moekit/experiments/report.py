@@ -145,8 +145,9 @@ def write_results_index(out_dir: Path, experiments: list[Experiment]) -> Path:
         "2 layers, a few hundred steps on the stdlib corpus, one torch thread) so each experiment fits "
         "in about ten minutes on a 2-core CPU: the verdicts say whether the papers' direction holds at "
         "this scale, not their magnitudes. Verdicts are computed from the numbers by fixed rules in "
-        "`src/moekit/experiments/` (each check states its rule); one seed unless a table shows several, "
-        "so differences of a few hundredths of a nat are within seed noise.",
+        "`src/moekit/experiments/` (each check states its rule). One seed unless a table shows several; "
+        "the multi-seed tables (stability, balance) show how far seeds alone move the numbers, so read "
+        "small differences elsewhere with that in mind.",
         "",
     ]
     status = []

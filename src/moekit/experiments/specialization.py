@@ -106,8 +106,8 @@ class Specialization(Experiment):
         notes = [
             f"Decoder-only LM, mean normalized MI over layers: {fmt(decoder_only, 4)} (no encoder to compare "
             "with; shown for reference).",
-            "Normalized MI before training: the same analysis of the untrained model; routing on token "
-            "embeddings already groups token kinds at initialization, so compare the trained values with it.",
+            "Normalized MI before training: the same analysis of the untrained model (its random routing "
+            "of token embeddings), so the trained values can be read against it.",
             "Per-layer reports (load, top tokens per expert, a coloured passage): analysis/report.html "
             "in each run folder.",
         ]
