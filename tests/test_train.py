@@ -284,6 +284,14 @@ def test_cli_train_eval_generate(corpus_dir, tmp_path, capsys):
         assert (run / f).is_file(), f
     assert cli_main(["eval", "--ckpt", str(run / "checkpoint"), "--batches", "2"]) == 0
     assert "perplexity" in capsys.readouterr().out
+    # --data: any files, even the training files, become the evaluation set
+    assert (
+        cli_main(["eval", "--ckpt", str(run), "--data", str(corpus_dir / "val" / "*.txt"), "--batches", "2"])
+        == 0
+    )
+    first = capsys.readouterr().out
+    assert cli_main(["eval", "--ckpt", str(run), "--data", str(corpus_dir / "*.txt"), "--batches", "2"]) == 0
+    assert "perplexity" in first and capsys.readouterr().out != first
     assert (
         cli_main(
             ["generate", "--ckpt", str(run), "--prompt", "def ", "--max-tokens", "12", "--temperature", "0"]

@@ -108,17 +108,15 @@ def _load(ckpt: str):
 
 def run_eval(args: argparse.Namespace) -> int:
     from moekit.train.config import RunConfig
-    from moekit.train.trainer import Trainer
+    from moekit.train.trainer import EvalTrainer
 
-    model, _, config = _load(args.ckpt)
+    model, tokenizer, config = _load(args.ckpt)
     cfg = RunConfig.from_dict(config["run"])
     cfg.data.tokenizer = str(Path(config["folder"]) / "tokenizer.json")
-    if args.data:
-        cfg.data.paths, cfg.data.validation_paths = list(args.data), list(args.data)
     if args.batches is not None:
         cfg.train.eval_batches = args.batches
     cfg.train.device = "cpu"
-    trainer = Trainer(cfg, model=model)
+    trainer = EvalTrainer(cfg, model=model, eval_paths=args.data)
     metrics = trainer.evaluate()
     print(f"validation loss {metrics['val_loss']:.4f}  perplexity {metrics['val_ppl']:.2f}")
     return 0 if math.isfinite(metrics["val_loss"]) else 1

@@ -37,13 +37,18 @@ from torch import nn
 
 from moekit import __version__
 from moekit.data import (
+    Corpus,
     LMBatchSampler,
     PreparedData,
     SpanCorruptionSampler,
     Tokenizer,
     TokenizerConfig,
+    TokenSplits,
     ValidationWindows,
+    encode_documents,
+    expand_paths,
     prepare_data,
+    read_documents,
 )
 from moekit.model import MoEEncoderDecoder, count_params
 from moekit.moe import MoE
@@ -671,3 +676,24 @@ def _progress(enabled: bool, **kw: Any):
     from tqdm.auto import tqdm
 
     return tqdm(dynamic_ncols=True, **kw)
+
+
+class EvalTrainer(Trainer):
+    """A Trainer that only evaluates (`moekit eval`): with `eval_paths`, every given document is
+    validation data and the run's own training data is never read (it may not exist here)."""
+
+    def __init__(self, cfg: RunConfig, *, model: nn.Module, eval_paths: list[str] | None = None):
+        self.eval_paths = list(eval_paths) if eval_paths else None
+        super().__init__(cfg, model=model)
+
+    def _prepare_data(self) -> PreparedData:
+        if self.eval_paths is None:
+            return super()._prepare_data()
+        tokenizer = Tokenizer.from_file(self.cfg.data.tokenizer)
+        docs = tuple(
+            d for f in expand_paths(self.eval_paths) for d in read_documents(f, self.cfg.data.text_field)
+        )
+        tokens = encode_documents(tokenizer, [d.text for d in docs])
+        return PreparedData(
+            Corpus("eval", docs, docs, "eval"), tokenizer, TokenSplits(train=tokens, validation=tokens)
+        )
