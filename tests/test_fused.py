@@ -104,17 +104,19 @@ def test_dropout_in_training_uses_composed_path():
     torch.testing.assert_close(bank(x, [6, 4]), bank._forward_composed(x, [6, 4]))
 
 
-def test_overwrite_input_only_without_autograd():
-    bank = _bank("swiglu", True)
-    bank.block_bytes = 3 * bank.w_in_EDF.shape[-1] * 4
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_tokens_matches_gather_bank_scatter(bias):
+    """The fused inference pass equals gather -> bank -> weighted scatter-add, with repeated tokens."""
+    bank = _bank("swiglu", bias)
+    bank.block_bytes = 3 * bank.w_in_EDF.shape[-1] * 4  # blocks cut across groups
     counts = [4, 0, 5, 2]
-    x = torch.randn(11, 8)
+    x_TD = torch.randn(6, 8)
+    token_N = torch.tensor([0, 2, 3, 5, 0, 1, 2, 4, 5, 1, 3])  # token t appears once per expert
+    weight_N = torch.rand(11)
     with torch.no_grad():
-        want = bank(x, counts)
-        scratch = x.clone()
-        got = bank(scratch, counts, overwrite_input=True)
-    assert got.data_ptr() == scratch.data_ptr()  # written over the input rows
-    torch.testing.assert_close(got, want)
-    x_req = x.clone().requires_grad_(True)
-    y = bank(x_req, counts, overwrite_input=True)  # autograd needs x: a fresh output
-    assert y.data_ptr() != x_req.data_ptr() and torch.equal(x_req.detach(), x)
+        y_ND = bank(x_TD[token_N], counts)
+        want = torch.zeros(6, 8).index_add_(0, token_N, y_ND * weight_N[:, None])
+        got = bank.forward_tokens(x_TD, token_N, weight_N, counts)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="inference"):
+        bank.forward_tokens(x_TD, token_N, weight_N, counts)  # weights require grad outside no_grad

@@ -229,14 +229,31 @@ class LocalDispatcher:
         capacity: int | None,
         order_A: Tensor | None,
         num_experts: int,
-    ) -> tuple[Tensor, list[int], DispatchState]:
-        """-> rows `[N, D]` grouped by expert, rows per expert, state for combine."""
+        gather: bool = True,
+    ) -> tuple[Tensor | None, list[int], DispatchState]:
+        """-> rows `[N, D]` grouped by expert, rows per expert, state for combine.
+
+        `gather=False` only plans: the rows are left to the caller (None is returned for them), who
+        reads `state.token_N` and `state.weight_N` (the fused inference path of the MoE layer).
+        """
         slots = assign_slots(routing.expert_idx_A, valid_A, num_experts, capacity, order_A)
         num_tokens, top_k = x_TD.shape[0], routing.top_k
         weight_N = routing.weight_A[slots.perm_N]
-        if routing.token_idx_A is None and top_k > 0 and sum(slots.counts) == routing.num_assignments:
+        dropless_token_major = (
+            routing.token_idx_A is None and top_k > 0 and sum(slots.counts) == routing.num_assignments
+        )
+        if dropless_token_major:
+            token_N = slots.perm_N.div(top_k, rounding_mode="floor")
+        else:
+            token_N = routing.token_index()[slots.perm_N]
+        if not gather:
+            return (
+                None,
+                slots.counts,
+                DispatchState(token_N, weight_N, num_tokens, slots.routed_E, slots.kept_E),
+            )
+        if dropless_token_major:
             perm_N = slots.perm_N
-            token_N = perm_N.div(top_k, rounding_mode="floor")
             row_A = torch.empty_like(perm_N).scatter_(
                 0, perm_N, torch.arange(perm_N.shape[0], device=perm_N.device)
             )
@@ -253,7 +270,6 @@ class LocalDispatcher:
                 routing.weight_A,
             )
             return x_ND, slots.counts, state
-        token_N = routing.token_index()[slots.perm_N]
         x_ND = x_TD.index_select(0, token_N)  # [N, D]
         return x_ND, slots.counts, DispatchState(token_N, weight_N, num_tokens, slots.routed_E, slots.kept_E)
 

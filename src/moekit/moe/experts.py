@@ -28,7 +28,13 @@ from moekit.moe.activations import (  # noqa: F401  (re-exported: the dense FFN 
     glu_activation,
 )
 from moekit.moe.config import MoEConfig
-from moekit.moe.fused import DEFAULT_BLOCK_BYTES, ExpertSpec, FusedExperts, expert_rows_forward
+from moekit.moe.fused import (
+    DEFAULT_BLOCK_BYTES,
+    ExpertSpec,
+    FusedExperts,
+    expert_rows_forward,
+    expert_tokens_forward,
+)
 from moekit.moe.grouped import GroupPlan, expert_of_rows, grouped_mm
 
 
@@ -66,24 +72,45 @@ class ExpertBank(nn.Module):
             if b is not None:
                 nn.init.zeros_(b)
 
-    def forward(self, x_ND: Tensor, counts: Sequence[int], overwrite_input: bool = False) -> Tensor:
-        """Rows of x_ND sorted by expert, `counts[e]` rows for expert e -> [N, D].
-
-        `overwrite_input=True` lets the bank write its output over x_ND when no autograd graph
-        needs x_ND (a block's rows are read before they are overwritten); a caller that owns x_ND
-        as a temporary (the MoE layer) saves an [N, D] allocation that way.
-        """
-        if isinstance(self.dropout, nn.Dropout) and self.dropout.training:
+    def forward(self, x_ND: Tensor, counts: Sequence[int]) -> Tensor:
+        """Rows of x_ND sorted by expert, `counts[e]` rows for expert e -> [N, D]."""
+        if self.dropout_active():
             return self._forward_composed(x_ND, counts)  # dropout masks: let autograd keep them
-        plan = GroupPlan.from_counts(counts)
-        if plan.num_rows > x_ND.shape[0]:
-            raise ValueError(f"ExpertBank: counts sum to {plan.num_rows} rows but x has {x_ND.shape[0]}")
+        plan = self._plan(counts, x_ND.shape[0])
         params = (x_ND, self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED)
         spec = ExpertSpec(self.activation, self.is_glu, self.strategy, self.block_bytes)
         if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
             return FusedExperts.apply(*params, plan, spec)
-        out_ND = x_ND if overwrite_input and x_ND.shape[1] == self.w_out_EFD.shape[-1] else None
-        return expert_rows_forward(*params, plan, spec, save_hidden=False, out_ND=out_ND)[0]
+        return expert_rows_forward(*params, plan, spec, save_hidden=False)[0]
+
+    def forward_tokens(
+        self, x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts: Sequence[int]
+    ) -> Tensor:
+        """Inference without autograd: dispatch, experts and weighted combine in one pass -> [T, D].
+
+        Row n (sorted by expert, `counts` per expert) is token `token_N[n]` with combine weight
+        `weight_N[n]`. Same result as gathering `x_TD[token_N]`, calling the bank and scatter-adding
+        the weighted rows, without the [N, D] copies (see fused.expert_tokens_forward).
+        """
+        if torch.is_grad_enabled() and any(p.requires_grad for p in (x_TD, weight_N, *self.parameters())):
+            raise RuntimeError("ExpertBank.forward_tokens is for inference: it does not record autograd")
+        if self.dropout_active():
+            raise RuntimeError("ExpertBank.forward_tokens does not apply expert dropout (call eval())")
+        plan = self._plan(counts, token_N.shape[0])
+        spec = ExpertSpec(self.activation, self.is_glu, self.strategy, self.block_bytes)
+        return expert_tokens_forward(
+            x_TD, token_N, weight_N, self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED, plan, spec
+        )
+
+    def dropout_active(self) -> bool:
+        return isinstance(self.dropout, nn.Dropout) and self.dropout.training
+
+    @staticmethod
+    def _plan(counts: Sequence[int], num_rows: int) -> GroupPlan:
+        plan = GroupPlan.from_counts(counts)
+        if plan.num_rows > num_rows:
+            raise ValueError(f"ExpertBank: counts sum to {plan.num_rows} rows but x has {num_rows}")
+        return plan
 
     def _forward_composed(self, x_ND: Tensor, counts: Sequence[int]) -> Tensor:
         """The same math from autograd-tracked pieces (used with expert dropout while training)."""

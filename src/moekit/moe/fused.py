@@ -29,7 +29,7 @@ from moekit.moe.activations import activation_backward, activation_into
 from moekit.moe.grouped import GroupPlan, mm_groups, weight_grad_groups, zero_untouched
 
 # Hidden activations per block: large enough for GEMMs at full speed, small enough for the caches.
-DEFAULT_BLOCK_BYTES = 4 << 20
+DEFAULT_BLOCK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,10 @@ def expert_rows_forward(
     plan: GroupPlan,
     spec: ExpertSpec,
     save_hidden: bool,
-    out_ND: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """-> (y [N, D], pre-activation hidden [N, H] when save_hidden else None), no autograd.
-
-    `out_ND` receives y when given; it may be x_ND itself (each block reads its rows first).
-    """
+    """-> (y [N, D], pre-activation hidden [N, H] when save_hidden else None), no autograd."""
     num_rows, hidden_in = x_ND.shape[0], w_in_EDH.shape[-1]
-    y_ND = x_ND.new_empty(num_rows, w_out_EFD.shape[-1]) if out_ND is None else out_ND
+    y_ND = x_ND.new_empty(num_rows, w_out_EFD.shape[-1])
     if plan.num_rows < num_rows:  # rows past the last group (none in normal use) are zero
         y_ND[plan.num_rows :].zero_()
     blocks = plan.blocks(spec.block_rows(hidden_in, x_ND.element_size()))
@@ -85,6 +81,46 @@ def expert_rows_forward(
     if h_NH is not None and plan.num_rows < num_rows:
         h_NH[plan.num_rows :].zero_()
     return y_ND, h_NH
+
+
+def expert_tokens_forward(
+    x_TD: Tensor,
+    token_N: Tensor,
+    weight_N: Tensor,
+    w_in_EDH: Tensor,
+    w_out_EFD: Tensor,
+    b_in_EH: Tensor | None,
+    b_out_ED: Tensor | None,
+    plan: GroupPlan,
+    spec: ExpertSpec,
+) -> Tensor:
+    """Inference: out_TD[t] = sum over t's rows n of weight_N[n] * expert(x_TD[t]), no autograd.
+
+    Dispatch, experts and combine fused per row block: a block gathers its tokens' rows into a
+    small buffer, runs its experts and scatter-adds the weighted results into the output, so no
+    [N, D] tensor of routed rows (K copies of the input) is ever allocated.
+    """
+    num_tokens, dim = x_TD.shape
+    out_TD = x_TD.new_zeros(num_tokens, w_out_EFD.shape[-1])
+    blocks = plan.blocks(spec.block_rows(w_in_EDH.shape[-1], x_TD.element_size()))
+    if not blocks:
+        return out_TD
+    rows = max(end - start for start, end, _ in blocks)
+    x_buf_RD = x_TD.new_empty(rows, dim)
+    h_buf_RH = x_TD.new_empty(rows, w_in_EDH.shape[-1])
+    a_buf_RF = x_TD.new_empty(rows, w_out_EFD.shape[1])
+    y_buf_RD = x_TD.new_empty(rows, w_out_EFD.shape[-1])
+    weight_N = weight_N.to(x_TD.dtype)
+    for start, end, block in blocks:
+        r = end - start
+        x_RD = torch.index_select(x_TD, 0, token_N[start:end], out=x_buf_RD[:r])
+        h_RH = mm_groups(x_RD, w_in_EDH, block, h_buf_RH[:r], spec.strategy)
+        _add_group_bias(h_RH, b_in_EH, block)
+        a_RF = activation_into(spec.activation, spec.is_glu, h_RH, a_buf_RF[:r])
+        y_RD = mm_groups(a_RF, w_out_EFD, block, y_buf_RD[:r], spec.strategy)
+        _add_group_bias(y_RD, b_out_ED, block)
+        out_TD.index_add_(0, token_N[start:end], y_RD.mul_(weight_N[start:end, None]))
+    return out_TD
 
 
 class FusedExperts(torch.autograd.Function):

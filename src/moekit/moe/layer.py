@@ -133,23 +133,30 @@ class MoE(nn.Module):
                     routing.expert_idx_A, group_A, valid_A, cfg.num_experts, num_groups, capacity, order_A
                 )
                 capacity, order_A = None, None
-        x_ND, counts, state = self.dispatcher.dispatch(
-            x_TD, routing, valid_A, capacity, order_A, cfg.num_experts
-        )
-
-        # 3. experts
         inner_aux = inner_z = None
-        if isinstance(self.experts, ExpertBank) and isinstance(self.dispatcher, LocalDispatcher):
-            expert_out = self.experts(x_ND, counts, overwrite_input=True)  # x_ND is our temporary
+        if self._fused_inference(x_TD, routing):
+            # 2.-4. without autograd on one process: gather, experts and combine run fused, block by
+            # block, and the [N, D] copies of the routed rows are never made
+            _, counts, state = self.dispatcher.dispatch(
+                x_TD, routing, valid_A, capacity, order_A, cfg.num_experts, gather=False
+            )
+            out_TD = self.experts.forward_tokens(x_TD, state.token_N, state.weight_N, counts)
         else:
-            expert_out = self.experts(x_ND, counts)
-        if isinstance(expert_out, tuple):  # hierarchical experts also return their inner losses
-            y_ND, inner_aux, inner_z = expert_out
-        else:
-            y_ND = expert_out
+            x_ND, counts, state = self.dispatcher.dispatch(
+                x_TD, routing, valid_A, capacity, order_A, cfg.num_experts
+            )
 
-        # 4. combine, 5. shared experts
-        out_TD = self.dispatcher.combine(y_ND, state)
+            # 3. experts
+            expert_out = self.experts(x_ND, counts)
+            if isinstance(expert_out, tuple):  # hierarchical experts also return their inner losses
+                y_ND, inner_aux, inner_z = expert_out
+            else:
+                y_ND = expert_out
+
+            # 4. combine
+            out_TD = self.dispatcher.combine(y_ND, state)
+
+        # 5. shared experts
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 
@@ -166,6 +173,20 @@ class MoE(nn.Module):
         routed_E = state.routed_E if routed_E is None else routed_E
         stats = self._stats(routing, routed_E, state.kept_E, mask_T)
         return MoEOutput(out_TD.view(x.shape), aux_loss, z_loss, stats, losses, routing.logits_TE)
+
+    def _fused_inference(self, x_TD: Tensor, routing: Routing) -> bool:
+        """Whether steps 2-4 may run fused: local dispatch, an expert bank, and no autograd."""
+        if type(self.dispatcher) is not LocalDispatcher or not isinstance(self.experts, ExpertBank):
+            return False
+        if self.experts.dropout_active():
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not (
+            x_TD.requires_grad
+            or routing.weight_A.requires_grad
+            or any(p.requires_grad for p in self.experts.parameters())
+        )
 
     def _check_input(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if not torch.is_tensor(x) or not x.is_floating_point():
