@@ -104,19 +104,61 @@ def test_dropout_in_training_uses_composed_path():
     torch.testing.assert_close(bank(x, [6, 4]), bank._forward_composed(x, [6, 4]))
 
 
+TOKEN_N = [0, 2, 3, 5, 0, 1, 2, 4, 5, 1, 3]  # 11 rows for 6 tokens, each token once per expert
+TOKEN_COUNTS = [4, 0, 5, 2]
+
+
+def _tokens_reference(bank, x_TD, token_N, weight_N, counts):
+    y_ND = bank._forward_composed(x_TD[token_N], counts)
+    return torch.zeros_like(x_TD).index_add(0, token_N, y_ND * weight_N[:, None])
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "gpt_oss"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_forward_tokens_matches_gather_bank_scatter(bias):
-    """The fused inference pass equals gather -> bank -> weighted scatter-add, with repeated tokens."""
-    bank = _bank("swiglu", bias)
-    bank.block_bytes = 3 * bank.w_in_EDF.shape[-1] * 4  # blocks cut across groups
-    counts = [4, 0, 5, 2]
-    x_TD = torch.randn(6, 8)
-    token_N = torch.tensor([0, 2, 3, 5, 0, 1, 2, 4, 5, 1, 3])  # token t appears once per expert
-    weight_N = torch.rand(11)
-    with torch.no_grad():
-        y_ND = bank(x_TD[token_N], counts)
-        want = torch.zeros(6, 8).index_add_(0, token_N, y_ND * weight_N[:, None])
-        got = bank.forward_tokens(x_TD, token_N, weight_N, counts)
+@pytest.mark.parametrize("block_rows", [2, 1000])
+def test_forward_tokens_matches_gather_bank_scatter(activation, bias, block_rows):
+    """Tokens mode (gather -> experts -> weighted scatter-add fused) against the composed pieces:
+    output and gradients of the input, the combine weights and every parameter."""
+    bank = _bank(activation, bias)
+    bank.block_bytes = block_rows * bank.w_in_EDF.shape[-1] * 4
+    token_N = torch.tensor(TOKEN_N)
+    x_TD = torch.randn(7, 8, requires_grad=True)  # token 6 has no rows: zero output and gradient
+    weight_N = torch.rand(11, requires_grad=True)
+    probe = torch.randn(7, 8)
+    got = bank.forward_tokens(x_TD, token_N, weight_N, TOKEN_COUNTS)
+    want = _tokens_reference(bank, x_TD, token_N, weight_N, TOKEN_COUNTS)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    with pytest.raises(RuntimeError, match="inference"):
-        bank.forward_tokens(x_TD, token_N, weight_N, counts)  # weights require grad outside no_grad
+    inputs = (x_TD, weight_N, *bank.parameters())
+    g_got = torch.autograd.grad((got * probe).sum(), inputs)
+    g_want = torch.autograd.grad((want * probe).sum(), inputs)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert torch.equal(g_got[0][6], torch.zeros(8))
+    with torch.no_grad():
+        torch.testing.assert_close(bank.forward_tokens(x_TD, token_N, weight_N, TOKEN_COUNTS), want)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_tokens_gradcheck_float64(bias):
+    bank = _bank("swiglu", bias, torch.float64)
+    bank.block_bytes = 3 * bank.w_in_EDF.shape[-1] * 8
+    token_N = torch.tensor(TOKEN_N)
+    names = [n for n, _ in bank.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for _, p in bank.named_parameters())
+    x_TD = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    weight_N = torch.rand(11, dtype=torch.float64, requires_grad=True)
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bank = bank
+
+        def forward(self, x, w):
+            return self.bank.forward_tokens(x, token_N, w, TOKEN_COUNTS)
+
+    tokens = Tokens()
+
+    def f_tokens(x, w, *ps):
+        return torch.func.functional_call(tokens, {f"bank.{n}": p for n, p in zip(names, ps)}, (x, w))
+
+    assert torch.autograd.gradcheck(f_tokens, (x_TD, weight_N, *params), eps=1e-6, atol=1e-6)

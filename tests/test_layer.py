@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from moekit import MoE, MoEConfig
+from moekit.moe import LocalDispatcher
 from tests.moe_reference import reference_expert_choice, reference_moe
 
 D, HID, E = 12, 16, 6
@@ -345,7 +348,7 @@ def test_router_stays_float32_under_autocast():
     torch.testing.assert_close(routing.logits_TE, x @ moe.router.gate.weight.T, atol=1e-5, rtol=1e-5)
 
 
-INFERENCE_CASES = [
+FUSED_CASES = [
     dict(),
     dict(capacity_factor=0.75),
     dict(router="expert_choice", capacity_factor=1.5),
@@ -355,25 +358,42 @@ INFERENCE_CASES = [
 ]
 
 
+class _ComposedDispatcher(LocalDispatcher):
+    """A LocalDispatcher subclass: the layer then takes the composed dispatch -> bank -> combine path."""
+
+
 @pytest.mark.parametrize(
-    "case", INFERENCE_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default"
+    "case", FUSED_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default"
 )
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_fused_inference_matches_autograd_path(case, use_mask):
-    """Without autograd the layer runs gather, experts and combine fused; same output and stats."""
+def test_fused_local_path_matches_composed_path(case, use_mask):
+    """On one process the layer fuses gather, experts and combine; it matches the composed path
+    (what other dispatchers use) in outputs, stats and gradients, with and without autograd."""
     torch.manual_seed(17)
-    kwargs = dict(top_k=2) | case
-    moe = MoE(D, HID, E, **kwargs).eval()
+    moe = MoE(D, HID, E, **(dict(top_k=2) | case)).eval()
     with torch.no_grad():
         for p in moe.experts.parameters():
             p.normal_(0, 0.5)
+    composed = copy.deepcopy(moe)
+    composed.dispatcher = _ComposedDispatcher()
     x = torch.randn(2, 9, D)
     mask = torch.rand(2, 9) > 0.3 if use_mask else None
-    slow = moe(x.clone().requires_grad_(True), mask=mask)  # autograd path
-    with torch.no_grad():
-        fast = moe(x, mask=mask)
-    torch.testing.assert_close(fast.output, slow.output.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fast.aux_loss, slow.aux_loss.detach())
+    probe = torch.randn(2, 9, D)
+    results = []
+    for layer in (moe, composed):
+        xg = x.clone().requires_grad_(True)
+        out = layer(xg, mask=mask)
+        (out.output * probe).sum().backward()
+        grads = [xg.grad] + [p.grad for p in layer.parameters()]
+        results.append((out, grads))
+    (fast, fast_grads), (slow, slow_grads) = results
+    torch.testing.assert_close(fast.output, slow.output, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.aux_loss, slow.aux_loss)
     torch.testing.assert_close(fast.stats.tokens_per_expert, slow.stats.tokens_per_expert)
-    frozen = moe.requires_grad_(False)(x, mask=mask)  # frozen weights, grad mode on: fused too
-    torch.testing.assert_close(frozen.output, slow.output.detach(), atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast_grads, slow_grads):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x, mask=mask).output, slow.output.detach(), atol=1e-5, rtol=1e-5)

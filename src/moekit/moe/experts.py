@@ -28,13 +28,7 @@ from moekit.moe.activations import (  # noqa: F401  (re-exported: the dense FFN 
     glu_activation,
 )
 from moekit.moe.config import MoEConfig
-from moekit.moe.fused import (
-    DEFAULT_BLOCK_BYTES,
-    ExpertSpec,
-    FusedExperts,
-    expert_rows_forward,
-    expert_tokens_forward,
-)
+from moekit.moe.fused import DEFAULT_BLOCK_BYTES, ExpertSpec, FusedExperts, experts_forward
 from moekit.moe.grouped import GroupPlan, expert_of_rows, grouped_mm
 
 
@@ -76,31 +70,28 @@ class ExpertBank(nn.Module):
         """Rows of x_ND sorted by expert, `counts[e]` rows for expert e -> [N, D]."""
         if self.dropout_active():
             return self._forward_composed(x_ND, counts)  # dropout masks: let autograd keep them
-        plan = self._plan(counts, x_ND.shape[0])
-        params = (x_ND, self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED)
-        spec = ExpertSpec(self.activation, self.is_glu, self.strategy, self.block_bytes)
-        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
-            return FusedExperts.apply(*params, plan, spec)
-        return expert_rows_forward(*params, plan, spec, save_hidden=False)[0]
+        return self._fused(x_ND, None, None, self._plan(counts, x_ND.shape[0]))
 
     def forward_tokens(
         self, x_TD: Tensor, token_N: Tensor, weight_N: Tensor, counts: Sequence[int]
     ) -> Tensor:
-        """Inference without autograd: dispatch, experts and weighted combine in one pass -> [T, D].
+        """Gather, experts and weighted combine in one pass, with autograd -> [T, D].
 
         Row n (sorted by expert, `counts` per expert) is token `token_N[n]` with combine weight
-        `weight_N[n]`. Same result as gathering `x_TD[token_N]`, calling the bank and scatter-adding
-        the weighted rows, without the [N, D] copies (see fused.expert_tokens_forward).
+        `weight_N[n]`: the result is `sum_n weight_N[n] * expert(x_TD[token_N[n]])` scatter-added
+        into token rows, as gathering `x_TD[token_N]`, calling the bank and combining would give,
+        without any [N, D] tensor (see fused.py). Gradients reach x_TD, weight_N and the weights.
         """
-        if torch.is_grad_enabled() and any(p.requires_grad for p in (x_TD, weight_N, *self.parameters())):
-            raise RuntimeError("ExpertBank.forward_tokens is for inference: it does not record autograd")
         if self.dropout_active():
-            raise RuntimeError("ExpertBank.forward_tokens does not apply expert dropout (call eval())")
-        plan = self._plan(counts, token_N.shape[0])
+            raise RuntimeError("ExpertBank.forward_tokens does not apply expert dropout: use forward")
+        return self._fused(x_TD, token_N, weight_N, self._plan(counts, token_N.shape[0]))
+
+    def _fused(self, x: Tensor, token_N: Tensor | None, weight_N: Tensor | None, plan: GroupPlan) -> Tensor:
+        params = (x, weight_N, self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED)
         spec = ExpertSpec(self.activation, self.is_glu, self.strategy, self.block_bytes)
-        return expert_tokens_forward(
-            x_TD, token_N, weight_N, self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED, plan, spec
-        )
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+            return FusedExperts.apply(*params, token_N, plan, spec)
+        return experts_forward(x, token_N, weight_N, *params[2:], plan, spec, save_hidden=False)[0]
 
     def dropout_active(self) -> bool:
         return isinstance(self.dropout, nn.Dropout) and self.dropout.training

@@ -134,9 +134,9 @@ class MoE(nn.Module):
                 )
                 capacity, order_A = None, None
         inner_aux = inner_z = None
-        if self._fused_inference(x_TD, routing):
-            # 2.-4. without autograd on one process: gather, experts and combine run fused, block by
-            # block, and the [N, D] copies of the routed rows are never made
+        if self._fused_local():
+            # 2.-4. on one process, gather, experts and combine run fused block by block (with their
+            # own backward): no [N, D] copy of the routed rows, outputs or gradients is ever made
             _, counts, state = self.dispatcher.dispatch(
                 x_TD, routing, valid_A, capacity, order_A, cfg.num_experts, gather=False
             )
@@ -174,18 +174,12 @@ class MoE(nn.Module):
         stats = self._stats(routing, routed_E, state.kept_E, mask_T)
         return MoEOutput(out_TD.view(x.shape), aux_loss, z_loss, stats, losses, routing.logits_TE)
 
-    def _fused_inference(self, x_TD: Tensor, routing: Routing) -> bool:
-        """Whether steps 2-4 may run fused: local dispatch, an expert bank, and no autograd."""
-        if type(self.dispatcher) is not LocalDispatcher or not isinstance(self.experts, ExpertBank):
-            return False
-        if self.experts.dropout_active():
-            return False
-        if not torch.is_grad_enabled():
-            return True
-        return not (
-            x_TD.requires_grad
-            or routing.weight_A.requires_grad
-            or any(p.requires_grad for p in self.experts.parameters())
+    def _fused_local(self) -> bool:
+        """Whether steps 2-4 run fused: local dispatch and an expert bank without active dropout."""
+        return (
+            type(self.dispatcher) is LocalDispatcher
+            and isinstance(self.experts, ExpertBank)
+            and not self.experts.dropout_active()
         )
 
     def _check_input(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
