@@ -110,8 +110,9 @@ def test_extracted_task_model_is_bit_identical(moe_kw, tmp_path):
         assert small.config.moe.num_experts == 2 and small.config.moe.num_tasks == 1
         full_logits = model(x, task_ids=torch.full((4,), task)).logits
         assert torch.equal(small(x).logits, full_logits)  # no task ids needed, same bits
-        gen_full = model.generate(x[:, :4], 6, temperature=0, task_ids=torch.full((4,), task))
-        assert torch.equal(small.generate(x[:, :4], 6, temperature=0), gen_full)
+        if task == 1:  # decoding through the KV cache too
+            gen_full = model.generate(x[:2, :4], 4, temperature=0, task_ids=torch.full((2,), task))
+            assert torch.equal(small.generate(x[:2, :4], 4, temperature=0), gen_full)
     # through a checkpoint folder, as `moekit extract` does
     src = tmp_path / "full"
     src.mkdir()
