@@ -4,6 +4,7 @@ and checkpoints that load back quantized."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -260,6 +261,18 @@ def test_cli_quantize_saves_and_loads_quantized(ckpt, tmp_path, capsys, method):
     torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)
     assert cli_main(["prune", "--ckpt", str(out), "--keep", "2", "--out", str(tmp_path / "p")]) == 2
     assert "quantized" in capsys.readouterr().err
+
+
+def test_incompatible_quantized_checkpoints_are_refused(ckpt, tmp_path):
+    out = tmp_path / "q"
+    assert cli_main(["quantize", "--ckpt", str(ckpt), "--method", "int8", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "quantization": {"method": "int5"}}))
+    with pytest.raises(ValueError, match="quantization.method='int5' is unknown"):
+        load_model(out)
+    (out / "config.json").write_text(json.dumps({**config, "quantization": {"method": "int4"}}))
+    with pytest.raises(ValueError, match="does not hold int4 experts"):
+        load_model(out)
 
 
 def test_cli_quantize_bad_input(ckpt, tmp_path, capsys):

@@ -147,6 +147,10 @@ def calibration_batches(
     From `paths` when given, else from the checkpoint's own training data (the multi-task corpus,
     with task ids, when it was trained on tasks). Missing data is an error naming what is missing.
     """
+    if config.get("arch", "decoder") != "decoder":
+        raise ValueError(
+            f"calibration runs decoder-only models; this checkpoint is arch={config.get('arch')!r}"
+        )
     if num_sequences < 1:
         raise ValueError(f"--calib-sequences={num_sequences} is invalid: expected an integer >= 1")
     folder = Path(config["folder"])

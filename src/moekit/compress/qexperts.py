@@ -213,24 +213,32 @@ class QuantizedExpertBank(nn.Module):
 
 def install_quantized_banks(model: nn.Module, model_file: str | Path, quantization: dict[str, Any]) -> None:
     """Replace every MoE layer's float bank by the quantized bank stored in `model_file` (loading)."""
+    from moekit.train.checkpoint import CheckpointError
+
     method = quantization.get("method")
     if method not in METHODS:
-        raise ValueError(
-            f"config.json quantization.method={method!r} is unknown: expected one of {list(METHODS)}"
+        raise CheckpointError(
+            f"{str(model_file)!r}: config.json quantization.method={method!r} is unknown: "
+            f"expected one of {list(METHODS)}"
         )
-    with safe_open(str(model_file), framework="pt") as f:
-        keys = list(f.keys())  # noqa: SIM118 (safe_open has no __iter__)
-        for prefix, layer in moe_layers_named(model):
-            head = f"{prefix}.experts."
-            tensors = {k[len(head) :]: f.get_tensor(k) for k in keys if k.startswith(head)}
-            bank = layer.experts
-            layer.experts = QuantizedExpertBank(
-                method,
-                bank.num_experts,
-                bank.dim,
-                bank.hidden_dim,
-                bank.activation,
-                bank.is_glu,
-                tensors,
-                quantization,
-            )
+    try:
+        with safe_open(str(model_file), framework="pt") as f:
+            keys = list(f.keys())  # noqa: SIM118 (safe_open has no __iter__)
+            for prefix, layer in moe_layers_named(model):
+                head = f"{prefix}.experts."
+                tensors = {k[len(head) :]: f.get_tensor(k) for k in keys if k.startswith(head)}
+                bank = layer.experts
+                layer.experts = QuantizedExpertBank(
+                    method,
+                    bank.num_experts,
+                    bank.dim,
+                    bank.hidden_dim,
+                    bank.activation,
+                    bank.is_glu,
+                    tensors,
+                    quantization,
+                )
+    except (ValueError, OSError, RuntimeError) as exc:  # a corrupt file, or tensors of another format
+        raise CheckpointError(
+            f"{str(model_file)!r} does not hold {method} experts for this model: {exc}"
+        ) from exc
