@@ -16,7 +16,7 @@ from moekit.cli import main as cli_main
 from moekit.compress.codec import TunstallCode, entropy_bits, pair_symbols, unpair_symbols
 from moekit.compress.intquant import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
 from moekit.compress.qexperts import QuantizedExpertBank
-from moekit.compress.quantize import QuantSpec, quantize_model
+from moekit.compress.quantize import QuantSpec, load_quantized, quantize_model
 from moekit.compress.ternary import (
     damped_hessian,
     gptq_ternary,
@@ -249,7 +249,7 @@ def test_cli_quantize_saves_and_loads_quantized(ckpt, tmp_path, capsys, method):
     assert cli_main([*argv, "--calib-sequences", "4", "--eval-batches", "1"]) == 0
     printed = capsys.readouterr().out
     assert "bits per expert weight" in printed and "validation loss" in printed
-    model, config = load_model(out)
+    model, config = load_quantized(out)
     assert config["quantization"]["method"] == method
     assert all(isinstance(layer.experts, QuantizedExpertBank) for layer in model.moe_layers)
     bits = model.moe_layers[0].experts.storage_bits()["bits_per_param"]
@@ -261,6 +261,8 @@ def test_cli_quantize_saves_and_loads_quantized(ckpt, tmp_path, capsys, method):
     torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)
     assert cli_main(["prune", "--ckpt", str(out), "--keep", "2", "--out", str(tmp_path / "p")]) == 2
     assert "quantized" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not a quantized checkpoint"):
+        load_quantized(ckpt)
 
 
 def test_incompatible_quantized_checkpoints_are_refused(ckpt, tmp_path):

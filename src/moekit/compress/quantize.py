@@ -148,3 +148,17 @@ def save_quantized(
     """Write the quantized model as a checkpoint that `load_model` reads back quantized."""
     meta = {k: v for k, v in asdict(spec).items() if k != "gptq" or spec.method == "ternary"}
     return save_derived_checkpoint(qmodel, source_config, out, {"op": "quantize", **meta}, quantization=meta)
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """(model with quantized experts, its config.json) from a `moekit quantize` folder.
+
+    `load_model` does the work (it detects the "quantization" entry); this refuses float folders."""
+    from moekit.train.checkpoint import CheckpointError, load_model
+
+    model, config = load_model(path, device)
+    if not config.get("quantization"):
+        raise CheckpointError(
+            f"{config['folder']!r} is not a quantized checkpoint (no 'quantization' in config.json)"
+        )
+    return model, config
