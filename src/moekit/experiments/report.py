@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,10 +55,30 @@ def machine_line(wall_seconds: float) -> str:
     if hasattr(os, "getloadavg"):
         load = f"{os.getloadavg()[0]:.1f}"
     return (
-        f"Ran {datetime.date.today().isoformat()} on {os.cpu_count()} CPU cores ({platform.machine()}), "
-        f"torch {torch.__version__}, in {wall_seconds / 60:.1f} min of wall-clock; 1-minute load average "
-        f"at the end: {load} (the CPU is shared, so times are only comparable within one experiment)."
+        f"Ran {datetime.date.today().isoformat()} with moekit {code_version()} on {os.cpu_count()} CPU cores "
+        f"({platform.machine()}), torch {torch.__version__}, in {wall_seconds / 60:.1f} min of wall-clock; "
+        f"1-minute load average at the end: {load} (the CPU is shared, so times are only comparable within "
+        "one experiment)."
     )
+
+
+def code_version() -> str:
+    """The source checkout's commit, with "+ uncommitted changes" when src/ differs from it; the
+    numbers of a run depend on the exact code (e.g. the order of sums in the expert kernels)."""
+    root = Path(__file__).resolve().parents[3]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    try:
+        commit = git("rev-parse", "--short=10", "HEAD")
+        dirty = git("status", "--porcelain", "--", "src", "experiments")
+    except (OSError, subprocess.SubprocessError):
+        return "(version unknown)"
+    if not commit:
+        return "(not a git checkout)"
+    return f"commit {commit}" + (" + uncommitted changes" if dirty else "")
 
 
 def write_fragment(
