@@ -7,9 +7,10 @@ A subclass names its paper claim and defines three things:
     plot(records, path)     one PNG
 
 and may replace `run(ctx, variant)` for runs that are more than one training (fine-tuning after
-pre-training, distillation after a teacher). `run_experiment` runs the variants within a time
-budget and writes results/<name>.{md,json,png} under the output folder, then rebuilds the
-collected results.md there (see report.py).
+pre-training, distillation after a teacher), and `missing()` when it needs something this
+install lacks. `run_experiment` runs the variants within a time budget and writes
+results/<name>.{md,json,png} under the output folder; `rerender` rebuilds those from the saved
+records; the command line then rebuilds the collected results.md (see report.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from moekit.experiments.core import (
     RunRecord,
     Summary,
     Variant,
-    fill_from_metrics,
     overall_verdict,
     record_from_dict,
     run_variants,
@@ -42,7 +42,6 @@ class Experiment:
     title = ""
     paper = ""  # the source, e.g. "Switch Transformers (Fedus et al. 2022), Table 1"
     claim = ""  # the paper's claim with its numbers
-    needs = ""  # a missing API this experiment depends on, or "" (see `missing()`)
 
     def variants(self, ctx: Context) -> list[Variant]:
         raise NotImplementedError
@@ -172,10 +171,7 @@ def rerender(experiment: Experiment, out_dir: Path, config_dir: Path | None = No
             f"no saved results {str(saved)!r}: run `moekit experiment {experiment.name}` first"
         )
     data = json.loads(saved.read_text(encoding="utf-8"))
-    records = [record_from_dict(r) for r in data["records"]]
-    for r in records:  # numbers added to the records since they were saved come from the run folders
-        if r.run_dir:
-            fill_from_metrics(r, Path(r.run_dir) / "metrics.jsonl")
+    records = [record_from_dict(r) for r in data["records"]]  # the saved numbers, not the run folders
     config_path = (config_dir or default_config_dir()) / f"{experiment.name}.toml"
     ctx = Context(
         experiment.name,
@@ -184,13 +180,6 @@ def rerender(experiment: Experiment, out_dir: Path, config_dir: Path | None = No
         bool(data["smoke"]),
         tuple(data.get("overrides", ())),
     )
-    machine = data.get("machine") or _machine_line_of(saved.with_suffix(".md"))
     return write_results(
-        experiment, ctx, records, out_dir, data["wall_seconds"], machine, data.get("budget_minutes", 30.0)
+        experiment, ctx, records, out_dir, data["wall_seconds"], data["machine"], data["budget_minutes"]
     )
-
-
-def _machine_line_of(fragment: Path) -> str:
-    """The "Ran ..." line of a fragment written before the JSON kept it."""
-    lines = fragment.read_text(encoding="utf-8").splitlines() if fragment.is_file() else []
-    return next((line for line in lines if line.startswith("Ran ")), "")
