@@ -304,24 +304,39 @@ def test_cli_train_eval_generate(corpus_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_time_limit_plans_the_schedule_into_the_budget(corpus_dir, tmp_path):
-    """A time-limited run fixes its length after a few timed steps; the cosine ends inside the budget."""
+def test_time_limit_plans_the_schedule_into_the_budget(corpus_dir, tmp_path, monkeypatch):
+    """A time-limited run fixes its length after a few timed steps; the cosine ends inside the budget.
+
+    A fake clock makes every step take exactly 1 s: 6 timed steps, then the plan
+    6 + floor((0.97 * 30 s - 6 s) / 1 s) = 29 steps, which end inside the 30 s limit."""
+    import types
+
+    from moekit.train import trainer as trainer_module
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(
+        trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks)))
+    )
     cfg = load_config(
         None,
         tiny_overrides(
             corpus_dir,
             tmp_path,
-            **{"train.steps": "100000", "train.time_limit_minutes": "0.04", "train.warmup_steps": "2"},
+            **{
+                "train.steps": "100000",
+                "train.time_limit_minutes": "0.5",
+                "train.warmup_steps": "2",
+                "train.log_every": "1000",
+            },
         ),
     )
     trainer = Trainer(cfg)
     result = trainer.fit()
-    assert 6 <= trainer.total_steps < 100000 and trainer.planned
-    assert result.step <= trainer.total_steps
-    assert result.summary["training_seconds"] <= 0.04 * 60 * 1.5
+    assert trainer.planned and trainer.total_steps == 29 and result.step == 29
+    assert result.summary["training_seconds"] == 29.0
     state = json.loads((trainer.ckpt_dir / ckpt.STATE_FILE).read_text())
-    assert state["total_steps"] == trainer.total_steps  # a resumed run keeps the plan
-    if result.step == trainer.total_steps:  # finished the plan: the learning rate reached its floor
-        assert lr_at(result.step, cfg, trainer.total_steps) == pytest.approx(
-            cfg.train.lr * cfg.train.min_lr_ratio
-        )
+    assert state["total_steps"] == 29  # a resumed run keeps the plan
+    records = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "lr" in r][-1]
+    assert last["step"] == 29 and last["lr"] == pytest.approx(lr_at(28, cfg, 29))
+    assert lr_at(29, cfg, 29) == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)  # the cosine ends there
