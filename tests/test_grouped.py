@@ -64,6 +64,10 @@ def test_strategy_choice():
     assert pick_strategy("auto", uniform, x, w) == "bmm"
     assert pick_strategy("auto", ragged, x, w) == "loop"
     assert pick_strategy("bmm", ragged, x, w) == "loop"  # bmm needs equal groups
+    tiny = GroupPlan.from_counts([1, 2, 0, 1, 1, 3, 1, 2, 1, 0])  # decoding: many experts, few rows
+    x_tiny, w_many = torch.randn(12, 16), torch.randn(10, 16, 8)
+    assert pick_strategy("auto", tiny, x_tiny, w_many) == "grouped_mm"
+    assert pick_strategy("auto", tiny, x_tiny.double(), w_many.double()) == "loop"
     assert pick_strategy("grouped_mm", ragged, x, w) == "grouped_mm"
     assert pick_strategy("grouped_mm", ragged, x.double(), w.double()) == "loop"  # fp32/bf16/fp16 only
     odd = torch.randn(8, 3)  # 12-byte rows break the 16-byte stride rule

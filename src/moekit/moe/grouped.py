@@ -14,9 +14,10 @@ Three strategies compute the same products (`strategy=`; "auto" picks by shape):
   - "grouped_mm": one `torch._grouped_mm` call (float32/bfloat16/float16, 16-byte aligned rows),
     which loops over the groups in C++. It is only ever called inside our own autograd functions:
     its CPU backward mishandles expanded gradients.
-On CPU float32 all three run at the same GEMM speed for large groups; "auto" uses "bmm" when it
-applies (one call instead of E) and "loop" otherwise, since `_grouped_mm` must allocate its own
-output and leaves the rows past the last group unwritten.
+On CPU float32 all three run at the same GEMM speed for large groups. "auto" uses "bmm" when it
+applies (one call instead of E); "grouped_mm" for many tiny groups (decoding: a row or two for
+each of dozens of experts), where the Python loop's per-group overhead would rival the products;
+and "loop" otherwise, since `_grouped_mm` allocates its own output (then copied into place).
 
 The helpers below (`GroupPlan`, `mm_groups`, `weight_grad_groups`) are shared with the fused
 expert function in experts.py, which calls them on row blocks.
@@ -34,6 +35,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 STRATEGIES = ("auto", "loop", "bmm", "grouped_mm")
+TINY_GROUPS_MIN, TINY_ROWS = 8, 4  # "auto" takes _grouped_mm for >= 8 groups of <= 4 rows on average
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -110,7 +112,10 @@ def pick_strategy(strategy: str, plan: GroupPlan, x_ND: Tensor, w_EDF: Tensor) -
     if strategy not in STRATEGIES:
         raise ValueError(f"grouped_mm: unknown strategy {strategy!r}: expected one of {list(STRATEGIES)}")
     if strategy == "auto":
-        return "bmm" if plan.uniform and plan.num_rows == x_ND.shape[0] else "loop"
+        if plan.uniform and plan.num_rows == x_ND.shape[0]:
+            return "bmm"
+        many_tiny = len(plan.bounds) >= TINY_GROUPS_MIN and plan.num_rows <= TINY_ROWS * len(plan.bounds)
+        return "grouped_mm" if many_tiny and _grouped_mm_ok(x_ND, w_EDF) else "loop"
     if strategy == "bmm" and not (plan.uniform and plan.num_rows == x_ND.shape[0]):
         return "loop"  # bmm needs equal groups covering every row
     if strategy == "grouped_mm" and not _grouped_mm_ok(x_ND, w_EDF):
