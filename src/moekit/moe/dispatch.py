@@ -238,7 +238,7 @@ class LocalDispatcher:
         """
         slots = assign_slots(routing.expert_idx_A, valid_A, num_experts, capacity, order_A)
         num_tokens, top_k = x_TD.shape[0], routing.top_k
-        weight_N = routing.weight_A[slots.perm_N]
+        weight_N = routing.weight_A.index_select(0, slots.perm_N)
         dropless_token_major = (
             routing.token_idx_A is None and top_k > 0 and sum(slots.counts) == routing.num_assignments
         )

@@ -64,6 +64,8 @@ class GroupPlan:
         decoding); a group larger than `max_rows` is split into near-equal pieces, so that a block's
         intermediates stay in cache and the GEMMs keep enough rows to run at full speed.
         """
+        if 0 < self.num_rows <= max_rows:  # the common small case: one block, this plan
+            return [(0, self.num_rows, self)]
         num_experts, blocks = len(self.counts), []
         pending: list[tuple[int, int, int]] = []
 

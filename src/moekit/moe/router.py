@@ -88,8 +88,12 @@ class Router(nn.Module):
             x_TD, weight = round_to_bf16(x_TD), round_to_bf16(weight)
             bias = None if bias is None else round_to_bf16(bias)
         # Autocast would run this product in bf16; the router's selective precision forbids that.
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD, weight, bias)  # [T, E] float32 (float64 for float64 input)
+        # (Entering the context costs microseconds on every decode step: only when autocast is on.)
+        if torch.is_autocast_enabled(x_TD.device.type):
+            with torch.autocast(device_type=x_TD.device.type, enabled=False):
+                logits_TE = F.linear(x_TD, weight, bias)  # [T, E] float32 (float64 for float64 input)
+        else:
+            logits_TE = F.linear(x_TD, weight, bias)
         if low_precision:
             logits_TE = round_to_bf16(logits_TE)
         if self.config.check_finite and not torch.isfinite(logits_TE).all():
