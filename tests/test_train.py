@@ -115,6 +115,8 @@ def test_lr_schedule_warmup_and_cosine():
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert lr_at(0, cfg, 20) == pytest.approx(0.25)  # planned short: warmup shrinks to a fifth (4 steps)
+    assert lr_at(12, cfg, 20) == pytest.approx(0.1 + 0.9 * 0.5)
 
 
 def test_checkpoint_round_trip_gives_same_logits(corpus_dir, tmp_path):

@@ -97,14 +97,16 @@ def router_stats_of(output: Any) -> list:
 
 
 def lr_at(step: int, cfg: RunConfig, total_steps: int | None = None) -> float:
-    """Linear warmup to lr over warmup_steps, then cosine decay to lr * min_lr_ratio at the last
-    step (`total_steps`, default train.steps; shorter when a time limit plans fewer steps)."""
+    """Linear warmup to lr over warmup_steps (at most a fifth of the run), then cosine decay to
+    lr * min_lr_ratio at the last step (`total_steps`, default train.steps; shorter when a time
+    limit plans fewer steps)."""
     t = cfg.train
     total = t.steps if total_steps is None else total_steps
-    if t.warmup_steps > 0 and step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    span = max(1, total - t.warmup_steps)
-    progress = min(1.0, (step - t.warmup_steps) / span)
+    warmup = min(t.warmup_steps, total // 5)  # a run planned short by a time limit still decays
+    if warmup > 0 and step < warmup:
+        return t.lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
     floor = t.lr * t.min_lr_ratio
     return floor + 0.5 * (t.lr - floor) * (1 + math.cos(math.pi * progress))
 
