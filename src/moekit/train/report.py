@@ -80,7 +80,7 @@ def plot_expert_load(records: list[dict[str, Any]], path: Path) -> bool:
             aspect="auto",
             interpolation="nearest",
             cmap="viridis",
-            extent=(steps[0], steps[-1], num_experts - 0.5, -0.5),
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, num_experts - 0.5, -0.5),
             vmin=0,
             vmax=max(2.0 / num_experts, load_SE.max()),
         )
