@@ -62,12 +62,19 @@ def test_strategy_choice():
     x, w = torch.randn(8, 16), torch.randn(2, 16, 8)
     uniform, ragged = GroupPlan.from_counts([4, 4]), GroupPlan.from_counts([5, 3])
     assert pick_strategy("auto", uniform, x, w) == "bmm"
-    assert pick_strategy("auto", ragged, x, w) == "loop"
+    assert pick_strategy("auto", ragged, x, w) == "grouped_mm"  # small groups
+    large = GroupPlan.from_counts([150, 90])
+    assert pick_strategy("auto", large, torch.randn(240, 16), w) == "loop"
+    assert pick_strategy("auto", GroupPlan.from_counts([0, 8]), x, w) == "loop"  # one group: one mm
     assert pick_strategy("bmm", ragged, x, w) == "loop"  # bmm needs equal groups
     tiny = GroupPlan.from_counts([1, 2, 0, 1, 1, 3, 1, 2, 1, 0])  # decoding: many experts, few rows
     x_tiny, w_many = torch.randn(12, 16), torch.randn(10, 16, 8)
-    assert pick_strategy("auto", tiny, x_tiny, w_many) == "grouped_mm"
-    assert pick_strategy("auto", tiny, x_tiny.double(), w_many.double()) == "loop"
+    assert pick_strategy("auto", tiny, x_tiny, w_many) == "grouped_mm"  # small groups
+    ones = GroupPlan.from_counts([1, 1, 0, 1, 0, 0, 0, 0, 0, 0])  # one token: one row per expert
+    assert pick_strategy("auto", ones, torch.randn(3, 16), w_many) == "loop"  # matrix-vector products
+    pairs = GroupPlan.from_counts([2, 3, 0, 2, 2, 1, 2, 0, 0, 0])
+    assert pick_strategy("auto", pairs, x_tiny, w_many) == "grouped_mm"
+    assert pick_strategy("auto", pairs, x_tiny.double(), w_many.double()) == "loop"
     assert pick_strategy("grouped_mm", ragged, x, w) == "grouped_mm"
     assert pick_strategy("grouped_mm", ragged, x.double(), w.double()) == "loop"  # fp32/bf16/fp16 only
     odd = torch.randn(8, 3)  # 12-byte rows break the 16-byte stride rule
