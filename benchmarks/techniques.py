@@ -3,6 +3,7 @@
     python benchmarks/techniques.py                  # the measured profile (tens of minutes on 2 CPU cores)
     python benchmarks/techniques.py --smoke          # a tiny profile in seconds (what the tests run)
     python benchmarks/techniques.py --work DIR       # where corpora, runs and results.json go
+    python benchmarks/techniques.py --stage instruction   # one study, on the pretrained bases in --work
 
 Everything is offline. Two corpora are cut from the running Python's standard library:
   pretraining  the top-level modules (`Lib/*.py`), every file hashed to train or validation;
@@ -12,20 +13,28 @@ Stages (each a normal moekit run folder under WORK/runs, resumed if it is alread
      is one expert's size (FLOP-matched to top-1), the same number of steps each;
   2. fine-tuning on the downstream domain from the MoE: full, MoE layers frozen, all non-expert
      weights frozen, expert dropout 0.1 vs 0.4, LoRA; plus the zero-shot loss before fine-tuning;
+  2b. instruction tuning (`--instruct`) on an instruction set cut from the downstream files: prompt =
+     a function's `def` line and docstring, response = the rest of its body, split by file like the
+     domain; response-only validation loss zero-shot, full, MoE layers frozen, LoRA;
   3. upcycling: the dense model copied into 8 experts (top-2) and trained on, against the dense
      model trained on, at equal extra training FLOPs (moekit.model.flops_per_token);
   4. distillation: a dense student initialized from the MoE's non-expert weights (FFN = mean of the
      experts) trained on 0.25 * teacher + 0.75 * ground truth, against the same student without the
      teacher (alpha 0), a fresh-FFN student, and the dense model trained on for the same steps.
+`--stage` runs one study alone (the pretrained bases it needs are resumed from WORK/runs, or
+trained first); its results go to WORK/results-<stage>.json instead of WORK/results.json.
 It prints one Markdown table per technique (technique, setting, size, speed, validation loss,
 command) and writes them with the raw numbers to WORK/results.json. The fine-tuning table's
-validation loss is on the downstream validation files; the others' on the pretraining validation
-files. Speeds are wall-clock training tokens per second on a shared machine: compare within a table.
+validation loss is on the downstream validation files, the instruction table's on the responses of
+the validation functions only; the others' on the pretraining validation files. Speeds are
+wall-clock training tokens per second (instruction batches: padded tokens) on a shared machine:
+compare within a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import shutil
 import sys
@@ -39,6 +48,7 @@ from moekit.adapt.checkpoints import Source, run_config_for
 from moekit.adapt.distill import DistillTrainer, dense_student, dense_student_config
 from moekit.adapt.finetune import FinetuneOptions, FinetuneTrainer, finetune_config, load_finetune_model
 from moekit.adapt.upcycle import upcycle_checkpoint
+from moekit.data import Tokenizer
 from moekit.data.corpus import split_fraction
 from moekit.model import count_params, flops_per_token
 from moekit.train import Trainer, load_config
@@ -62,11 +72,13 @@ class Profile:
     finetune_steps: int
     extra_steps: int  # continued training of upcycling and distillation (dense side)
     eval_batches: int
+    instruct_len: int  # tokens per instruction example (data.seq_len); a prompt may take 3/4 of them
 
 
+STAGES = ("fine-tuning", "instruction", "upcycling", "distillation")
 PROFILES = {
-    "full": Profile(0, 0, 128, 4, 4, 256, 8, 1024, 128, 8, 500, 250, 250, 48),
-    "smoke": Profile(10, 6, 32, 2, 4, 48, 4, 300, 32, 4, 3, 2, 2, 1),
+    "full": Profile(0, 0, 128, 4, 4, 256, 8, 1024, 128, 8, 500, 250, 250, 48, 128),
+    "smoke": Profile(10, 6, 32, 2, 4, 48, 4, 300, 32, 4, 3, 2, 2, 1, 256),  # a poor tokenizer: long prompts
 }
 
 
@@ -107,12 +119,81 @@ def data_flags(corpus: Path) -> dict[str, Any]:
     return {"paths": [f"{corpus}/train/*.txt"], "validation_paths": [f"{corpus}/val/*.txt"]}
 
 
+# ---------------------------------------------------------------------- instruction set
+def _dedent(lines: list[str], indent: int) -> str:
+    """`lines` without the first `indent` columns; a line indented less (inside a multi-line
+    string) is kept whole, a blank line becomes a bare newline."""
+    out = []
+    for line in lines:
+        if not line.strip():
+            out.append("\n")
+        elif line[:indent].strip():
+            out.append(line)
+        else:
+            out.append(line[indent:])
+    return "".join(out)
+
+
+def function_examples(source: str) -> list[dict[str, str]]:
+    """Prompt/response pairs from one Python file, one per function with a docstring and code:
+    prompt = the `def` line(s) and the docstring, response = the rest of the body (both dedented
+    to the `def`; decorators left out). Nested functions and methods count too."""
+    lines = source.splitlines(keepends=True)
+    pairs = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
+            continue
+        if ast.get_docstring(node) is None:
+            continue
+        doc_end = node.body[0].end_lineno  # the docstring is body[0]
+        prompt = _dedent(lines[node.lineno - 1 : doc_end], node.col_offset)
+        response = _dedent(lines[doc_end : node.end_lineno], node.col_offset)
+        if response.strip():
+            pairs.append({"prompt": prompt, "response": response, "task": "docstring-to-body"})
+    return pairs
+
+
+def build_instruction_set(
+    corpus: Path, out: Path, tokenizer: Tokenizer, max_prompt_tokens: int
+) -> tuple[Path, dict[str, int]]:
+    """out/train.jsonl and out/val.jsonl from the functions of corpus/train and corpus/val (the
+    split is by file, the domain's own). Prompts over `max_prompt_tokens` are left out, so every
+    example keeps most of its window for the response. Written once; returns (out, counts)."""
+    if not out.exists():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for split in ("train", "val"):
+            pairs = [
+                pair
+                for f in sorted((corpus / split).glob("*.txt"))
+                for pair in function_examples(f.read_text(encoding="utf-8"))
+                if len(tokenizer.encode(pair["prompt"])) <= max_prompt_tokens
+            ]
+            if not pairs:
+                raise ValueError(
+                    f"no function of {corpus / split} has a prompt of <= {max_prompt_tokens} tokens"
+                )
+            lines = (json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs)
+            (tmp / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+        tmp.rename(out)
+    counts = {split: len((out / f"{split}.jsonl").read_text().splitlines()) for split in ("train", "val")}
+    return out, counts
+
+
 # ---------------------------------------------------------------------- runs
 class Bench:
     def __init__(self, work: Path, p: Profile) -> None:
         self.work, self.p = work, p
         self.pretrain, self.downstream, self.downstream_small = build_corpora(work, p)
-        self.rows: dict[str, list[dict[str, Any]]] = {"fine-tuning": [], "upcycling": [], "distillation": []}
+        self.rows: dict[str, list[dict[str, Any]]] = {
+            "fine-tuning": [],
+            "instruction tuning": [],
+            "upcycling": [],
+            "distillation": [],
+        }
+        self.dense_continued: dict[str, Any] | None = None  # the dense model +extra_steps (upcycling)
+        self.gap: dict[str, float] = {}  # distillation: share of the teacher-over-dense gap kept
 
     def train_flags(self, name: str, steps: int, lr: float, warmup: int) -> dict[str, Any]:
         return {
@@ -135,7 +216,7 @@ class Bench:
         cfg = load_config(None, ["train.progress=false"])
         updates = {
             "model": {"dim": p.dim, "n_layers": p.n_layers, "n_heads": p.n_heads, "n_kv_heads": p.n_heads // 2,
-                      "ffn_hidden_dim": p.hidden, "max_seq_len": 2 * p.seq_len, "tie_embeddings": True},
+                      "ffn_hidden_dim": p.hidden, "max_seq_len": max(2 * p.seq_len, p.instruct_len), "tie_embeddings": True},
             "moe": {"enabled": moe, "num_experts": p.experts, "top_k": 2, "hidden_dim": p.hidden},
             "data": {**data_flags(self.pretrain), "vocab_size": p.vocab, "seq_len": p.seq_len, "batch_size": p.batch,
                      "eval_batch_size": 16, "cache_dir": str(self.work / "cache")},
@@ -174,15 +255,17 @@ class Bench:
         self,
         name: str,
         ckpt: Path,
-        corpus: Path,
+        data: dict[str, Any],
         steps: int,
         options: FinetuneOptions,
         moe: dict | None = None,
+        lr: float = 1e-3,
     ) -> dict[str, Any]:
+        """A fine-tuning run (resumed if WORK/runs/<name> holds it); steps 0 = evaluate only."""
         source = Source.open(ckpt)
         flags = {
-            "data": data_flags(corpus),
-            "train": self.train_flags(name, max(steps, 1), 1e-3, max(1, steps // 15)),
+            "data": data,
+            "train": self.train_flags(name, max(steps, 1), lr, max(1, steps // 15)),
         }
         if moe:
             flags["moe"] = moe
@@ -201,7 +284,7 @@ class Bench:
     # -------------------------------------------------------------- the three studies
     def fine_tuning(self, moe_base: Path) -> None:
         F = self.p.finetune_steps
-        zero = self.finetune_run("ft-zero-shot", moe_base, self.downstream, 0, FinetuneOptions())
+        zero = self.finetune_run("ft-zero-shot", moe_base, data_flags(self.downstream), 0, FinetuneOptions())
         cmd = "(FinetuneTrainer.evaluate() before any step)"
         self.add("fine-tuning", "no fine-tuning (zero-shot)", zero, cmd, size=_size(zero["params"]))
         runs = [
@@ -222,12 +305,48 @@ class Bench:
             for name, setting, options, moe, flag in runs:
                 if tag == "ft-small" and name == "lora8":
                     continue
-                r = self.finetune_run(f"{tag}-{name}", moe_base, corpus, F, options, moe)
+                r = self.finetune_run(f"{tag}-{name}", moe_base, data_flags(corpus), F, options, moe)
                 cmd = f"moekit finetune --ckpt runs/moe-base {data} --set train.steps={F} {flag}"
                 self.add("fine-tuning", f"{label} ({files} files): {setting}", r, cmd)
 
+    def instruction_tuning(self, moe_base: Path) -> None:
+        """`--instruct` fine-tuning on the domain's functions (docstring -> body), response-only loss."""
+        F, length = self.p.finetune_steps, self.p.instruct_len
+        tokenizer = Tokenizer.from_file(Source.open(moe_base).tokenizer_file)
+        folder, counts = build_instruction_set(
+            self.downstream, self.work / "instruct", tokenizer, 3 * length // 4
+        )
+        data = {
+            "paths": [str(folder / "train.jsonl")],
+            "validation_paths": [str(folder / "val.jsonl")],
+            "seq_len": length,
+        }
+        label = f"docstring -> body ({counts['train']} / {counts['val']} functions)"
+        zero = self.finetune_run("it-zero-shot", moe_base, data, 0, FinetuneOptions(instruct=True))
+        cmd = "(FinetuneTrainer.evaluate() before any step, --instruct)"
+        self.add(
+            "instruction tuning",
+            f"{label}: no fine-tuning (zero-shot)",
+            zero,
+            cmd,
+            size=_size(zero["params"]),
+        )
+        runs = [
+            ("full", "full fine-tuning", FinetuneOptions(instruct=True, freeze="none"), 1e-3, "--freeze none"),
+            ("freeze-moe", "MoE layers frozen (experts + routers)", FinetuneOptions(instruct=True, freeze="moe"), 1e-3, "--freeze moe"),
+            ("lora8", "LoRA rank 8 (attention + experts), rest frozen", FinetuneOptions(instruct=True, lora_rank=8), 1e-3, "--lora-rank 8"),
+            ("lora8-lr5e-3", "LoRA rank 8, lr 5e-3", FinetuneOptions(instruct=True, lora_rank=8), 5e-3, "--lora-rank 8 --set train.lr=5e-3"),
+        ]  # fmt: skip
+        files = "--data instruct/train.jsonl --val-data instruct/val.jsonl"
+        if length != self.p.seq_len:
+            files += f" --set data.seq_len={length}"
+        for name, setting, options, lr, flag in runs:
+            r = self.finetune_run(f"it-{name}", moe_base, data, F, options, lr=lr)
+            cmd = f"moekit finetune --ckpt runs/moe-base --instruct {files} --set train.steps={F} {flag}"
+            self.add("instruction tuning", f"{label}: {setting}", r, cmd)
+
     def upcycling(self, dense_base: Path, moe_base_row: dict[str, Any]) -> None:
-        p, pre, U = self.p, self.pretrain, self.p.extra_steps
+        p, pre, U = self.p, data_flags(self.pretrain), self.p.extra_steps
         cont = "moekit finetune --ckpt {} --data 'pretrain/train/*.txt' --val-data 'pretrain/val/*.txt' --set train.steps={}"
         self.add(
             "upcycling",
@@ -266,8 +385,12 @@ class Bench:
         setting = f"upcycled {p.experts} experts top-2, +{U} steps (equal steps, {1 / ratio:.2f}x FLOPs)"
         self.add("upcycling", setting, r, cont.format("upcycled", U))
 
-    def distillation(self, moe_base: Path, moe_base_row: dict[str, Any]) -> None:
+    def distillation(self, moe_base: Path, moe_base_row: dict[str, Any], dense_base: Path) -> None:
         D = self.p.extra_steps
+        if self.dense_continued is None:  # the upcycling stage did not run here: resume or train its run
+            self.dense_continued = self.finetune_run(
+                f"dense-continued-{D}", dense_base, data_flags(self.pretrain), D, FinetuneOptions()
+            )
         source = Source.open(moe_base)
         teacher = source.load_weights(build_model(source.arch, source.model_config))
         student_cfg = dense_student_config(source.model_config)
@@ -322,6 +445,8 @@ class Bench:
     def tables(self) -> str:
         out = []
         for table, rows in self.rows.items():
+            if not rows:
+                continue
             out += [
                 f"### {table}",
                 "",
@@ -333,7 +458,7 @@ class Bench:
                 for r in rows
             ]
             out.append("")
-        if getattr(self, "gap", None):
+        if self.gap:
             out.append(
                 "Share of the teacher-over-dense gap kept: "
                 + ", ".join(f"{n} {g:.0%}" for n, g in self.gap.items())
@@ -349,7 +474,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny profile, seconds")
     parser.add_argument("--work", default="runs/techniques", help="folder for corpora, runs and results")
+    parser.add_argument(
+        "--stage",
+        choices=("all", *STAGES),
+        default="all",
+        help="one study only (the pretrained bases are resumed from --work, or trained first)",
+    )
     args = parser.parse_args(argv)
+    stages = STAGES if args.stage == "all" else (args.stage,)
     profile = PROFILES["smoke" if args.smoke else "full"]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -357,17 +489,24 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     moe_base = bench.pretrain_run("moe-base", True)
     moe_row = dict(bench.last)
-    dense_base = bench.pretrain_run("dense-base", False)
-    bench.dense_base_row = dict(bench.last)
-    bench.fine_tuning(moe_base)
-    bench.upcycling(dense_base, moe_row)
-    bench.distillation(moe_base, moe_row)
+    if "upcycling" in stages or "distillation" in stages:
+        dense_base = bench.pretrain_run("dense-base", False)
+        bench.dense_base_row = dict(bench.last)
+    if "fine-tuning" in stages:
+        bench.fine_tuning(moe_base)
+    if "instruction" in stages:
+        bench.instruction_tuning(moe_base)
+    if "upcycling" in stages:
+        bench.upcycling(dense_base, moe_row)
+    if "distillation" in stages:
+        bench.distillation(moe_base, moe_row, dense_base)
     text = bench.tables()
     print(text)
-    (work / "results.json").write_text(
+    results = work / ("results.json" if args.stage == "all" else f"results-{args.stage}.json")
+    results.write_text(
         json.dumps({"profile": profile.__dict__, "tables": bench.rows, "gap": bench.gap}, indent=2)
     )
-    print(f"\n{time.perf_counter() - t0:.0f} s in all; results in {work / 'results.json'}", file=sys.stderr)
+    print(f"\n{time.perf_counter() - t0:.0f} s in all; results in {results}", file=sys.stderr)
     return 0
 
 

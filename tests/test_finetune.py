@@ -4,6 +4,7 @@ bad input, and the CLI."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -218,7 +219,8 @@ def test_cli_finetune_lm_and_instruct(setup, tmp_path, capsys):
 
 
 def test_benchmark_smoke(tmp_path):
-    """The script behind docs/techniques.md runs end to end in its smoke mode."""
+    """The script behind docs/techniques.md runs end to end in its smoke mode; one stage alone
+    resumes the runs of the whole script and reports the same numbers."""
     script = REPO / "benchmarks" / "techniques.py"
     res = subprocess.run(
         [sys.executable, str(script), "--smoke", "--work", str(tmp_path)],
@@ -230,3 +232,72 @@ def test_benchmark_smoke(tmp_path):
     assert (
         "| fine-tuning |" in res.stdout and "| distillation |" in res.stdout and "| upcycling |" in res.stdout
     )
+    instruct_rows = json.loads((tmp_path / "results.json").read_text())["tables"]["instruction tuning"]
+    assert [r["command"].split("--instruct")[-1].split("steps=2 ")[-1] for r in instruct_rows[1:]] == [
+        "--freeze none",
+        "--freeze moe",
+        "--lora-rank 8",
+        "--lora-rank 8 --set train.lr=5e-3",
+    ]
+    assert all(r["raw"]["steps"] == 2 for r in instruct_rows[1:])
+    # the instruction set: functions of the domain's own files, split by file like the domain
+    for split in ("train", "val"):
+        sources = "".join(f.read_text() for f in (tmp_path / "downstream" / split).iterdir())
+        pairs = [
+            json.loads(line) for line in (tmp_path / "instruct" / f"{split}.jsonl").read_text().splitlines()
+        ]
+        assert pairs
+        for pair in pairs:
+            assert pair["prompt"].startswith(("def ", "async def ")) and pair["response"].strip()
+            assert pair["prompt"].splitlines()[0] in sources
+    # --stage resumes the finished runs: the same losses, in their own results file
+    res = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--work", str(tmp_path), "--stage", "instruction"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    alone = json.loads((tmp_path / "results-instruction.json").read_text())["tables"]
+    assert [r["loss"] for r in alone["instruction tuning"]] == [r["loss"] for r in instruct_rows]
+    assert alone["fine-tuning"] == alone["upcycling"] == []
+    assert "| fine-tuning |" not in res.stdout and "| instruction tuning |" in res.stdout
+
+
+def load_techniques_script(monkeypatch):
+    """benchmarks/techniques.py as a module (registered while the test runs: dataclasses need it)."""
+    spec = importlib.util.spec_from_file_location("techniques_bench", REPO / "benchmarks" / "techniques.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_instruction_pairs_from_functions(monkeypatch):
+    """Prompt = the def line(s) and docstring, response = the rest of the body, dedented; functions
+    without a docstring or without code are left out; decorators are not part of the prompt."""
+    source = (
+        "import os\n\n"
+        "class Reader:\n"
+        "    @staticmethod\n"
+        "    def read(path,\n"
+        "             mode='r'):\n"
+        '        """Read a file.\n\n        All of it."""\n'
+        '        text = """\n'
+        "a string at column 0\n"
+        '"""\n'
+        "\n"
+        "        return open(path, mode).read() + text\n\n"
+        "def bare():\n"
+        "    return 1\n\n"
+        "def only_doc():\n"
+        '    """Nothing else."""\n'
+    )
+    pairs = load_techniques_script(monkeypatch).function_examples(source)
+    assert pairs == [
+        {
+            "prompt": 'def read(path,\n         mode=\'r\'):\n    """Read a file.\n\n    All of it."""\n',
+            "response": '    text = """\na string at column 0\n"""\n\n    return open(path, mode).read() + text\n',
+            "task": "docstring-to-body",
+        }
+    ]
