@@ -391,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         args.max_tokens, args.rounds, args.warmup = 8, 2, 1
     elif args.ckpt is None:
         parser.error("--ckpt is required (or --smoke)")
+    if args.rounds < 1 or args.max_tokens < 1:
+        parser.error("--rounds and --max-tokens must be at least 1")
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
