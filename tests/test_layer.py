@@ -397,3 +397,33 @@ def test_fused_local_path_matches_composed_path(case, use_mask):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(moe(x, mask=mask).output, slow.output.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_inference_losses_and_stats_are_computed_when_read_with_the_same_values(use_mask):
+    """Without autograd the losses and derived stats wait until read; their values do not change."""
+    moe = MoE(D, HID, E, 2, importance_coef=0.3, load_coef=0.2, seq_balance_coef=0.1).eval()
+    torch.manual_seed(5)
+    x = torch.randn(3, 7, D)
+    mask = torch.rand(3, 7) > 0.3 if use_mask else None
+    eager = moe(x, mask=mask)  # autograd on: everything computed in the call
+    assert eager.aux_loss.requires_grad
+    with torch.no_grad():
+        lazy = moe(x, mask=mask)
+    assert lazy._losses is None and lazy.stats._entropy is None  # nothing computed yet
+    assert set(lazy.losses) == set(eager.losses)
+    for name in eager.losses:
+        torch.testing.assert_close(lazy.losses[name], eager.losses[name].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(lazy.aux_loss, eager.aux_loss.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(lazy.z_loss, eager.z_loss.detach(), rtol=0, atol=0)
+    assert not lazy.aux_loss.requires_grad
+    # the derived stats against float64 math from the router's own probabilities
+    probs = torch.softmax(moe.router.gate(x.reshape(-1, D)).double(), dim=-1)
+    m = torch.ones(21, dtype=torch.bool) if mask is None else mask.reshape(-1)
+    entropy = (-(probs * probs.log()).sum(-1))[m].mean()
+    assert abs(float(lazy.stats.router_entropy) - float(entropy)) < 1e-5
+    load = lazy.stats.routed_per_expert.double()
+    assert abs(float(lazy.stats.max_load_violation) - float(load.max() / load.mean() - 1)) < 1e-6
+    assert float(lazy.stats.dropped_fraction) == 0.0
+    out, aux, z, stats, losses, logits = lazy  # still unpacks like a tuple
+    assert out is lazy.output and aux is lazy.aux_loss and logits is lazy.router_logits

@@ -15,8 +15,8 @@ Shape legend: T tokens, D model dim, E experts, K experts per token, A assignmen
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,15 +28,57 @@ from moekit.moe.experts import ExpertBank, HierarchicalExperts, SharedExperts
 from moekit.moe.router import Routing, build_router
 
 
-@dataclass
 class MoEStats:
-    """Routing statistics of one call (detached tensors; no host sync needed to build them)."""
+    """Routing statistics of one call (detached tensors; no host sync needed to build them).
 
-    tokens_per_expert: Tensor  # [E] assignments each expert computed (after capacity)
-    routed_per_expert: Tensor  # [E] assignments routed to each expert (before capacity): the load
-    dropped_fraction: Tensor  # share of routed assignments dropped by capacity
-    router_entropy: Tensor  # mean entropy (nats) of the router distribution over real tokens
-    max_load_violation: Tensor  # max load / mean load - 1 (0 = perfectly balanced)
+    The counts come from the dispatch; the derived statistics (dropped fraction, router entropy,
+    max load violation) are computed when first read, so a decode step that never looks at them
+    does not pay their dozen small ops. Pass them explicitly (e.g. reduced over ranks) to skip that.
+    """
+
+    def __init__(
+        self,
+        tokens_per_expert: Tensor,  # [E] assignments each expert computed (after capacity)
+        routed_per_expert: Tensor,  # [E] assignments routed to each expert (before capacity): the load
+        dropped_fraction: Tensor | None = None,  # share of routed assignments dropped by capacity
+        router_entropy: Tensor
+        | None = None,  # mean entropy (nats) of the router distribution over real tokens
+        max_load_violation: Tensor | None = None,  # max load / mean load - 1 (0 = perfectly balanced)
+        *,
+        probs_TE: Tensor | None = None,  # router probabilities, for the entropy when not given
+        mask_T: Tensor | None = None,
+    ):
+        if router_entropy is None and probs_TE is None:
+            raise ValueError("MoEStats needs router_entropy or the router probabilities probs_TE")
+        self.tokens_per_expert, self.routed_per_expert = tokens_per_expert, routed_per_expert
+        self._dropped, self._entropy, self._violation = dropped_fraction, router_entropy, max_load_violation
+        self._probs_TE = None if probs_TE is None else probs_TE.detach()
+        self._mask_T = mask_T
+
+    @property
+    def dropped_fraction(self) -> Tensor:
+        if self._dropped is None:
+            with torch.no_grad():
+                total = self.routed_per_expert.sum()
+                self._dropped = (total - self.tokens_per_expert.sum()) / total.clamp_min(
+                    1.0
+                )  # 0 if none routed
+        return self._dropped
+
+    @property
+    def router_entropy(self) -> Tensor:
+        if self._entropy is None:
+            with torch.no_grad():
+                self._entropy = L.router_entropy(self._probs_TE, self._mask_T)
+            self._probs_TE = self._mask_T = None
+        return self._entropy
+
+    @property
+    def max_load_violation(self) -> Tensor:
+        if self._violation is None:
+            with torch.no_grad():
+                self._violation = L.max_load_violation(self.routed_per_expert)
+        return self._violation
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,13 +90,54 @@ class MoEStats:
         }
 
 
-class MoEOutput(NamedTuple):
-    output: Tensor  # [..., D], same shape and dtype as the input
-    aux_loss: Tensor  # balance losses times their coefficients, summed (float32 scalar)
-    z_loss: Tensor  # router z-loss times its coefficient (float32 scalar)
-    stats: MoEStats
-    losses: dict[str, Tensor]  # every loss unweighted: load_balance, z, importance, load, seq_balance
-    router_logits: Tensor | None = None  # [T, E] float32 raw router logits (pooled losses, HF interop)
+class MoEOutput:
+    """What one MoE call returns: the output, its losses, statistics and router logits.
+
+        output        [..., D], same shape and dtype as the input
+        aux_loss      balance losses times their coefficients, summed (float32 scalar)
+        z_loss        router z-loss times its coefficient (float32 scalar)
+        stats         MoEStats
+        losses        every loss unweighted: load_balance, z, importance, load, seq_balance
+        router_logits [T, E] float32 raw router logits (pooled losses, HF interop)
+
+    When the call ran with autograd recording, the losses were computed in it (they carry the graph
+    to the router). Without autograd (inference) nothing can be backpropagated, so they are computed
+    when first read: a decode step that never reads them skips their ops; the values are the same.
+    """
+
+    __slots__ = ("output", "stats", "router_logits", "_compute_losses", "_losses")
+
+    def __init__(
+        self,
+        output: Tensor,
+        stats: MoEStats,
+        router_logits: Tensor | None,
+        compute_losses: Callable[[], tuple[dict[str, Tensor], Tensor, Tensor]],
+    ):
+        self.output, self.stats, self.router_logits = output, stats, router_logits
+        self._compute_losses, self._losses = compute_losses, None
+        if torch.is_grad_enabled():
+            self._read()
+
+    def _read(self) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        if self._losses is None:
+            self._losses, self._compute_losses = self._compute_losses(), None
+        return self._losses
+
+    @property
+    def losses(self) -> dict[str, Tensor]:
+        return self._read()[0]
+
+    @property
+    def aux_loss(self) -> Tensor:
+        return self._read()[1]
+
+    @property
+    def z_loss(self) -> Tensor:
+        return self._read()[2]
+
+    def __iter__(self):  # unpacks like the named tuple it once was
+        return iter((self.output, self.aux_loss, self.z_loss, self.stats, self.losses, self.router_logits))
 
 
 class MoE(nn.Module):
@@ -160,19 +243,23 @@ class MoE(nn.Module):
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 
-        losses = self._losses(x, routing, token_A, real_A, mask_T)
-        aux_loss = _weighted_sum(
-            (cfg.load_balance_coef, losses["load_balance"]),
-            (cfg.importance_coef, losses["importance"]),
-            (cfg.load_coef, losses["load"]),
-            (cfg.seq_balance_coef, losses["seq_balance"]),
-        )
-        z_loss = cfg.z_loss_coef * losses["z"]
-        if inner_aux is not None:
-            aux_loss, z_loss = aux_loss + inner_aux, z_loss + inner_z
         routed_E = state.routed_E if routed_E is None else routed_E
         stats = self._stats(routing, routed_E, state.kept_E, mask_T)
-        return MoEOutput(out_TD.view(x.shape), aux_loss, z_loss, stats, losses, routing.logits_TE)
+
+        def compute_losses() -> tuple[dict[str, Tensor], Tensor, Tensor]:
+            losses = self._losses(x, routing, token_A, real_A, mask_T)
+            aux_loss = _weighted_sum(
+                (cfg.load_balance_coef, losses["load_balance"]),
+                (cfg.importance_coef, losses["importance"]),
+                (cfg.load_coef, losses["load"]),
+                (cfg.seq_balance_coef, losses["seq_balance"]),
+            )
+            z_loss = cfg.z_loss_coef * losses["z"]
+            if inner_aux is not None:
+                aux_loss, z_loss = aux_loss + inner_aux, z_loss + inner_z
+            return losses, aux_loss, z_loss
+
+        return MoEOutput(out_TD.view(x.shape), stats, routing.logits_TE, compute_losses)
 
     def _fused_local(self) -> bool:
         """Whether steps 2-4 run fused: local dispatch and an expert bank without active dropout."""
@@ -224,17 +311,9 @@ class MoE(nn.Module):
             )
         return losses
 
-    @torch.no_grad()
-    def _stats(self, routing: Routing, routed_E: Tensor, kept_E: Tensor, mask_T: Tensor | None) -> MoEStats:
-        total = routed_E.sum()
-        dropped = (total - kept_E.sum()) / total.clamp_min(1.0)  # 0 when nothing was routed
-        return MoEStats(
-            tokens_per_expert=kept_E.detach(),
-            routed_per_expert=routed_E.detach(),
-            dropped_fraction=dropped,
-            router_entropy=L.router_entropy(routing.probs_TE.detach(), mask_T),
-            max_load_violation=L.max_load_violation(routed_E),
-        )
+    @staticmethod
+    def _stats(routing: Routing, routed_E: Tensor, kept_E: Tensor, mask_T: Tensor | None) -> MoEStats:
+        return MoEStats(kept_E.detach(), routed_E.detach(), probs_TE=routing.probs_TE, mask_T=mask_T)
 
     # ------------------------------------------------------------------ training hooks
     def update_bias(self, tokens_per_expert_E: Tensor) -> None:
