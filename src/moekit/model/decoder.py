@@ -17,7 +17,7 @@ per-layer logits it is computed from. `save_pretrained(path)` writes a Hugging F
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +40,25 @@ class ModelOutput:
     logits: torch.Tensor  # [B, S, V]
     loss: torch.Tensor | None  # ce_loss + aux_loss + z_loss; None without targets
     ce_loss: torch.Tensor | None  # mean over targets != -100; None without targets
-    aux_loss: torch.Tensor  # sum over MoE layers (0 for a dense model)
-    z_loss: torch.Tensor  # sum over MoE layers (0 for a dense model)
+    # (aux_loss, z_loss), each summed over the MoE layers (0 for a dense model); or, for an
+    # inference call without targets, the function computing them when first read (a decode step
+    # never reads them), as MoEOutput does for its layer's losses
+    router_losses: tuple[torch.Tensor, torch.Tensor] | Callable[[], tuple[torch.Tensor, torch.Tensor]]
     router_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in layer order
     router_logits: list[torch.Tensor] = field(default_factory=list)  # [B*S, E] float32 per MoE layer
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        return self._router_losses()[0]
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        return self._router_losses()[1]
+
+    def _router_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if callable(self.router_losses):
+            self.router_losses = self.router_losses()
+        return self.router_losses
 
 
 def sum_router_losses(
@@ -216,15 +231,21 @@ class MoETransformer(nn.Module):
             cache.advance(S)
         logits_BSV = self.output(self.norm(x_BSD))  # [B, S, V]
 
-        aux_loss, z_loss, stats = sum_router_losses(moe_outputs, device)
-        if self.config.aux_loss_mode == "transformers" and moe_outputs:
-            aux_loss = pooled_aux_loss(moe_outputs, self.config.moe, token_mask_BS)
+        def router_losses() -> tuple[torch.Tensor, torch.Tensor]:
+            aux_loss, z_loss, _ = sum_router_losses(moe_outputs, device)
+            if self.config.aux_loss_mode == "transformers" and moe_outputs:
+                aux_loss = pooled_aux_loss(moe_outputs, self.config.moe, token_mask_BS)
+            return aux_loss, z_loss
+
         ce_loss = loss = None
+        losses = router_losses() if targets is not None or torch.is_grad_enabled() else router_losses
         if targets is not None:
+            aux_loss, z_loss = losses
             ce_loss = lm_loss(logits_BSV, targets)
             loss = ce_loss + aux_loss + z_loss
+        stats = [out.stats for out in moe_outputs]
         router_logits = [out.router_logits for out in moe_outputs]
-        return ModelOutput(logits_BSV, loss, ce_loss, aux_loss, z_loss, stats, router_logits)
+        return ModelOutput(logits_BSV, loss, ce_loss, losses, stats, router_logits)
 
     def update_router_biases(self, stats_list: Sequence[MoEStats]) -> None:
         """Call after the optimizer step with `output.router_stats` (aux-loss-free balancing)."""
