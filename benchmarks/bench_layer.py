@@ -97,6 +97,28 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process) so far; None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    own = os.times()
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def cpu_used_by_others(start: tuple[float, float] | None, wall_s: float) -> float | None:
+    """Cores' worth of CPU that other processes used since `start` (0 on a quiet machine).
+
+    The load average cannot say this: this process's own threads raise it."""
+    end = cpu_seconds()
+    if start is None or end is None or wall_s <= 0:
+        return None
+    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / wall_s)
+
+
 def versions() -> dict[str, str]:
     import transformers
 
@@ -517,6 +539,7 @@ def apply_ceilings(cells: list[dict[str, Any]], shapes: tuple[Shape, ...], ceili
 
 def _run_layer(quick: bool, tokens: tuple[int, ...], memory: bool) -> dict[str, Any]:
     info = machine_info()
+    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
     shapes = QUICK_SHAPES if quick else SHAPES
     samples, cells = [], []
     for shape in shapes:  # ceilings before each shape and at the end; the best one is the ceiling
@@ -529,6 +552,8 @@ def _run_layer(quick: bool, tokens: tuple[int, ...], memory: bool) -> dict[str, 
     ceilings = best_ceilings(samples)
     apply_ceilings(cells, shapes, ceilings)
     info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    others = cpu_used_by_others(cpu_start, time.perf_counter() - wall_start)
+    info["cores_used_by_others"] = None if others is None else round(others, 3)
     return {
         "suite": "layer",
         "quick": quick,
@@ -545,20 +570,20 @@ def _run_layer(quick: bool, tokens: tuple[int, ...], memory: bool) -> dict[str, 
 def format_layer(r: dict[str, Any]) -> str:
     """Markdown tables of a `run_layer` result."""
     m, v, c = r["machine"], r["versions"], r["ceilings"]
-    loads = [x for x in (m["loadavg_at_start"] or []) + (m.get("loadavg_at_end") or [])]
-    busy = max(loads[:1] + loads[3:4], default=0.0)  # 1-minute load averages at start and end
+    others = m.get("cores_used_by_others")
     lines = []
-    if busy > 0.5 * (m["logical_cores"] or 1):
+    if others is not None and others > 0.1:
         lines += [
-            f"**Note: the machine was shared while this ran** (1-minute load average up to {busy:.1f} on "
-            f"{m['logical_cores']} cores from other people's jobs): absolute times are inflated and noisy, "
+            f"**Note: the machine was shared while this ran** (other processes used {others:.2f} of its "
+            f"{m['logical_cores']} cores on average): absolute times are inflated and noisy, "
             "small cells most (an OpenMP/MKL region waits for a descheduled thread). The implementations of "
             "a cell ran interleaved, so the ratios between them are the meaningful numbers.",
             "",
         ]
     lines += [
         f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch threads {m['torch_threads']}; "
-        f"load average {m['loadavg_at_start']} at start, {m.get('loadavg_at_end')} at end.",
+        f"load average {m['loadavg_at_start']} at start, {m.get('loadavg_at_end')} at end; "
+        f"other processes used {'?' if others is None else f'{others:.2f}'} cores on average during the run.",
         f"Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, moekit {v['moekit']}.",
         f"Ceilings: sgemm {c['sgemm']['gflops']:.0f} GFLOP/s (n={c['sgemm']['n']}), "
         f"read bandwidth {c['read_bandwidth']['gbs']:.1f} GB/s ({c['read_bandwidth']['bytes'] >> 20} MiB buffer); "

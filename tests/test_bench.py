@@ -63,3 +63,46 @@ def test_bench_e2e_is_reported_not_faked(monkeypatch):
     assert bench.run("e2e") == {"e2e": {"status": "not yet built"}}
     with pytest.raises(ValueError, match="unknown suite"):
         bench.run("nope")
+
+
+def test_bench_keeps_hand_written_notes_and_replaces_the_tables(tmp_path, monkeypatch):
+    """A rerun rewrites the generated tables but keeps the results file's "## Notes" section."""
+    from moekit import bench
+
+    md, out = tmp_path / "benchmarks.md", tmp_path / "benchmarks.json"
+    md.write_text("# Benchmarks\n\nold table | 1 ms\n\n## Notes\n\nWhy cell X is slow.\n- detail\n")
+    monkeypatch.setattr(bench, "run", lambda *a: {"e2e": {"status": "not yet built"}})
+    assert main(["bench", "--suite", "e2e", "--out", str(out), "--md", str(md)]) == 0
+    text = md.read_text()
+    assert "old table" not in text and "not yet built" in text
+    assert text.endswith("## Notes\n\nWhy cell X is slow.\n- detail\n")
+    assert text.index("not yet built") < text.index("## Notes")
+    assert json.loads(out.read_text()) == {"e2e": {"status": "not yet built"}}
+    assert bench.kept_notes(tmp_path / "missing.md") == ""
+
+
+def test_cpu_used_by_others_excludes_this_process(monkeypatch):
+    """This process's own CPU time is not counted as other people's load."""
+    import sys
+
+    sys.path.insert(0, str(bench_dir()))
+    import bench_layer
+
+    start, wall = bench_layer.cpu_seconds(), time.perf_counter()
+    if start is None:
+        pytest.skip("no /proc/stat")
+    while time.perf_counter() - wall < 0.5:  # keep one core busy in this process
+        sum(range(1000))
+    end = bench_layer.cpu_seconds()
+    assert end[1] - start[1] >= 0.3  # counted as this process's CPU time ...
+    assert end[0] - start[0] >= 0.3  # ... and as the machine's
+    # others = (machine busy - own) / wall: 3 s busy, 1 s ours over 2 s = one core of others
+    monkeypatch.setattr(bench_layer, "cpu_seconds", lambda: (103.0, 11.0))
+    assert bench_layer.cpu_used_by_others((100.0, 10.0), 2.0) == 1.0
+    assert bench_layer.cpu_used_by_others(None, 2.0) is None
+
+
+def bench_dir():
+    from moekit.bench import benchmarks_dir
+
+    return benchmarks_dir()

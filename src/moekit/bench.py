@@ -22,6 +22,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from moekit.data.cache import atomic_write_text
+
 SUITES = ("layer", "e2e", "all")
 
 
@@ -91,15 +93,28 @@ def _bench(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else (None if args.quick else "docs/benchmarks.json")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=1) + "\n")
+        atomic_write_text(out, json.dumps(results, indent=1) + "\n")
         print(f"results: {out}")
     md = args.md if args.md is not None else (None if args.quick else "docs/benchmarks.md")
     if md:
         command = "moekit bench" + (f" --suite {args.suite}" if args.suite != "layer" else "")
         Path(md).parent.mkdir(parents=True, exist_ok=True)
-        Path(md).write_text(f"# Benchmarks\n\nCommand: `{command}`\n\n{text}")
+        atomic_write_text(md, f"# Benchmarks\n\nCommand: `{command}`\n\n{text}" + kept_notes(Path(md)))
         print(f"tables: {md}")
     return 0
+
+
+NOTES_HEADING = "## Notes"
+
+
+def kept_notes(md: Path) -> str:
+    """The hand-written part of an existing results file (from its NOTES_HEADING line on), which a
+    new run keeps below its fresh tables; empty when there is none."""
+    if not md.is_file():
+        return ""
+    text = md.read_text()
+    at = text.find("\n" + NOTES_HEADING + "\n")
+    return "\n" + text[at + 1 :] if at >= 0 else ""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
