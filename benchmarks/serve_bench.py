@@ -304,8 +304,11 @@ def quantized_copy(
 
 
 # ---------------------------------------------------------------------- tiny checkpoint (--smoke)
-def tiny_checkpoint(folder: Path) -> Path:
-    """A random tiny MoE decoder and a byte-level BPE tokenizer trained on a few stdlib modules."""
+def tiny_checkpoint(
+    folder: Path, texts: list[str] | None = None, max_seq_len: int = 128, version: str = "bench"
+) -> Path:
+    """A random tiny MoE decoder and a byte-level BPE tokenizer trained on `texts` (default: a few
+    stdlib modules), written atomically to `folder` (tests/test_serve.py uses it too)."""
     import sysconfig
 
     from moekit.data.tokenizer import TokenizerConfig, train_tokenizer
@@ -313,8 +316,9 @@ def tiny_checkpoint(folder: Path) -> Path:
     from moekit.moe import MoEConfig
     from moekit.train import checkpoint as ckpt
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [(stdlib / name).read_text() for name in ("glob.py", "fnmatch.py", "bisect.py")]
+    if texts is None:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        texts = [(stdlib / name).read_text() for name in ("glob.py", "fnmatch.py", "bisect.py")]
     tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=320, num_sentinels=0, min_frequency=2))
     torch.manual_seed(0)
     cfg = ModelConfig(
@@ -324,12 +328,12 @@ def tiny_checkpoint(folder: Path) -> Path:
         n_heads=4,
         n_kv_heads=2,
         ffn_hidden_dim=48,
-        max_seq_len=128,
+        max_seq_len=max_seq_len,
         init_std=0.3,  # peaked logits: greedy text varies instead of repeating one token
         moe=MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2),
     )
     model = MoETransformer(cfg).eval()
-    config = {"moekit_version": "bench", "arch": "decoder", "model": cfg.to_dict()}
+    config = {"moekit_version": version, "arch": "decoder", "model": cfg.to_dict()}
 
     def write(tmp: Path) -> None:
         ckpt.save_model_files(tmp, model, config)

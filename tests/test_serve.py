@@ -29,11 +29,9 @@ from torch import nn
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from moekit.bench import benchmarks_dir  # noqa: E402
 from moekit.cli import main as cli_main  # noqa: E402
 from moekit.data import Tokenizer  # noqa: E402
-from moekit.data.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
-from moekit.model import ModelConfig, MoETransformer  # noqa: E402
-from moekit.moe import MoEConfig  # noqa: E402
 from moekit.serve import loading  # noqa: E402
 from moekit.serve.app import create_app  # noqa: E402
 from moekit.serve.commands import bind_socket, make_server  # noqa: E402
@@ -52,29 +50,12 @@ TEXT = (
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A moekit checkpoint folder: a tiny random MoE decoder and a tokenizer trained on ~3 KB."""
-    tokenizer = train_tokenizer(
-        [TEXT] * 10, TokenizerConfig(vocab_size=320, num_sentinels=0, min_frequency=2)
-    )
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_hidden_dim=48,
-        max_seq_len=64,
-        init_std=0.3,  # peaked logits, so greedy text varies rather than repeating one token
-        moe=MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2),
-    )
-    model = MoETransformer(cfg).eval()
-    config = {"moekit_version": "test", "arch": "decoder", "model": cfg.to_dict()}
+    sys.path.insert(0, str(benchmarks_dir()))
+    from serve_bench import tiny_checkpoint
 
-    def write(folder: Path) -> None:
-        ckpt.save_model_files(folder, model, config)
-        tokenizer.save(folder / ckpt.TOKENIZER_FILE)
-
-    return ckpt.save_folder_atomically(tmp_path_factory.mktemp("serve") / "tiny", write)
+    return tiny_checkpoint(
+        tmp_path_factory.mktemp("serve") / "tiny", [TEXT] * 10, max_seq_len=64, version="test"
+    )
 
 
 @pytest.fixture(scope="module")
