@@ -15,6 +15,7 @@ records; the command line then rebuilds the collected results.md (see report.py)
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import tempfile
@@ -37,23 +38,29 @@ from moekit.experiments.core import (
 )
 
 
-class Experiment:
+class Experiment(abc.ABC):
+    """One paper claim checked on this machine: subclasses say which runs to make (`variants`),
+    how to judge them (`summarize`) and how to draw them (`plot`); running is shared."""
+
     name = ""
     title = ""
     paper = ""  # the source, e.g. "Switch Transformers (Fedus et al. 2022), Table 1"
     claim = ""  # the paper's claim with its numbers
 
+    @abc.abstractmethod
     def variants(self, ctx: Context) -> list[Variant]:
-        raise NotImplementedError
+        """The runs this experiment makes (a base config plus `--set` overrides each)."""
 
     def run(self, ctx: Context, variant: Variant) -> RunRecord:
         return train_variant(ctx, variant)
 
+    @abc.abstractmethod
     def summarize(self, ctx: Context, records: list[RunRecord]) -> Summary:
-        raise NotImplementedError
+        """The results table and the verdict on the paper's claim, by the experiment's fixed rule."""
 
+    @abc.abstractmethod
     def plot(self, records: list[RunRecord], path: Path) -> None:
-        raise NotImplementedError
+        """Draw the runs' curves or bars into the PNG at `path`."""
 
     def missing(self) -> str:
         """Why this experiment cannot run in this checkout ("" when it can)."""
