@@ -11,17 +11,25 @@ from moekit.moe import MoEConfig
 from moekit.train import Trainer, load_config
 
 
-def tiny_corpus(out: Path, files: int = 14) -> Path:
-    """A few stdlib modules as text files, every 5th in val/ (tokenizes in a second)."""
+def stdlib_corpus(out: Path, count: int, min_bytes: int, max_bytes: int, val_every: int) -> Path:
+    """`count` stdlib modules of min_bytes..max_bytes copied as text files into `out`, every
+    `val_every`-th into `out/val` (small corpora that tokenize in a second)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     (out / "val").mkdir(parents=True)
-    chosen = sorted(p for p in root.glob("*.py") if 4000 < p.stat().st_size < 20000)[:files]
+    chosen = sorted(p for p in root.glob("*.py") if min_bytes < p.stat().st_size < max_bytes)[:count]
     for i, p in enumerate(chosen):
-        shutil.copy(p, out / ("val" if i % 5 == 0 else ".") / (p.stem + ".txt"))
+        shutil.copy(p, out / ("val" if i % val_every == 0 else ".") / (p.stem + ".txt"))
     return out
 
 
-def tiny_overrides(corpus: Path, tmp: Path, **extra: str) -> list[str]:
+def tiny_corpus(out: Path, files: int = 14) -> Path:
+    """A few stdlib modules as text files, every 5th in val/ (tokenizes in a second)."""
+    return stdlib_corpus(out, files, 4000, 20000, val_every=5)
+
+
+def tiny_run_overrides(corpus: Path, tmp: Path, **extra: str) -> list[str]:
+    """`--set` overrides of a 2-layer, 4-expert run of 40 steps on `corpus` (val in corpus/val),
+    writing under `tmp`; `extra` replaces or adds keys."""
     base = {
         "data.paths": f'["{corpus}/*.txt"]',
         "data.validation_paths": f'["{corpus}/val/*.txt"]',
@@ -34,22 +42,38 @@ def tiny_overrides(corpus: Path, tmp: Path, **extra: str) -> list[str]:
         "model.n_layers": "2",
         "model.n_heads": "4",
         "model.n_kv_heads": "2",
-        "model.ffn_hidden_dim": "48",
+        "model.ffn_hidden_dim": "64",
         "model.max_seq_len": "64",
         "moe.num_experts": "4",
-        "moe.hidden_dim": "48",
-        "train.steps": "3",
+        "moe.hidden_dim": "32",
+        "train.steps": "40",
         "train.lr": "1e-2",
-        "train.warmup_steps": "1",
-        "train.log_every": "1",
-        "train.eval_every": "1000",
-        "train.eval_batches": "1",
+        "train.warmup_steps": "5",
+        "train.log_every": "5",
+        "train.eval_every": "20",
+        "train.eval_batches": "2",
         "train.save_every": "1000",
         "train.out_dir": f'"{tmp / "runs"}"',
         "train.progress": "false",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+# the adaptation tests' base runs: 3 steps, hidden sizes 48
+ADAPT_RUN = {
+    "model.ffn_hidden_dim": "48",
+    "moe.hidden_dim": "48",
+    "train.steps": "3",
+    "train.warmup_steps": "1",
+    "train.log_every": "1",
+    "train.eval_every": "1000",
+    "train.eval_batches": "1",
+}
+
+
+def tiny_overrides(corpus: Path, tmp: Path, **extra: str) -> list[str]:
+    return tiny_run_overrides(corpus, tmp, **{**ADAPT_RUN, **extra})
 
 
 def train_checkpoint(corpus: Path, tmp: Path, name: str, **extra: str) -> Path:

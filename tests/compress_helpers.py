@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import sysconfig
 from pathlib import Path
 
 import torch
@@ -11,16 +9,12 @@ import torch
 from moekit.model import ModelConfig, MoETransformer
 from moekit.moe import MoEConfig
 from moekit.train import Trainer, load_config
+from tests.adapt_helpers import stdlib_corpus
 
 
 def tiny_checkpoint(tmp: Path, **extra: str) -> Path:
     """Train a 2-layer, 4-expert model for a few steps on 12 stdlib files; return its checkpoint."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    corpus = tmp / "corpus"
-    (corpus / "val").mkdir(parents=True)
-    files = sorted(p for p in root.glob("*.py") if 3000 < p.stat().st_size < 40000)[:12]
-    for i, p in enumerate(files):
-        shutil.copy(p, corpus / ("val" if i % 6 == 0 else ".") / (p.stem + ".txt"))
+    corpus = stdlib_corpus(tmp / "corpus", 12, 3000, 40000, val_every=6)
     sets = {
         "data.paths": f'["{corpus}/*.txt"]',
         "data.validation_paths": f'["{corpus}/val/*.txt"]',

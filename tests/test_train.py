@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -14,49 +12,14 @@ from moekit.cli import main as cli_main
 from moekit.train import Trainer, load_config, lr_at
 from moekit.train import checkpoint as ckpt
 from moekit.train.config import RunConfig, parse_override
+from tests.adapt_helpers import stdlib_corpus
+from tests.adapt_helpers import tiny_run_overrides as tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> Path:
-    """A small user corpus: 40 stdlib modules copied as text files (fast to tokenize)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = tmp_path_factory.mktemp("corpus")
-    (out / "val").mkdir()
-    files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 2000)[:45]
-    for i, p in enumerate(files):
-        shutil.copy(p, out / ("val" if i % 9 == 0 else ".") / (p.stem + ".txt"))
-    return out
-
-
-def tiny_overrides(corpus: Path, tmp: Path, **extra: str) -> list[str]:
-    base = {
-        "data.paths": f'["{corpus}/*.txt"]',
-        "data.validation_paths": f'["{corpus}/val/*.txt"]',
-        "data.cache_dir": f'"{tmp / "cache"}"',
-        "data.vocab_size": "300",
-        "data.seq_len": "32",
-        "data.batch_size": "4",
-        "data.eval_batch_size": "4",
-        "model.dim": "32",
-        "model.n_layers": "2",
-        "model.n_heads": "4",
-        "model.n_kv_heads": "2",
-        "model.ffn_hidden_dim": "64",
-        "model.max_seq_len": "64",
-        "moe.num_experts": "4",
-        "moe.hidden_dim": "32",
-        "train.steps": "40",
-        "train.lr": "1e-2",
-        "train.warmup_steps": "5",
-        "train.log_every": "5",
-        "train.eval_every": "20",
-        "train.eval_batches": "2",
-        "train.save_every": "1000",
-        "train.out_dir": f'"{tmp / "runs"}"',
-        "train.progress": "false",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    """A small user corpus: 45 stdlib modules copied as text files (fast to tokenize)."""
+    return stdlib_corpus(tmp_path_factory.mktemp("corpus"), 45, 2000, 10**9, val_every=9)
 
 
 def test_tiny_model_trains_and_loss_falls(corpus_dir, tmp_path):
