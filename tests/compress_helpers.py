@@ -9,38 +9,22 @@ import torch
 from moekit.model import ModelConfig, MoETransformer
 from moekit.moe import MoEConfig
 from moekit.train import Trainer, load_config
-from tests.adapt_helpers import stdlib_corpus
+from tests.adapt_helpers import stdlib_corpus, tiny_run_overrides
 
 
 def tiny_checkpoint(tmp: Path, **extra: str) -> Path:
     """Train a 2-layer, 4-expert model for a few steps on 12 stdlib files; return its checkpoint."""
     corpus = stdlib_corpus(tmp / "corpus", 12, 3000, 40000, val_every=6)
-    sets = {
-        "data.paths": f'["{corpus}/*.txt"]',
-        "data.validation_paths": f'["{corpus}/val/*.txt"]',
-        "data.cache_dir": f'"{tmp / "cache"}"',
-        "data.vocab_size": "300",
-        "data.seq_len": "32",
-        "data.batch_size": "4",
-        "data.eval_batch_size": "4",
-        "model.dim": "32",
-        "model.n_layers": "2",
-        "model.n_heads": "4",
-        "model.n_kv_heads": "2",
-        "model.ffn_hidden_dim": "64",
-        "model.max_seq_len": "64",
-        "moe.num_experts": "4",
-        "moe.hidden_dim": "32",
+    run = {  # the tiny run's defaults but 4 steps, one evaluation at the end, default logging/saving
         "train.steps": "4",
-        "train.lr": "1e-2",
         "train.warmup_steps": "1",
+        "train.log_every": "10",
         "train.eval_every": "4",
         "train.eval_batches": "1",
-        "train.out_dir": f'"{tmp / "runs"}"',
-        "train.progress": "false",
-        **extra,
+        "train.save_every": "250",
     }
-    trainer = Trainer(load_config(None, [f"{k}={v}" for k, v in sets.items()]))
+    overrides = tiny_run_overrides(corpus, tmp, **{**run, **extra})
+    trainer = Trainer(load_config(None, overrides))
     trainer.fit()
     return trainer.ckpt_dir
 
