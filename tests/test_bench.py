@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from moekit.cli import main
 
@@ -106,3 +107,52 @@ def bench_dir():
     from moekit.bench import benchmarks_dir
 
     return benchmarks_dir()
+
+
+def test_gpu_bench_runs_its_code_on_the_cpu_and_checks_outputs(tmp_path):
+    """bench_gpu.py's whole pipeline on the CPU (float32, shrunk shapes); without CUDA the default
+    device reports that nothing was measured instead of inventing numbers."""
+    import sys
+
+    sys.path.insert(0, str(bench_dir()))
+    import bench_gpu
+
+    out = tmp_path / "gpu.json"
+    argv = [
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--quick",
+        "--strategies",
+        "auto,loop",
+        "--json",
+        str(out),
+    ]
+    assert bench_gpu.main(argv) == 0
+    cells = json.loads(out.read_text())["cells"]
+    impls = {"moekit[auto]", "moekit[loop]", "hf_eager", "hf_grouped_mm"}
+    for shape in ("mixtral", "fine_grained"):
+        for tokens in (1, 8):
+            for mode in ("fwd", "fwd_bwd"):
+                got = {
+                    c["impl"] for c in cells if (c["shape"], c["tokens"], c["mode"]) == (shape, tokens, mode)
+                }
+                assert got == impls
+    assert all(c["matches"] and c["ms"] > 0 for c in cells), [c for c in cells if not c["matches"]]
+    # the GPU configuration: experts in bf16, the router's weight kept in float32
+    modules = bench_gpu.build(bench_gpu.QUICK_SHAPES[0], torch.device("cpu"), torch.bfloat16)
+    moe = modules["moekit"]
+    assert moe.router.gate.weight.dtype == torch.float32
+    assert moe.experts.w_in_EDF.dtype == torch.bfloat16
+    assert modules["hf_grouped_mm"].experts.gate_up_proj.dtype == torch.bfloat16
+    if not torch.cuda.is_available():
+        assert bench_gpu.run_gpu("cuda") == {"status": "no CUDA device: nothing measured"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_bench_gpu_suite_without_cuda_writes_nothing(tmp_path, capsys):
+    out, md = tmp_path / "gpu.json", tmp_path / "gpu.md"
+    assert main(["bench", "--suite", "gpu", "--out", str(out), "--md", str(md)]) == 0
+    assert "no CUDA device: nothing measured" in capsys.readouterr().out
+    assert not out.exists() and not md.exists()

@@ -4,9 +4,10 @@
     moekit bench --quick            smoke run of the whole pipeline (shrunk shapes, one repeat)
     moekit bench --suite e2e        end-to-end training/generation tokens/s against transformers' Mixtral
     moekit bench --suite all        both
+    moekit bench --suite gpu        the layer on CUDA in bf16 (float32 router): docs/benchmarks_gpu.{json,md}
 
 The suites live in the repository's benchmarks/ folder (benchmarks/bench_layer.py,
-benchmarks/bench_e2e.py) as importable modules with their own `main`; this module finds that
+benchmarks/bench_e2e.py, benchmarks/bench_gpu.py) as importable modules with their own `main`; this module finds that
 folder next to the source tree and loads them by path, so a wheel install without the
 repository says so instead of failing obscurely. A suite whose module is not there is reported
 as "not yet built", never faked.
@@ -24,7 +25,7 @@ from typing import Any
 
 from moekit.data.cache import atomic_write_text
 
-SUITES = ("layer", "e2e", "all")
+SUITES = ("layer", "e2e", "all", "gpu")
 
 
 def benchmarks_dir() -> Path:
@@ -65,6 +66,11 @@ def run(
     if suite in ("e2e", "all"):
         e2e = load_suite("e2e")
         results["e2e"] = {"status": "not yet built"} if e2e is None else e2e.run_e2e(quick)
+    if suite == "gpu":  # not part of "all": it needs a GPU, and its results go to their own files
+        gpu = load_suite("gpu")
+        results["gpu"] = (
+            {"status": "not yet built"} if gpu is None else gpu.run_gpu(tokens=tokens, quick=quick)
+        )
     return results
 
 
@@ -82,6 +88,10 @@ def format_results(results: dict[str, Any]) -> str:
             parts.append("## End to end\n\nnot yet built\n")
         else:
             parts.append("## End to end\n\n" + load_suite("e2e").format_e2e(e2e))
+    if "gpu" in results:
+        gpu = results["gpu"]
+        body = gpu["status"] if gpu.get("status") == "not yet built" else load_suite("gpu").format_gpu(gpu)
+        parts.append("## MoE layer on the GPU\n\n" + body)
     return "\n".join(parts)
 
 
@@ -90,12 +100,15 @@ def _bench(args: argparse.Namespace) -> int:
     results = run(args.suite, args.quick, tokens, args.threads)
     text = format_results(results)
     print(text)
-    out = args.out if args.out is not None else (None if args.quick else "docs/benchmarks.json")
+    if args.suite == "gpu" and "cells" not in results["gpu"]:
+        return 0  # nothing was measured (no CUDA): no results file to write
+    stem = "docs/benchmarks_gpu" if args.suite == "gpu" else "docs/benchmarks"
+    out = args.out if args.out is not None else (None if args.quick else f"{stem}.json")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(results, indent=1) + "\n")
         print(f"results: {out}")
-    md = args.md if args.md is not None else (None if args.quick else "docs/benchmarks.md")
+    md = args.md if args.md is not None else (None if args.quick else f"{stem}.md")
     if md:
         command = "moekit bench" + (f" --suite {args.suite}" if args.suite != "layer" else "")
         Path(md).parent.mkdir(parents=True, exist_ok=True)
