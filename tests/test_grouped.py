@@ -104,3 +104,24 @@ def test_row_blocks_cover_every_row_once(counts, max_rows):
     want = [(e, r) for e, s, t in plan.bounds for r in range(s, t)]
     assert covered == want
     assert [b[0] for b in blocks] == sorted(b[0] for b in blocks)
+
+
+def test_grouped_mm_without_a_kernel_falls_back_to_the_loop(monkeypatch):
+    """A device/dtype where torch._grouped_mm raises (a GPU it has no kernel for) gets the loop's
+    results, and the next calls go straight to the loop."""
+    from moekit.moe import grouped
+
+    calls = []
+
+    def no_kernel(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("grouped gemm is not supported on this device")
+
+    monkeypatch.setattr(grouped, "_GROUPED_MM_UNSUPPORTED", set())
+    monkeypatch.setattr(torch, "_grouped_mm", no_kernel)
+    counts = [3, 0, 5, 1]
+    _check(counts, "grouped_mm", torch.float32)  # forward and backward against the per-row loop
+    unsupported = grouped._GROUPED_MM_UNSUPPORTED
+    assert len(calls) == 1 and unsupported == {("cpu", torch.float32)}
+    plan = GroupPlan.from_counts(counts)
+    assert pick_strategy("grouped_mm", plan, torch.randn(9, 16), torch.randn(4, 16, 8)) == "loop"

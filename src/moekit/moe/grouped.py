@@ -102,9 +102,16 @@ class GroupPlan:
         return bool(self.counts) and self.counts[0] > 0 and len(set(self.counts)) == 1
 
 
+# (device type, dtype) where torch._grouped_mm raised (e.g. a GPU generation it has no kernel
+# for): the loop serves them from then on instead of failing every call
+_GROUPED_MM_UNSUPPORTED: set[tuple[str, torch.dtype]] = set()
+
+
 def _grouped_mm_ok(x_ND: Tensor, w_EDF: Tensor) -> bool:
-    """torch._grouped_mm's CPU requirements: dtype, and 16-byte aligned pointers and row strides."""
+    """torch._grouped_mm's requirements: dtype, and 16-byte aligned pointers and row strides."""
     if not hasattr(torch, "_grouped_mm") or x_ND.dtype not in GROUPED_MM_DTYPES or x_ND.dtype != w_EDF.dtype:
+        return False
+    if (x_ND.device.type, x_ND.dtype) in _GROUPED_MM_UNSUPPORTED:
         return False
     size = x_ND.element_size()
     strides = (x_ND.stride(0), w_EDF.stride(0), max(w_EDF.stride(1), w_EDF.stride(2)))
@@ -138,14 +145,20 @@ def mm_groups(x_ND: Tensor, w_EDF: Tensor, plan: GroupPlan, out_NF: Tensor, stra
     No autograd: callers wrap it. `w_EDF` may be a transposed view (the backward passes w^T).
     """
     strategy = pick_strategy(strategy, plan, x_ND, w_EDF)
+    if strategy == "grouped_mm" and plan.bounds:
+        offs_E = torch.tensor(plan.counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        try:
+            y_NF = torch._grouped_mm(x_ND, w_EDF, offs=offs_E.to(x_ND.device))
+        except RuntimeError:  # no kernel for this device/dtype: remember, and loop instead
+            _GROUPED_MM_UNSUPPORTED.add((x_ND.device.type, x_ND.dtype))
+            strategy = "loop"
+        else:
+            out_NF[: plan.num_rows].copy_(y_NF[: plan.num_rows])
+            return out_NF
     if strategy == "bmm":
         num_experts, rows = len(plan.counts), plan.counts[0]
         torch.bmm(x_ND.view(num_experts, rows, -1), w_EDF, out=out_NF.view(num_experts, rows, -1))
-    elif strategy == "grouped_mm" and plan.bounds:
-        offs_E = torch.tensor(plan.counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        y_NF = torch._grouped_mm(x_ND, w_EDF, offs=offs_E.to(x_ND.device))
-        out_NF[: plan.num_rows].copy_(y_NF[: plan.num_rows])
-    else:
+    else:  # the loop (also grouped_mm with no non-empty group: nothing to compute)
         for e, s, t in plan.bounds:
             if t - s == 1:  # one row: a matrix-vector product over w^T streams w twice as fast in MKL
                 torch.mv(w_EDF[e].t(), x_ND[s], out=out_NF[s])
