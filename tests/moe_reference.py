@@ -25,9 +25,9 @@ def _argsort_desc(values, among=None):
     return sorted(idx, key=lambda i: (-float(values[i]), i))
 
 
-def expert_forward(moe, e, x_D):
-    """One expert on one token, written out from the formulas."""
-    bank = moe.experts
+def expert_forward(moe, e, x_D, bank=None):
+    """One expert (of `bank`, default the routed experts) on one token, written out from the formulas."""
+    bank = moe.experts if bank is None else bank
     w_in = bank.w_in_EDF[e]  # [D, F] or [D, 2F]
     w_out = bank.w_out_EFD[e]  # [F, D]
     h = x_D @ w_in
@@ -177,15 +177,8 @@ def reference_moe(moe, x, mask=None, *, jitter=None, noise=None, uniform=None):
 
 
 def shared_forward(moe, x_D):
-    bank = moe.shared.bank
-    h = x_D @ bank.w_in_EDF[0]
-    F_ = bank.hidden_dim
-    if bank.is_glu:
-        gate, up = h[:F_], h[F_:]
-        a = gate * torch.sigmoid(gate) * up
-    else:
-        a = torch.clamp(h, min=0)
-    y = a @ bank.w_out_EFD[0]
+    """The shared expert (a bank of one) on one token, with its optional sigmoid gate."""
+    y = expert_forward(moe, 0, x_D, moe.shared.bank)
     if moe.shared.gate is not None:
         y = y * torch.sigmoid(moe.shared.gate.weight[0] @ x_D)
     return y

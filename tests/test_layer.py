@@ -427,3 +427,36 @@ def test_inference_losses_and_stats_are_computed_when_read_with_the_same_values(
     assert float(lazy.stats.dropped_fraction) == 0.0
     out, aux, z, stats, losses, logits = lazy  # still unpacks like a tuple
     assert out is lazy.output and aux is lazy.aux_loss and logits is lazy.router_logits
+
+
+@pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gpt_oss", True), ("gelu", True)])
+def test_one_token_inference_matches_reference(case, activation, bias):
+    """A decode step (one token, no autograd) takes ExpertBank.forward_one_token: same outputs as
+    the per-token reference, and the same routed counts and losses as the general path."""
+    torch.manual_seed(3)
+    cfg = MoEConfig(
+        dim=D, hidden_dim=HID, num_experts=E, activation=activation, expert_bias=bias, num_shared_experts=1, **case
+    )
+    moe = MoE(cfg).eval()
+    if case["router"] == "sigmoid_bias":
+        moe.router.expert_bias.copy_(torch.randn(E) * 0.05)
+    with torch.no_grad():
+        for p in moe.experts.parameters():
+            p.normal_(0, 0.5)  # biases non-zero too
+    calls = []
+    one_token = moe.experts.forward_one_token
+    moe.experts.forward_one_token = lambda *a: calls.append(1) or one_token(*a)
+    for seed in range(4):
+        x = torch.randn(1, 1, D, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            fast = moe(x)
+            ref, _ = reference_moe(moe, x)
+        general = moe(x)  # autograd on: the general dispatch path
+        torch.testing.assert_close(fast.output, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.output, general.output.detach(), atol=1e-5, rtol=1e-5)
+        assert torch.equal(fast.stats.routed_per_expert, general.stats.routed_per_expert)
+        assert torch.equal(fast.stats.tokens_per_expert, general.stats.tokens_per_expert)
+        torch.testing.assert_close(fast.aux_loss, general.aux_loss.detach())
+        torch.testing.assert_close(fast.z_loss, general.z_loss.detach())
+    assert len(calls) == 4  # the one-token path ran (and only without autograd)

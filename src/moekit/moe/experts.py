@@ -86,6 +86,27 @@ class ExpertBank(nn.Module):
             raise RuntimeError("ExpertBank.forward_tokens does not apply expert dropout: use forward")
         return self._fused(x_TD, token_N, weight_N, self._plan(counts, token_N.shape[0]))
 
+    def forward_one_token(self, x_1D: Tensor, expert_idx_K: Tensor, weight_K: Tensor) -> Tensor:
+        """Inference for a single token (a decode step at batch 1) -> [1, D].
+
+        The token goes through each of its K experts with two matrix-vector products and their
+        weighted outputs are summed: the same math as `forward_tokens`, without the sort, the
+        group plan, the row blocks and their buffers, whose dozens of small calls cost more than
+        the products at this size.
+        """
+        w_in_EDH, w_out_EFD, b_in, b_out = self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED
+        x_D, weight_K = x_1D[0], weight_K.to(x_1D.dtype)
+        out_1D = torch.zeros_like(x_1D)
+        for k, e in enumerate(expert_idx_K.tolist()):
+            h_H = torch.mv(w_in_EDH[e].t(), x_D)  # [H] = x W_in[e]
+            if b_in is not None:
+                h_H += b_in[e]
+            y_D = torch.mv(w_out_EFD[e].t(), apply_activation(self.activation, h_H, self.is_glu))
+            if b_out is not None:
+                y_D += b_out[e]
+            out_1D[0].addcmul_(y_D, weight_K[k])  # += w_k * y_k
+        return out_1D
+
     def _fused(self, x: Tensor, token_N: Tensor | None, weight_N: Tensor | None, plan: GroupPlan) -> Tensor:
         params = (x, weight_N, self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED)
         spec = ExpertSpec(self.activation, self.is_glu, self.strategy, self.block_bytes)

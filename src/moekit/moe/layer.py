@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from moekit.moe import losses as L
 from moekit.moe.config import MoEConfig
-from moekit.moe.dispatch import LocalDispatcher, capacity_keep_mask, priority_order
+from moekit.moe.dispatch import DispatchState, LocalDispatcher, capacity_keep_mask, priority_order
 from moekit.moe.experts import ExpertBank, HierarchicalExperts, SharedExperts
 from moekit.moe.router import Routing, build_router
 
@@ -189,8 +189,8 @@ class MoE(nn.Module):
             routing = self.router(x_TD, mask_T, _task_of_tokens(task_ids, x))
         else:
             routing = self.router(x_TD, mask_T)
-        token_A = routing.token_index()
-        real_A = None if mask_T is None else mask_T[token_A]  # assignments of real (non-padding) tokens
+        # assignments of real (non-padding) tokens
+        real_A = None if mask_T is None else mask_T[routing.token_index()]
         valid_A = _and(real_A, routing.keep_A)
 
         # 2. dispatch (with capacity for token-choice routers; expert choice has its own)
@@ -210,14 +210,19 @@ class MoE(nn.Module):
             if capacity is not None:
                 order_A = priority_order(routing, cfg.drop_policy)
             if capacity is not None and num_groups > 1:
-                group_A = token_A // x.shape[-2]  # [A] sequence of each assignment
+                group_A = routing.token_index() // x.shape[-2]  # [A] sequence of each assignment
                 routed_E = L.expert_counts(routing.expert_idx_A, valid_A, cfg.num_experts)
                 valid_A = capacity_keep_mask(
                     routing.expert_idx_A, group_A, valid_A, cfg.num_experts, num_groups, capacity, order_A
                 )
                 capacity, order_A = None, None
         inner_aux = inner_z = None
-        if self._fused_local():
+        if self._one_token_inference(x_TD, routing, mask_T, capacity):
+            # 2.-4. a decode step: the token's K experts directly (see ExpertBank.forward_one_token)
+            out_TD = self.experts.forward_one_token(x_TD, routing.expert_idx_A, routing.weight_A)
+            routed_E = torch.bincount(routing.expert_idx_A, minlength=cfg.num_experts).float()  # [E]
+            state = DispatchState(routing.expert_idx_A.new_zeros(0), routing.weight_A, 1, routed_E, routed_E)
+        elif self._fused_local():
             # 2.-4. on one process, gather, experts and combine run fused block by block (with their
             # own backward): no [N, D] copy of the routed rows, outputs or gradients is ever made
             _, counts, state = self.dispatcher.dispatch(
@@ -247,7 +252,7 @@ class MoE(nn.Module):
         stats = self._stats(routing, routed_E, state.kept_E, mask_T)
 
         def compute_losses() -> tuple[dict[str, Tensor], Tensor, Tensor]:
-            losses = self._losses(x, routing, token_A, real_A, mask_T)
+            losses = self._losses(x, routing, real_A, mask_T)
             aux_loss = _weighted_sum(
                 (cfg.load_balance_coef, losses["load_balance"]),
                 (cfg.importance_coef, losses["importance"]),
@@ -260,6 +265,22 @@ class MoE(nn.Module):
             return losses, aux_loss, z_loss
 
         return MoEOutput(out_TD.view(x.shape), stats, routing.logits_TE, compute_losses)
+
+    def _one_token_inference(
+        self, x_TD: Tensor, routing: Routing, mask_T: Tensor | None, capacity: int | None
+    ) -> bool:
+        """Whether steps 2-4 take the one-token path: no autograd, one real token, a token-choice
+        routing that keeps all its K assignments, and the fused local expert bank."""
+        return (
+            x_TD.shape[0] == 1
+            and not torch.is_grad_enabled()
+            and mask_T is None
+            and capacity is None
+            and routing.top_k > 0
+            and routing.token_idx_A is None
+            and routing.keep_A is None
+            and self._fused_local()
+        )
 
     def _fused_local(self) -> bool:
         """Whether steps 2-4 run fused: local dispatch and an expert bank without active dropout."""
@@ -285,7 +306,7 @@ class MoE(nn.Module):
         return x_TD, mask.reshape(-1).to(torch.bool)
 
     def _losses(
-        self, x: Tensor, routing: Routing, token_A: Tensor, real_A: Tensor | None, mask_T: Tensor | None
+        self, x: Tensor, routing: Routing, real_A: Tensor | None, mask_T: Tensor | None
     ) -> dict[str, Tensor]:
         cfg, num_experts = self.config, self.config.num_experts
         zero = routing.logits_TE.new_zeros(())
@@ -307,7 +328,7 @@ class MoE(nn.Module):
         if cfg.seq_balance_coef > 0:
             num_sequences = math.prod(x.shape[:-2]) if x.ndim >= 3 else 1
             losses["seq_balance"] = L.sequence_balance_loss(
-                routing.probs_TE, routing.expert_idx_A, token_A, num_sequences, mask_T
+                routing.probs_TE, routing.expert_idx_A, routing.token_index(), num_sequences, mask_T
             )
         return losses
 

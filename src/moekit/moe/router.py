@@ -96,9 +96,9 @@ class Router(nn.Module):
             logits_TE = F.linear(x_TD, weight, bias)
         if low_precision:
             logits_TE = round_to_bf16(logits_TE)
-        # One sum tells whether all are finite (a NaN/Inf makes it non-finite) in 2 ops instead of
-        # isfinite's 5 on [T, E]: a decode step pays it in every layer. Exact count only on failure.
-        if self.config.check_finite and not torch.isfinite(logits_TE.sum()):
+        # One sum tells whether all are finite (a NaN/Inf makes it non-finite): a decode step pays
+        # this in every layer, and isfinite is five ops on [T, E]. Exact count only on failure.
+        if self.config.check_finite and not math.isfinite(float(logits_TE.detach().sum())):
             bad = (~torch.isfinite(logits_TE)).sum().item()
         else:
             bad = 0
