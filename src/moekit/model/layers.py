@@ -45,6 +45,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op (decode steps)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x_f = x.float()
         y = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).type_as(x)
@@ -74,10 +76,11 @@ def rope_tables(
 
 def apply_rope(x_BHSK: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x_j, x_{j+K/2}) by the position's angle. cos/sin: [S, K/2] for the S positions."""
-    x1, x2 = x_BHSK.float().chunk(2, dim=-1)  # [B, H, S, K/2] each
-    cos, sin = cos_SK.float(), sin_SK.float()  # [S, K/2], broadcast over B and H
+    exact = x_BHSK.dtype == cos_SK.dtype == sin_SK.dtype == torch.float32  # nothing to convert
+    x1, x2 = (x_BHSK if exact else x_BHSK.float()).chunk(2, dim=-1)  # [B, H, S, K/2] each
+    cos, sin = (cos_SK, sin_SK) if exact else (cos_SK.float(), sin_SK.float())  # [S, K/2], broadcast
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # [B, H, S, K]
-    return out.type_as(x_BHSK)
+    return out if exact else out.type_as(x_BHSK)
 
 
 class Rotary(nn.Module):
