@@ -436,7 +436,13 @@ def test_one_token_inference_matches_reference(case, activation, bias):
     the per-token reference, and the same routed counts and losses as the general path."""
     torch.manual_seed(3)
     cfg = MoEConfig(
-        dim=D, hidden_dim=HID, num_experts=E, activation=activation, expert_bias=bias, num_shared_experts=1, **case
+        dim=D,
+        hidden_dim=HID,
+        num_experts=E,
+        activation=activation,
+        expert_bias=bias,
+        num_shared_experts=1,
+        **case,
     )
     moe = MoE(cfg).eval()
     if case["router"] == "sigmoid_bias":
