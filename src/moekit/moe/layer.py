@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from moekit.moe import losses as L
 from moekit.moe.config import MoEConfig
-from moekit.moe.dispatch import DispatchState, LocalDispatcher, capacity_keep_mask, priority_order
+from moekit.moe.dispatch import LocalDispatcher, capacity_keep_mask, priority_order
 from moekit.moe.experts import ExpertBank, HierarchicalExperts, SharedExperts
 from moekit.moe.router import Routing, build_router
 
@@ -41,8 +41,7 @@ class MoEStats:
         tokens_per_expert: Tensor,  # [E] assignments each expert computed (after capacity)
         routed_per_expert: Tensor,  # [E] assignments routed to each expert (before capacity): the load
         dropped_fraction: Tensor | None = None,  # share of routed assignments dropped by capacity
-        router_entropy: Tensor
-        | None = None,  # mean entropy (nats) of the router distribution over real tokens
+        router_entropy: Tensor | None = None,  # mean entropy (nats) of the router over real tokens
         max_load_violation: Tensor | None = None,  # max load / mean load - 1 (0 = perfectly balanced)
         *,
         probs_TE: Tensor | None = None,  # router probabilities, for the entropy when not given
@@ -59,10 +58,8 @@ class MoEStats:
     def dropped_fraction(self) -> Tensor:
         if self._dropped is None:
             with torch.no_grad():
-                total = self.routed_per_expert.sum()
-                self._dropped = (total - self.tokens_per_expert.sum()) / total.clamp_min(
-                    1.0
-                )  # 0 if none routed
+                total = self.routed_per_expert.sum()  # (0 / 1 = 0 when nothing was routed)
+                self._dropped = (total - self.tokens_per_expert.sum()) / total.clamp_min(1.0)
         return self._dropped
 
     @property
@@ -220,8 +217,7 @@ class MoE(nn.Module):
         if self._one_token_inference(x_TD, routing, mask_T, capacity):
             # 2.-4. a decode step: the token's K experts directly (see ExpertBank.forward_one_token)
             out_TD = self.experts.forward_one_token(x_TD, routing.expert_idx_A, routing.weight_A)
-            routed_E = torch.bincount(routing.expert_idx_A, minlength=cfg.num_experts).float()  # [E]
-            state = DispatchState(routing.expert_idx_A.new_zeros(0), routing.weight_A, 1, routed_E, routed_E)
+            routed_E = kept_E = L.expert_counts(routing.expert_idx_A, None, cfg.num_experts)  # [E]
         elif self._fused_local():
             # 2.-4. on one process, gather, experts and combine run fused block by block (with their
             # own backward): no [N, D] copy of the routed rows, outputs or gradients is ever made
@@ -229,6 +225,7 @@ class MoE(nn.Module):
                 x_TD, routing, valid_A, capacity, order_A, cfg.num_experts, gather=False
             )
             out_TD = self.experts.forward_tokens(x_TD, state.token_N, state.weight_N, counts)
+            routed_E, kept_E = state.routed_E if routed_E is None else routed_E, state.kept_E
         else:
             x_ND, counts, state = self.dispatcher.dispatch(
                 x_TD, routing, valid_A, capacity, order_A, cfg.num_experts
@@ -243,13 +240,13 @@ class MoE(nn.Module):
 
             # 4. combine
             out_TD = self.dispatcher.combine(y_ND, state)
+            routed_E, kept_E = state.routed_E if routed_E is None else routed_E, state.kept_E
 
         # 5. shared experts
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 
-        routed_E = state.routed_E if routed_E is None else routed_E
-        stats = self._stats(routing, routed_E, state.kept_E, mask_T)
+        stats = self._stats(routing, routed_E, kept_E, mask_T)
 
         def compute_losses() -> tuple[dict[str, Tensor], Tensor, Tensor]:
             losses = self._losses(x, routing, real_A, mask_T)
