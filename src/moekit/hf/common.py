@@ -119,6 +119,47 @@ def moe_fields(hf: dict[str, Any], **kw: Any) -> MoEConfig:
     return MoEConfig(dim=hf["hidden_size"], **{**fields, **kw})
 
 
+def topk_moe_fields(hf: dict[str, Any], hidden_dim: int, num_experts: int, **kw: Any) -> MoEConfig:
+    """moe_fields of a softmax top-k family (Mixtral, Qwen2/3-MoE, OLMoE): k from num_experts_per_tok,
+    renormalized top-k weights as the config's norm_topk_prob says unless `kw` sets it."""
+    kw.setdefault("norm_topk_prob", bool(hf.get("norm_topk_prob")))
+    return moe_fields(
+        hf,
+        hidden_dim=hidden_dim,
+        num_experts=num_experts,
+        top_k=hf["num_experts_per_tok"],
+        router="topk",
+        **kw,
+    )
+
+
+def topk_moe_config_to_hf(
+    cfg: ModelConfig,
+    model_type: str,
+    architecture: str,
+    experts_key: str = "num_experts",
+    norm_topk_prob: bool = True,
+) -> dict[str, Any]:
+    """The start of a top-k family's config.json: the base, the Llama-style fields, the expert count
+    under `experts_key` (the other spelling dropped), k, the balance-loss coefficient and, unless the
+    family has none, norm_topk_prob."""
+    hf = base_config(cfg, model_type, architecture)
+    hf.pop("num_local_experts" if experts_key == "num_experts" else "num_experts", None)
+    hf.update(llama_fields_to_hf(cfg))
+    moe = cfg.moe
+    hf.update({experts_key: moe.num_experts, "num_experts_per_tok": moe.top_k})
+    hf["router_aux_loss_coef"] = moe.load_balance_coef
+    if norm_topk_prob:
+        hf["norm_topk_prob"] = moe.norm_topk_prob
+    return hf
+
+
+def llama_ignored(key: str, cfg: ModelConfig) -> bool:
+    """Checkpoint tensors a Llama-style family may carry that the model does not load: rotary
+    buffers, and lm_head.weight (the plan names it when it is a tensor of its own)."""
+    return ignore_rotary_buffers(key) or key == "lm_head.weight"
+
+
 def base_config(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str, Any]:
     """The source config (cfg.extra["hf_config"]) minus what a save rewrites: the start of a new config.json."""
     hf = dict(cfg.extra.get("hf_config") or {})

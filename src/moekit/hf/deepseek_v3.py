@@ -241,7 +241,7 @@ def tensor_plan(cfg: ModelConfig, fused: bool) -> list[HFTensor]:
 
 def ignored(key: str, cfg: ModelConfig) -> bool:
     """Rotary buffers, a tied lm_head, and the multi-token-prediction layers past n_layers."""
-    if C.ignore_rotary_buffers(key) or key == "lm_head.weight":
+    if C.llama_ignored(key, cfg):
         return True
     parts = key.split(".")
     return (

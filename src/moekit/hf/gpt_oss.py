@@ -166,4 +166,4 @@ def ignored(key: str, cfg: ModelConfig) -> bool:
             f"{key!r} is an MXFP4-quantized expert tensor: dequantize in transformers "
             "(Mxfp4Config(dequantize=True)) and save the model before loading it into moekit"
         )
-    return C.ignore_rotary_buffers(key) or key == "lm_head.weight"
+    return C.llama_ignored(key, cfg)

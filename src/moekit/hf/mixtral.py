@@ -46,13 +46,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     C.check_silu(hf, MODEL_TYPE)
     if hf.get("router_jitter_noise"):
         warnings.warn("mixtral router_jitter_noise is not reproduced by moekit's top-k router", stacklevel=3)
-    moe = C.moe_fields(
-        hf,
-        hidden_dim=hf["intermediate_size"],
-        num_experts=C.pick(hf, "num_local_experts", "num_experts"),
-        top_k=hf["num_experts_per_tok"],
-        router="topk",
-        norm_topk_prob=True,
+    moe = C.topk_moe_fields(
+        hf, hf["intermediate_size"], C.pick(hf, "num_local_experts", "num_experts"), norm_topk_prob=True
     )
     return ModelConfig(
         **C.llama_fields(hf, DEFAULT_THETA),
@@ -64,17 +59,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    hf = C.base_config(cfg, MODEL_TYPE, ARCHITECTURE)
-    hf.pop("num_experts", None)
-    hf.update(C.llama_fields_to_hf(cfg))
-    moe = cfg.moe
-    hf.update(
-        intermediate_size=moe.hidden_dim,
-        sliding_window=cfg.sliding_window,
-        num_local_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k,
-        router_aux_loss_coef=moe.load_balance_coef,
-    )
+    hf = C.topk_moe_config_to_hf(cfg, MODEL_TYPE, ARCHITECTURE, "num_local_experts", norm_topk_prob=False)
+    hf.update(intermediate_size=cfg.moe.hidden_dim, sliding_window=cfg.sliding_window)
     return hf
 
 
@@ -96,5 +82,4 @@ def tensor_plan(cfg: ModelConfig, fused: bool) -> list[HFTensor]:
     return C.lm_plan(cfg, layers)
 
 
-def ignored(key: str, cfg: ModelConfig) -> bool:
-    return C.ignore_rotary_buffers(key) or key == "lm_head.weight"
+ignored = C.llama_ignored

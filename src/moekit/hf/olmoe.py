@@ -42,14 +42,7 @@ DEFAULTS: dict[str, Any] = {  # OlmoeConfig, transformers 5.23
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     hf = C.with_defaults(hf, DEFAULTS)
     C.check_silu(hf, MODEL_TYPE)
-    moe = C.moe_fields(
-        hf,
-        hidden_dim=hf["intermediate_size"],
-        num_experts=C.pick(hf, "num_experts", "num_local_experts"),
-        top_k=hf["num_experts_per_tok"],
-        router="topk",
-        norm_topk_prob=bool(hf["norm_topk_prob"]),
-    )
+    moe = C.topk_moe_fields(hf, hf["intermediate_size"], C.pick(hf, "num_experts", "num_local_experts"))
     fields = C.llama_fields({**hf, "head_dim": None}, DEFAULT_THETA)  # OLMoE ignores any head_dim
     bias = bool(hf["attention_bias"])
     return ModelConfig(
@@ -66,20 +59,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    hf = C.base_config(cfg, MODEL_TYPE, ARCHITECTURE)
-    hf.pop("num_local_experts", None)
-    hf.update(C.llama_fields_to_hf(cfg))
+    hf = C.topk_moe_config_to_hf(cfg, MODEL_TYPE, ARCHITECTURE)
     hf.pop("head_dim")
-    moe = cfg.moe
-    hf.update(
-        intermediate_size=moe.hidden_dim,
-        num_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k,
-        norm_topk_prob=moe.norm_topk_prob,
-        router_aux_loss_coef=moe.load_balance_coef,
-        attention_bias=cfg.qkv_bias,
-        clip_qkv=cfg.clip_qkv,
-    )
+    hf.update(intermediate_size=cfg.moe.hidden_dim, attention_bias=cfg.qkv_bias, clip_qkv=cfg.clip_qkv)
     return hf
 
 
@@ -91,5 +73,4 @@ def tensor_plan(cfg: ModelConfig, fused: bool) -> list[HFTensor]:
     return C.lm_plan(cfg, layers)
 
 
-def ignored(key: str, cfg: ModelConfig) -> bool:
-    return C.ignore_rotary_buffers(key) or key == "lm_head.weight"
+ignored = C.llama_ignored

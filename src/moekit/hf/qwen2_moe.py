@@ -104,13 +104,10 @@ def sparse_to_hf(cfg: ModelConfig, base_step: int) -> dict[str, Any]:
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     hf = C.with_defaults(hf, DEFAULTS)
     C.check_silu(hf, MODEL_TYPE)
-    moe = C.moe_fields(
+    moe = C.topk_moe_fields(
         hf,
-        hidden_dim=hf["moe_intermediate_size"],
-        num_experts=C.pick(hf, "num_experts", "num_local_experts"),
-        top_k=hf["num_experts_per_tok"],
-        router="topk",
-        norm_topk_prob=bool(hf["norm_topk_prob"]),
+        hf["moe_intermediate_size"],
+        C.pick(hf, "num_experts", "num_local_experts"),
         num_shared_experts=1,
         shared_hidden_dim=hf["shared_expert_intermediate_size"],
         shared_gate=True,
@@ -127,18 +124,12 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    hf = C.base_config(cfg, MODEL_TYPE, ARCHITECTURE)
-    hf.pop("num_local_experts", None)
-    hf.update(C.llama_fields_to_hf(cfg))
+    hf = C.topk_moe_config_to_hf(cfg, MODEL_TYPE, ARCHITECTURE)
     moe = cfg.moe
     hf.update(
         intermediate_size=cfg.ffn_hidden_dim,
         moe_intermediate_size=moe.hidden_dim,
         shared_expert_intermediate_size=moe.shared_hidden_dim or moe.hidden_dim * moe.num_shared_experts,
-        num_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k,
-        norm_topk_prob=moe.norm_topk_prob,
-        router_aux_loss_coef=moe.load_balance_coef,
         qkv_bias=cfg.qkv_bias,
         **sparse_to_hf(cfg, hf.get("decoder_sparse_step", 1)),
         **windows_to_hf(cfg),
@@ -162,16 +153,20 @@ def moe_block_plan(cfg: ModelConfig, i: int, fused: bool, shared: bool) -> list[
     return plan
 
 
-def tensor_plan(cfg: ModelConfig, fused: bool) -> list[HFTensor]:
+def qwen_tensor_plan(cfg: ModelConfig, fused: bool, shared: bool) -> list[HFTensor]:
+    """Every tensor of a Qwen-style model (Qwen2-MoE with its shared expert, Qwen3-MoE without)."""
     layers = []
     for i in range(cfg.n_layers):
         if cfg.is_moe_layer(i):
-            mlp = moe_block_plan(cfg, i, fused, shared=True)
+            mlp = moe_block_plan(cfg, i, fused, shared=shared)
         else:
             mlp = C.dense_mlp_plan(cfg, i, f"model.layers.{i}.mlp")
         layers.append(C.norms_plan(cfg, i) + C.gqa_plan(cfg, i) + mlp)
     return C.lm_plan(cfg, layers)
 
 
-def ignored(key: str, cfg: ModelConfig) -> bool:
-    return C.ignore_rotary_buffers(key) or key == "lm_head.weight"
+def tensor_plan(cfg: ModelConfig, fused: bool) -> list[HFTensor]:
+    return qwen_tensor_plan(cfg, fused, shared=True)
+
+
+ignored = C.llama_ignored

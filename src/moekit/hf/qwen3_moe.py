@@ -15,7 +15,7 @@ from typing import Any
 
 from moekit.hf import common as C
 from moekit.hf.plan import HFTensor
-from moekit.hf.qwen2_moe import moe_block_plan, sparse_from_hf, sparse_to_hf
+from moekit.hf.qwen2_moe import qwen_tensor_plan, sparse_from_hf, sparse_to_hf
 from moekit.model import ModelConfig
 
 MODEL_TYPE = "qwen3_moe"
@@ -48,14 +48,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     hf = C.with_defaults(hf, DEFAULTS)
     C.check_silu(hf, MODEL_TYPE)
     experts = hf.get("num_experts") or hf.get("num_local_experts") or DEFAULT_EXPERTS
-    moe = C.moe_fields(
-        hf,
-        hidden_dim=hf["moe_intermediate_size"],
-        num_experts=experts,
-        top_k=hf["num_experts_per_tok"],
-        router="topk",
-        norm_topk_prob=bool(hf["norm_topk_prob"]),
-    )
+    moe = C.topk_moe_fields(hf, hf["moe_intermediate_size"], experts)
     bias = bool(hf["attention_bias"])
     return ModelConfig(
         **C.llama_fields(hf, DEFAULT_THETA),
@@ -72,17 +65,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    hf = C.base_config(cfg, MODEL_TYPE, ARCHITECTURE)
-    hf.pop("num_local_experts", None)
-    hf.update(C.llama_fields_to_hf(cfg))
-    moe = cfg.moe
+    hf = C.topk_moe_config_to_hf(cfg, MODEL_TYPE, ARCHITECTURE)
     hf.update(
         intermediate_size=cfg.ffn_hidden_dim,
-        moe_intermediate_size=moe.hidden_dim,
-        num_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k,
-        norm_topk_prob=moe.norm_topk_prob,
-        router_aux_loss_coef=moe.load_balance_coef,
+        moe_intermediate_size=cfg.moe.hidden_dim,
         attention_bias=cfg.qkv_bias,
         use_sliding_window=cfg.sliding_window is not None,
         sliding_window=cfg.sliding_window,
@@ -92,15 +78,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def tensor_plan(cfg: ModelConfig, fused: bool) -> list[HFTensor]:
-    layers = []
-    for i in range(cfg.n_layers):
-        if cfg.is_moe_layer(i):
-            mlp = moe_block_plan(cfg, i, fused, shared=False)
-        else:
-            mlp = C.dense_mlp_plan(cfg, i, f"model.layers.{i}.mlp")
-        layers.append(C.norms_plan(cfg, i) + C.gqa_plan(cfg, i) + mlp)
-    return C.lm_plan(cfg, layers)
+    return qwen_tensor_plan(cfg, fused, shared=False)
 
 
-def ignored(key: str, cfg: ModelConfig) -> bool:
-    return C.ignore_rotary_buffers(key) or key == "lm_head.weight"
+ignored = C.llama_ignored
