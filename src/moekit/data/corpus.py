@@ -293,24 +293,30 @@ def _jsonl_text(record: Any, file: Path, line_number: int, text_field: str) -> s
     return value
 
 
-def read_jsonl_file(path: PathLike, text_field: str = DEFAULT_TEXT_FIELD) -> list[Document]:
-    """One document per JSON object line, taking the text from ``text_field``."""
-    file = Path(path)
-    documents = []
+def iter_jsonl(file: Path, expected: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line of a JSONL file (compressed too); a line
+    that is not JSON raises ValueError naming the file and line, and what a line should hold."""
     with _open_text(file) as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield line_number, json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(
-                    f"{file.as_posix()} line {line_number}: not valid JSON ({err.msg}); each line of a "
-                    f"JSONL file must be one JSON object with a {text_field!r} field"
+                    f"{file.as_posix()} line {line_number}: not valid JSON ({err.msg}); each line must be "
+                    f"{expected}"
                 ) from err
-            text = _jsonl_text(record, file, line_number, text_field)
-            if text is not None:
-                documents.append(Document(f"{file.as_posix()}:line{line_number}", text))
+
+
+def read_jsonl_file(path: PathLike, text_field: str = DEFAULT_TEXT_FIELD) -> list[Document]:
+    """One document per JSON object line, taking the text from ``text_field``."""
+    file = Path(path)
+    documents = []
+    for line_number, record in iter_jsonl(file, f"one JSON object with a {text_field!r} field"):
+        text = _jsonl_text(record, file, line_number, text_field)
+        if text is not None:
+            documents.append(Document(f"{file.as_posix()}:line{line_number}", text))
     if not documents:
         raise ValueError(f"JSONL file {file.as_posix()!r} has no records with text in field {text_field!r}")
     return documents

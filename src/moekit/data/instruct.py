@@ -29,7 +29,6 @@ Shape legend: B examples per batch, L padded length.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +42,9 @@ from moekit.data.corpus import (
     DEFAULT_VALIDATION_FRACTION,
     PathLike,
     _file_stats,
-    _open_text,
     check_validation_fraction,
     expand_paths,
+    iter_jsonl,
     split_fraction,
 )
 from moekit.data.loader import IGNORE_INDEX, _ResumableSampler
@@ -94,31 +93,19 @@ def read_instruction_file(
     """Every record of one JSONL file; bad lines raise ValueError naming the file, line and field."""
     file = Path(path)
     records = []
-    with _open_text(file) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{file.as_posix()} line {line_number}: not valid JSON ({err.msg}); each line must be "
-                    f"one JSON object with {prompt_field!r} and {response_field!r} fields"
-                ) from err
-            where = f"{file.as_posix()} line {line_number}"
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            prompt = _text_field(record, prompt_field, where, "--prompt-field")
-            response = _text_field(record, response_field, where, "--response-field")
-            task = record.get(TASK_FIELD)
-            records.append(
-                InstructionRecord(
-                    f"{file.as_posix()}:line{line_number}",
-                    prompt,
-                    response,
-                    None if task is None else str(task),
-                )
+    expected = f"one JSON object with {prompt_field!r} and {response_field!r} fields"
+    for line_number, record in iter_jsonl(file, expected):
+        where = f"{file.as_posix()} line {line_number}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        prompt = _text_field(record, prompt_field, where, "--prompt-field")
+        response = _text_field(record, response_field, where, "--response-field")
+        task = record.get(TASK_FIELD)
+        records.append(
+            InstructionRecord(
+                f"{file.as_posix()}:line{line_number}", prompt, response, None if task is None else str(task)
             )
+        )
     if not records:
         raise ValueError(f"instruction file {file.as_posix()!r} has no records")
     return records
