@@ -27,6 +27,20 @@ from moekit import MoE, MoEConfig
         (dict(load_balance_coef=-1.0), r"load_balance_coef=-1.0"),
         (dict(dim=0), r"dim=0 .*positive integer"),
         (dict(min_capacity=-2), r"min_capacity=-2"),
+        # bools are ints to Python; a count or a factor given as True/False is a typo, not a value
+        (dict(top_k=True), r"top_k=True .*integer"),
+        (dict(capacity_factor=True), r"capacity_factor=True .*finite number > 0"),
+        (dict(min_capacity=True), r"min_capacity=True .*integer >= 0"),
+        (dict(num_shared_experts=1.5), r"num_shared_experts=1.5 .*integer >= 0"),
+        (dict(shared_hidden_dim=2.5), r"shared_hidden_dim=2.5 .*positive integer"),
+        (dict(router="sigmoid_bias", n_group=2.0), r"n_group=2.0 .*divisor of num_experts=4"),
+        # a string from a config file must fail with the field's name, not a TypeError from `<`
+        (dict(expert_dropout="0.1"), r"expert_dropout='0.1' .*\[0, 1\)"),
+        (dict(jitter_eps=None), r"jitter_eps=None .*\[0, 1\)"),
+        (dict(router_init_scale="x"), r"router_init_scale='x' .*> 0"),
+        (dict(routed_scaling_factor=0.0), r"routed_scaling_factor=0.0 .*> 0"),
+        (dict(noise_eps=-1.0), r"noise_eps=-1.0 .*>= 0"),
+        (dict(bias_update_rate=-0.1), r"bias_update_rate=-0.1 .*>= 0"),
     ],
 )
 def test_bad_config_raises_at_construction(kwargs, pattern):

@@ -33,6 +33,14 @@ def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"MoEConfig.{name}={value!r} is invalid: expected {allowed}")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not a count
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass
 class MoEConfig:
     """Configuration of one MoE layer. `MoE(config)` or `MoE(dim=..., ...)` builds it."""
@@ -96,9 +104,9 @@ class MoEConfig:
     def validate(self) -> None:
         for name in ("dim", "hidden_dim", "num_experts"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not _is_int(v) or v < 1:
                 _fail(name, v, "a positive integer")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+        if not _is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
             _fail("top_k", self.top_k, f"an integer in [1, num_experts={self.num_experts}]")
         if self.router not in ROUTERS:
             _fail("router", self.router, f"one of {list(ROUTERS)}")
@@ -110,37 +118,45 @@ class MoEConfig:
             _fail("drop_policy", self.drop_policy, f"one of {list(DROP_POLICIES)}")
         for name in ("capacity_factor", "eval_capacity_factor"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            if v is not None and (not _is_number(v) or v <= 0):
                 _fail(name, v, "None (dropless) or a finite number > 0")
         cap = self.expert_capacity
-        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+        if cap is not None and (not _is_int(cap) or cap < 1):
             _fail("expert_capacity", self.expert_capacity, "None (use capacity_factor) or a positive integer")
         if self.capacity_group not in CAPACITY_GROUPS:
             _fail("capacity_group", self.capacity_group, f"one of {list(CAPACITY_GROUPS)}")
-        if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+        if not _is_int(self.min_capacity) or self.min_capacity < 0:
             _fail("min_capacity", self.min_capacity, "an integer >= 0")
-        if not 0.0 <= self.expert_dropout < 1.0:
-            _fail("expert_dropout", self.expert_dropout, "a float in [0, 1)")
-        if self.jitter_eps < 0 or self.jitter_eps >= 1:
-            _fail("jitter_eps", self.jitter_eps, "a float in [0, 1)")
-        if self.router_init_scale <= 0:
-            _fail("router_init_scale", self.router_init_scale, "a float > 0")
-        if self.num_shared_experts < 0:
+        for name in ("expert_dropout", "jitter_eps"):
+            v = getattr(self, name)
+            if not _is_number(v) or not 0.0 <= v < 1.0:
+                _fail(name, v, "a float in [0, 1)")
+        for name in ("router_init_scale", "routed_scaling_factor"):
+            v = getattr(self, name)
+            if not _is_number(v) or v <= 0:
+                _fail(name, v, "a finite float > 0")
+        for name in ("noise_eps", "bias_update_rate"):
+            v = getattr(self, name)
+            if not _is_number(v) or v < 0:
+                _fail(name, v, "a finite float >= 0")
+        if not _is_int(self.num_shared_experts) or self.num_shared_experts < 0:
             _fail("num_shared_experts", self.num_shared_experts, "an integer >= 0")
-        if self.shared_hidden_dim is not None and self.shared_hidden_dim < 1:
+        if self.shared_hidden_dim is not None and (
+            not _is_int(self.shared_hidden_dim) or self.shared_hidden_dim < 1
+        ):
             _fail("shared_hidden_dim", self.shared_hidden_dim, "None or a positive integer")
         for name in ("load_balance_coef", "z_loss_coef", "importance_coef", "load_coef", "seq_balance_coef"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if not _is_number(v) or v < 0:
                 _fail(name, v, "a finite number >= 0")
         if self.router == "switch" and self.top_k != 1:
             _fail("top_k", self.top_k, "1 for router='switch' (Switch routes each token to one expert)")
         if self.router == "gshard" and self.top_k != 2:
             _fail("top_k", self.top_k, "2 for router='gshard' (GShard routes to two experts)")
         if self.router == "sigmoid_bias":
-            if self.n_group < 1 or self.num_experts % self.n_group:
+            if not _is_int(self.n_group) or self.n_group < 1 or self.num_experts % self.n_group:
                 _fail("n_group", self.n_group, f"a divisor of num_experts={self.num_experts}")
-            if not 1 <= self.topk_group <= self.n_group:
+            if not _is_int(self.topk_group) or not 1 <= self.topk_group <= self.n_group:
                 _fail("topk_group", self.topk_group, f"an integer in [1, n_group={self.n_group}]")
             if self.top_k > self.topk_group * (self.num_experts // self.n_group):
                 _fail("top_k", self.top_k, "<= topk_group * experts per group")
