@@ -21,7 +21,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def run_analyze(args: argparse.Namespace) -> int:
     from moekit.analysis.report import write_analysis_report
     from moekit.analysis.routing import analyze_routing
-    from moekit.data import load_corpus
+    from moekit.data import expand_paths, load_corpus, read_documents
     from moekit.train.commands import _load
     from moekit.train.config import RunConfig
 
@@ -30,8 +30,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     model, tokenizer, config = _load(args.ckpt)
     folder = Path(config["folder"])
     run = RunConfig.from_dict(config["run"]) if "run" in config else RunConfig()
-    if args.data:
-        corpus = load_corpus(list(args.data), validation_paths=list(args.data))
+    if args.data:  # every document of the given files (as `moekit eval --data` reads them)
+        texts = [
+            d.text for f in expand_paths(list(args.data)) for d in read_documents(f, run.data.text_field)
+        ]
     else:
         d = run.data
         corpus = load_corpus(
@@ -40,7 +42,7 @@ def run_analyze(args: argparse.Namespace) -> int:
             validation_fraction=d.validation_fraction,
             text_field=d.text_field,
         )
-    texts = list(corpus.validation_texts())
+        texts = list(corpus.validation_texts())
     seq_len = args.seq_len or run.data.seq_len
     analysis = analyze_routing(model, tokenizer, texts, seq_len=seq_len, max_tokens=args.max_tokens)
     out = Path(args.out) if args.out else folder.parent / "analysis"

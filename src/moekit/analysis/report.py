@@ -137,17 +137,25 @@ def plot_load_over_training(metrics_path: Path | None) -> str | None:
 def coloured_passage(
     analysis: RoutingAnalysis, tokenizer: Tokenizer, layer_index: int, max_tokens: int = 400
 ) -> str:
+    """The first analysed document, every token coloured by its top-1 expert in the layer; tokens
+    the layer did not see (an encoder-decoder's other side) stay grey."""
     if analysis.passage is None:
         return ""
     text, offsets, ids = analysis.passage
     layer = analysis.layers[layer_index]
-    top1 = layer.top1_N[: len(ids)]
+    where = analysis.passage_index[layer.side]
+    top1 = layer.top1_N
     parts = []
-    for (start, end), e in list(zip(offsets, top1))[:max_tokens]:
-        color = PALETTE[int(e) % len(PALETTE)] if e >= 0 else "#ffffff"
-        parts.append(
-            f'<span style="background:{color}" title="expert {int(e)}">{html.escape(text[start:end])}</span>'
-        )
+    for (start, end), at in list(zip(offsets, where))[:max_tokens]:
+        piece = html.escape(text[start:end])
+        if at < 0:
+            parts.append(
+                f'<span style="background:#e0e0e0" title="not on the {layer.side} side">{piece}</span>'
+            )
+            continue
+        e = int(top1[at])
+        color = PALETTE[e % len(PALETTE)] if e >= 0 else "#ffffff"
+        parts.append(f'<span style="background:{color}" title="expert {e}">{piece}</span>')
     legend = " ".join(
         f'<span style="background:{PALETTE[e % len(PALETTE)]};padding:0 4px">expert {e}</span>'
         for e in range(layer.num_experts)
@@ -185,7 +193,8 @@ def write_analysis_report(
         ]
         for layer in analysis.layers
     }
-    passage_layer = len(analysis.layers) - 1
+    # the passage coloured by the last layer of each side (encoder and decoder side by side)
+    passage_layers = {layer.side: i for i, layer in enumerate(analysis.layers)}
     sides = sorted({r["side"] for r in rows})
     side_mi = {
         s: float(np.mean([r["mutual_information_bits"] for r in rows if r["side"] == s])) for s in sides
@@ -208,6 +217,11 @@ def write_analysis_report(
         f'<figure><img alt="{html.escape(k)}" src="data:image/png;base64,{v}"/><figcaption>{html.escape(k)}</figcaption></figure>'
         for k, v in images.items()
     )
+    passages = "".join(
+        f"<h2>A passage coloured by top-1 expert ({html.escape(analysis.layers[i].name)})</h2>"
+        + coloured_passage(analysis, tokenizer, i)
+        for i in passage_layers.values()
+    )
     side_text = ", ".join(f"{s}: {v:.4f} bits" for s, v in side_mi.items())
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -220,8 +234,7 @@ pre.passage{{white-space:pre-wrap;font-size:13px;line-height:1.5}}</style></head
 <p>Mean mutual information by side: {html.escape(side_text)}</p>
 <h2>Plots</h2>{figures}
 <h2>Most frequent tokens per expert</h2>{tokens_html}
-<h2>A passage coloured by top-1 expert ({html.escape(analysis.layers[passage_layer].name)})</h2>
-{coloured_passage(analysis, tokenizer, passage_layer)}
+{passages}
 </body></html>
 """
     md = [

@@ -73,9 +73,10 @@ class SideTokens:
 class RoutingAnalysis:
     layers: list[LayerAnalysis]
     sides: dict[str, SideTokens]
-    passage: tuple[str, list[tuple[int, int]], list[int]] | None = (
-        None  # text, offsets, token ids (decoder side)
-    )
+    passage: tuple[str, list[tuple[int, int]], list[int]] | None = None  # text, offsets, token ids
+    # per side: [len(passage ids)] where each passage token sits in the side's analysed tokens
+    # (an index into SideTokens.token_ids_N and LayerAnalysis.top1_N), -1 when not on that side
+    passage_index: dict[str, np.ndarray] = field(default_factory=dict)
 
     def joint_counts(self, layer: LayerAnalysis) -> np.ndarray:
         """[E, C] how often a token of category c had expert e as its top-1 choice."""
@@ -87,9 +88,11 @@ class RoutingAnalysis:
         return joint
 
     def top_tokens(self, layer: LayerAnalysis, n: int = 8) -> list[list[tuple[int, int]]]:
-        """Per expert, its n most frequent (token id, count) as top-1 choice."""
-        ids = self.sides[layer.side].token_ids_N
-        top1 = layer.top1_N
+        """Per expert, its n most frequent text tokens (token id, count) as top-1 choice (padding,
+        sentinels and eos of an encoder-decoder's inputs are not text and are left out)."""
+        side = self.sides[layer.side]
+        text = side.categories_N >= 0
+        ids, top1 = side.token_ids_N[text], layer.top1_N[text]
         return [Counter(ids[top1 == e].tolist()).most_common(n) for e in range(layer.num_experts)]
 
 
@@ -196,33 +199,48 @@ def analyze_routing(
     is_encdec = isinstance(model, MoEEncoderDecoder)
     sides = {"encoder": SideTokens(), "decoder": SideTokens()} if is_encdec else {"decoder": SideTokens()}
     device = next(model.parameters()).device
+    # the first document is the passage the report colours: where each of its tokens lands in
+    # every side's analysed tokens (windows run grouped by length, so not in document order)
+    passage_index = {side: np.full(len(docs[0][0]), -1, dtype=np.int64) for side in sides}
+    analysed = dict.fromkeys(sides, 0)  # tokens (padding included) recorded so far per side
     try:
         windows = [
-            (ids[s : s + seq_len], cats[s : s + seq_len])
-            for ids, cats, _, _ in docs
+            (d, s, ids[s : s + seq_len], cats[s : s + seq_len])
+            for d, (ids, cats, _, _) in enumerate(docs)
             for s in range(0, len(ids), seq_len)
         ]
         by_len: dict[int, list] = {}
         for w in windows:
-            by_len.setdefault(len(w[0]), []).append(w)
+            by_len.setdefault(len(w[2]), []).append(w)
         rng = np.random.default_rng(seed)
         for group in by_len.values():
             for first in range(0, len(group), batch_size):
                 batch = group[first : first + batch_size]
                 if is_encdec:
-                    out = _run_encdec(model, tokenizer, batch, rng, sides, device)
+                    out, source, real = _run_encdec(
+                        model, tokenizer, [(b[2], b[3]) for b in batch], rng, sides, device
+                    )
                 else:
-                    ids = torch.as_tensor(np.stack([b[0] for b in batch]), device=device)
+                    ids = torch.as_tensor(np.stack([b[2] for b in batch]), device=device)
                     out = model(ids)
                     sides["decoder"].token_ids.append(ids.reshape(-1).cpu().numpy())
-                    sides["decoder"].categories.append(np.concatenate([b[1] for b in batch]))
+                    sides["decoder"].categories.append(np.concatenate([b[3] for b in batch]))
+                    width = ids.shape[1]
+                    source = {"decoder": np.tile(np.arange(width), (len(batch), 1))}
+                    real = {"decoder": ids.numel()}
+                for side, src_BW in source.items():  # [B, width] position in the window, -1 none
+                    for row, (d, start, _, _) in enumerate(batch):
+                        at = np.flatnonzero((src_BW[row] >= 0) & (d == 0))
+                        base = analysed[side] + row * src_BW.shape[1]
+                        passage_index[side][start + src_BW[row, at]] = base + at
+                    analysed[side] += src_BW.size
                 stats = (
                     list(out.encoder_router_stats) + list(out.decoder_router_stats)
                     if is_encdec
                     else out.router_stats
                 )
                 for layer, s in zip(layers, stats):
-                    n = int(layer.top1[-1].shape[0])
+                    n = real[layer.side]  # router_entropy is the mean over the call's real tokens
                     layer.kept_per_expert += s.tokens_per_expert.cpu().numpy()
                     layer.routed_per_expert += s.routed_per_expert.cpu().numpy()
                     layer.entropy_sum += float(s.router_entropy) * n
@@ -231,38 +249,48 @@ def analyze_routing(
         for h in hooks:
             h.remove()
     ids, cats, text, offsets = docs[0]
-    passage = None if is_encdec else (text, offsets, ids.tolist())
-    return RoutingAnalysis(layers, sides, passage)
+    return RoutingAnalysis(layers, sides, (text, offsets, ids.tolist()), passage_index)
 
 
 def _run_encdec(model, tokenizer: Tokenizer, batch, rng, sides: dict[str, SideTokens], device):
-    """Span-corrupt each window like training does, keeping every token's source category."""
+    """Span-corrupt each window like training does, keeping every token's source category.
+
+    Returns the model output, per side the [B, width] position in the window of every input token
+    (-1: sentinel, eos, decoder start or padding), and per side the number of real (unpadded) tokens."""
     sentinels = tokenizer.sentinel_ids
-    enc_rows, enc_cats, dec_rows, dec_cats = [], [], [], []
+    enc_rows, enc_cats, dec_rows, dec_cats, enc_src, dec_src = [], [], [], [], [], []
     for ids, cats in batch:
+        real_len = len(ids)
         if len(ids) < 2:
             ids, cats = np.append(ids, tokenizer.eos_id), np.append(cats, -1)
         mask = random_spans_noise_mask(len(ids), rng)
         starts = mask & ~np.concatenate([[False], mask[:-1]])
         span_no = np.cumsum(starts) - 1
-        e_ids, e_cats, target, t_cats = [], [], [], []
+        e_ids, e_cats, e_src, target, t_cats, t_src = [], [], [], [], [], []
         for i in range(len(ids)):
+            src = i if i < real_len else -1
             if starts[i]:
                 e_ids.append(sentinels[span_no[i]])
                 e_cats.append(-1)
+                e_src.append(-1)
                 target.append(sentinels[span_no[i]])
                 t_cats.append(-1)
+                t_src.append(-1)
             if mask[i]:
                 target.append(int(ids[i]))
                 t_cats.append(int(cats[i]))
+                t_src.append(src)
             else:
                 e_ids.append(int(ids[i]))
                 e_cats.append(int(cats[i]))
+                e_src.append(src)
         e_ids.append(tokenizer.eos_id)
         e_cats.append(-1)
+        e_src.append(-1)
         dec_in = [tokenizer.pad_id] + target  # teacher forcing: the decoder reads the target shifted right
         d_cats = [-1] + t_cats
         enc_rows.append(e_ids), enc_cats.append(e_cats), dec_rows.append(dec_in), dec_cats.append(d_cats)
+        enc_src.append(e_src), dec_src.append([-1] + t_src)
     enc = _pad_rows(enc_rows, tokenizer.pad_id)
     dec = _pad_rows(dec_rows, tokenizer.pad_id)
     enc_mask = _pad_rows([[1] * len(r) for r in enc_rows], 0).bool()
@@ -281,7 +309,9 @@ def _run_encdec(model, tokenizer: Tokenizer, batch, rng, sides: dict[str, SideTo
     sides["decoder"].categories.append(
         np.where(dec_mask.reshape(-1).numpy(), _pad_rows(dec_cats, -1).reshape(-1).numpy(), -1)
     )
-    return out
+    source = {"encoder": _pad_rows(enc_src, -1).numpy(), "decoder": _pad_rows(dec_src, -1).numpy()}
+    real = {"encoder": int(enc_mask.sum()), "decoder": int(dec_mask.sum())}
+    return out, source, real
 
 
 def _pad_rows(rows: list[list[int]], fill: int) -> torch.Tensor:
