@@ -202,6 +202,12 @@ class MoEConfig:
     def is_glu(self) -> bool:
         return self.activation in GLU_ACTIVATIONS
 
+    def active_capacity_factor(self, training: bool) -> float | None:
+        """capacity_factor while training; eval_capacity_factor in evaluation when set, else the same."""
+        if training or self.eval_capacity_factor is None:
+            return self.capacity_factor
+        return self.eval_capacity_factor
+
     def capacity(self, num_assignments: int, training: bool) -> int | None:
         """Slots per expert for `num_assignments` = k * T routed assignments; None when dropless.
 
@@ -210,11 +216,7 @@ class MoEConfig:
         """
         if self.expert_capacity is not None:
             return self.expert_capacity
-        cf = (
-            self.capacity_factor
-            if training or self.eval_capacity_factor is None
-            else self.eval_capacity_factor
-        )
+        cf = self.active_capacity_factor(training)
         if cf is None:
             return None
         return max(1, self.min_capacity, math.ceil(cf * num_assignments / self.num_experts))

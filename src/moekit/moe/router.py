@@ -275,16 +275,17 @@ class SigmoidBiasRouter(Router):
 class ExpertChoiceRouter(Router):
     """Zhou et al. 2022: every expert takes its top-C tokens by router probability.
 
-    C = ceil(cf * T / E) with cf = capacity_factor (or top_k when unset), at most T. Balanced by
-    construction; a token may get 0..E experts. Looks at the whole batch, so it is refused in
-    causal models unless the config explicitly allows it.
+    C = ceil(cf * T / E) with cf the active capacity factor (train or eval; top_k when unset), at
+    most T. Balanced by construction; a token may get 0..E experts. Looks at the whole batch, so it
+    is refused in causal models unless the config explicitly allows it.
     """
 
     def forward(self, x_TD: Tensor, mask_T: Tensor | None = None) -> Routing:
         logits_TE = self.compute_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         num_tokens, num_experts = probs_TE.shape
-        cf = self.config.capacity_factor if self.config.capacity_factor is not None else self.top_k
+        cf = self.config.active_capacity_factor(self.training)
+        cf = self.top_k if cf is None else cf
         capacity = min(num_tokens, max(1, math.ceil(cf * num_tokens / num_experts)))
         eligible_TE = probs_TE.detach()
         if mask_T is not None:  # padding is picked last and then marked not kept
