@@ -12,6 +12,19 @@ import math
 import torch
 import torch.nn.functional as F
 
+# Every token-choice router configuration the layer tests run (expert choice has its own tests).
+ROUTER_CASES = [
+    dict(router="topk", top_k=2),
+    dict(router="topk", top_k=3, norm_topk_prob=False),
+    dict(router="topk", top_k=1),
+    dict(router="topk_then_softmax", top_k=2, router_bias=True),
+    dict(router="switch", top_k=1),
+    dict(router="gshard", top_k=2),
+    dict(router="noisy_topk", top_k=2),
+    dict(router="sigmoid_bias", top_k=2),
+    dict(router="sigmoid_bias", top_k=2, n_group=3, topk_group=2, routed_scaling_factor=2.5),
+]
+
 
 def _softmax(v):
     m = max(float(t) for t in v)
@@ -25,8 +38,15 @@ def _argsort_desc(values, among=None):
     return sorted(idx, key=lambda i: (-float(values[i]), i))
 
 
-def expert_forward(moe, e, x_D, bank=None):
-    """One expert (of `bank`, default the routed experts) on one token, written out from the formulas."""
+def expert_forward(moe, e, x_D, bank=None, hidden_scale=None):
+    """One expert (of `bank`, default the routed experts) on one token, written out from the formulas.
+
+    `hidden_scale` [F] multiplies the activated hidden (a dropout mask over 1 - p, given by the test).
+    In a hierarchical MoE the expert is itself an MoE layer: the token is routed again, on its own
+    (the same as in a batch while the inner layer is dropless).
+    """
+    if bank is None and moe.config.inner is not None:
+        return reference_moe(moe.experts.layers[e], x_D[None])[0][0]
     bank = moe.experts if bank is None else bank
     w_in = bank.w_in_EDF[e]  # [D, F] or [D, 2F]
     w_out = bank.w_out_EFD[e]  # [F, D]
@@ -51,6 +71,8 @@ def expert_forward(moe, e, x_D, bank=None):
         a = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
     else:  # silu
         a = h * torch.sigmoid(h)
+    if hidden_scale is not None:
+        a = a * hidden_scale
     y = a @ w_out
     if bank.b_out_ED is not None:
         y = y + bank.b_out_ED[e]
@@ -119,8 +141,67 @@ def route_token(moe, x_D, *, jitter=None, noise=None, uniform=None):
     return logits, probs, list(zip(chosen, w)), kept
 
 
+def naive_switch_loss(probs, chosen, mask):
+    """E * sum_e f_e P_e over the real tokens: f_e share of the selections, P_e mean probability."""
+    T, E = len(probs), len(probs[0])
+    real = [t for t in range(T) if mask[t]]
+    f = [0.0] * E
+    n = 0
+    for t in real:
+        for e in chosen[t]:
+            f[e] += 1
+            n += 1
+    P = [sum(float(probs[t][e]) for t in real) / len(real) for e in range(E)]
+    return E * sum(f[e] / n * P[e] for e in range(E))
+
+
+def naive_cv_squared(values):
+    """var / mean^2 with the population variance (and the same 1e-10 guard as moekit)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / len(values)
+    return var / (mean * mean + 1e-10)
+
+
+def reference_losses(cfg, per_token, mask, num_sequences):
+    """Every unweighted loss of one call from the per-token routing, in float64 Python arithmetic.
+
+    Selections count all k chosen experts of every real token (before random routing or capacity);
+    importance sums their combine weights; load counts them (Shazeer's smooth load of noisy gating
+    while training is checked on its own in test_losses); sequences are equal consecutive slices.
+    """
+    T, E = len(per_token), cfg.num_experts
+    real = [t for t in range(T) if mask[t]]
+    probs = [[float(p) for p in per_token[t][1]] for t in range(T)]
+    chosen = [[e for e, _ in per_token[t][2]] for t in range(T)]
+    z = 0.0
+    for t in real:
+        row = [float(v) for v in per_token[t][0]]
+        m = max(row)
+        lse = m + math.log(sum(math.exp(v - m) for v in row))
+        z += lse * lse
+    importance, load = [0.0] * E, [0.0] * E
+    for t in real:
+        for e, w in per_token[t][2]:
+            importance[e] += float(w)
+            load[e] += 1
+    S = T // num_sequences
+    per_seq = [
+        naive_switch_loss(probs[b * S : (b + 1) * S], chosen[b * S : (b + 1) * S], mask[b * S : (b + 1) * S])
+        for b in range(num_sequences)
+        if any(mask[b * S : (b + 1) * S])
+    ]
+    return {
+        "load_balance": naive_switch_loss(probs, chosen, mask),
+        "z": z / len(real),
+        "importance": naive_cv_squared(importance),
+        "load": naive_cv_squared(load),
+        "seq_balance": sum(per_seq) / len(per_seq),
+    }
+
+
 def reference_moe(moe, x, mask=None, *, jitter=None, noise=None, uniform=None):
-    """Naive forward of `moe` on x [..., D] -> (output, info dict with assignments and losses)."""
+    """Naive forward of `moe` on x [..., D] -> (output, info: per-token routing, kept assignments
+    (token, expert, weight, rank), mask, and the call's unweighted losses when it has real tokens)."""
     cfg = moe.config
     D, E = cfg.dim, cfg.num_experts
     x_TD = x.reshape(-1, D)
@@ -173,7 +254,11 @@ def reference_moe(moe, x, mask=None, *, jitter=None, noise=None, uniform=None):
     if moe.shared is not None:
         for t in range(T):
             out[t] = out[t] + shared_forward(moe, x_TD[t])
-    return torch.stack(out).view(x.shape), {"assignments": assignments, "per_token": per_token, "mask": m}
+    info = {"assignments": assignments, "per_token": per_token, "mask": m}
+    if real_tokens:
+        num_sequences = math.prod(x.shape[:-2]) if x.ndim >= 3 else 1
+        info["losses"] = reference_losses(cfg, per_token, m, num_sequences)
+    return torch.stack(out).view(x.shape), info
 
 
 def shared_forward(moe, x_D):
@@ -192,7 +277,8 @@ def reference_expert_choice(moe, x, mask=None):
     m = [True] * T if mask is None else [bool(v) for v in mask.reshape(-1)]
     W = moe.router.gate.weight.float()
     probs = [_softmax([W[e] @ x_TD[t].float() for e in range(E)]) for t in range(T)]
-    cf = cfg.capacity_factor if cfg.capacity_factor is not None else cfg.top_k
+    cf = cfg.capacity_factor if moe.training or cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
+    cf = cfg.top_k if cf is None else cf
     C = min(T, max(1, math.ceil(cf * T / E)))
     out = [x_TD.new_zeros(D) for _ in range(T)]
     for e in range(E):
@@ -200,4 +286,4 @@ def reference_expert_choice(moe, x, mask=None):
         for t in ranked:
             if m[t]:
                 out[t] = out[t] + probs[t][e] * expert_forward(moe, e, x_TD[t])
-    return torch.stack(out).view(x.shape), probs, C
+    return torch.stack(out).view(x.shape), {"probs": probs, "capacity": C}
