@@ -9,6 +9,7 @@ import torch
 
 from moekit import MoE
 from moekit.moe import losses as L
+from tests.moe_reference import ROUTER_CASES, naive_cv_squared, naive_switch_loss, reference_moe
 
 
 def test_switch_loss_is_exactly_one_at_perfect_balance():
@@ -19,6 +20,7 @@ def test_switch_loss_is_exactly_one_at_perfect_balance():
     counts = L.expert_counts(expert_idx, None, E)
     assert counts.tolist() == [4.0, 4.0, 4.0, 4.0]
     assert L.switch_load_balance_loss(probs, counts).item() == 1.0
+    assert L.switch_load_balance_loss(probs, counts, torch.ones(T, dtype=torch.bool)).item() == 1.0
 
 
 def test_switch_loss_hand_example():
@@ -26,19 +28,6 @@ def test_switch_loss_hand_example():
     probs = torch.tensor([[0.9, 0.1], [0.7, 0.3]])
     counts = L.expert_counts(torch.tensor([0, 0]), None, 2)
     assert L.switch_load_balance_loss(probs, counts).item() == pytest.approx(1.6)
-
-
-def _naive_switch(probs, chosen, mask):
-    T, E = len(probs), len(probs[0])
-    real = [t for t in range(T) if mask[t]]
-    f = [0.0] * E
-    n = 0
-    for t in real:
-        for e in chosen[t]:
-            f[e] += 1
-            n += 1
-    P = [sum(probs[t][e] for t in real) / len(real) for e in range(E)]
-    return E * sum(f[e] / n * P[e] for e in range(E))
 
 
 def test_switch_loss_against_loop_with_mask():
@@ -50,7 +39,7 @@ def test_switch_loss_against_loop_with_mask():
     real_A = mask.repeat_interleave(k)
     counts = L.expert_counts(idx.reshape(-1), real_A, E)
     got = L.switch_load_balance_loss(probs, counts, mask).item()
-    want = _naive_switch(probs.tolist(), idx.tolist(), mask.tolist())
+    want = naive_switch_loss(probs.tolist(), idx.tolist(), mask.tolist())
     assert got == pytest.approx(want, rel=1e-6)
 
 
@@ -68,12 +57,6 @@ def test_z_loss_against_float64_math():
     assert L.router_z_loss(logits, mask).item() == pytest.approx(total / n, rel=1e-6)
 
 
-def _cv2(values):
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / len(values)
-    return var / (mean * mean + 1e-10)
-
-
 def test_importance_and_load_cv2_against_loop():
     torch.manual_seed(2)
     T, E, k = 11, 4, 2
@@ -84,12 +67,15 @@ def test_importance_and_load_cv2_against_loop():
     for a in range(T * k):
         imp[int(idx[a])] += float(w[a])
         load[int(idx[a])] += 1
-    assert L.importance_loss(w, idx, None, E).item() == pytest.approx(_cv2(imp), rel=1e-5)
-    assert L.load_loss(L.expert_counts(idx, None, E)).item() == pytest.approx(_cv2(load), rel=1e-5)
+    assert L.importance_loss(w, idx, None, E).item() == pytest.approx(naive_cv_squared(imp), rel=1e-5)
+    assert L.load_loss(L.expert_counts(idx, None, E)).item() == pytest.approx(
+        naive_cv_squared(load), rel=1e-5
+    )
 
 
 def test_noisy_topk_smooth_load_against_loop():
-    """Shazeer's P(x, i) = Phi((clean_i - kth_excluding_i(H)) / std_i) computed token by token."""
+    """Shazeer's P(x, i) = Phi((clean_i - kth_excluding_i(H)) / std_i) computed token by token, and
+    its gradients to the gate and the learned noise weights (what the load loss trains) by autograd."""
     torch.manual_seed(3)
     D, E, k, T = 6, 5, 2, 7
     moe = MoE(D, 8, E, k, router="noisy_topk").train()
@@ -100,17 +86,27 @@ def test_noisy_topk_smooth_load_against_loop():
     noise = torch.randn(T, E)
     torch.manual_seed(5)
     routing = moe.router(x)
-    clean = x @ moe.router.gate.weight.T
-    std = torch.nn.functional.softplus(x @ moe.router.noise.weight.T) + moe.config.noise_eps
-    H = clean + noise * std
-    load = [0.0] * E
+    gate_w, noise_w = moe.router.gate.weight, moe.router.noise.weight
+    probe = torch.randn(E)
+    got = torch.autograd.grad((routing.load_E * probe).sum(), (gate_w, noise_w))
+    load = [torch.zeros((), dtype=torch.float64) for _ in range(E)]
+    x64 = x.double()
     for t in range(T):
+        clean = [gate_w[j].double() @ x64[t] for j in range(E)]
+        std = [
+            torch.nn.functional.softplus(noise_w[j].double() @ x64[t]) + moe.config.noise_eps
+            for j in range(E)
+        ]
+        H = [clean[j] + float(noise[t, j]) * std[j] for j in range(E)]
         for i in range(E):
-            others = sorted((float(H[t, j]) for j in range(E) if j != i), reverse=True)
-            kth_excluding_i = others[k - 1]
-            z = (float(clean[t, i]) - kth_excluding_i) / float(std[t, i])
-            load[i] += 0.5 * (1 + math.erf(z / math.sqrt(2)))
-    torch.testing.assert_close(routing.load_E, torch.tensor(load), atol=1e-5, rtol=1e-5)
+            others = sorted((H[j] for j in range(E) if j != i), key=float, reverse=True)
+            z = (clean[i] - others[k - 1]) / std[i]  # others[k - 1]: the k-th largest H excluding i
+            load[i] = load[i] + 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    load = torch.stack(load)
+    want = torch.autograd.grad((load * probe.double()).sum(), (gate_w, noise_w))
+    torch.testing.assert_close(routing.load_E, load.float(), atol=1e-5, rtol=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.float(), atol=1e-5, rtol=1e-4)
 
 
 def test_sequence_balance_against_loop():
@@ -129,35 +125,39 @@ def test_sequence_balance_against_loop():
             continue
         sub_probs = [probs[t].tolist() for t in rows]
         sub_idx = [idx[t].tolist() for t in rows]
-        per_seq.append(_naive_switch(sub_probs, sub_idx, [bool(mask[t]) for t in rows]))
+        per_seq.append(naive_switch_loss(sub_probs, sub_idx, [bool(mask[t]) for t in rows]))
     assert got == pytest.approx(sum(per_seq) / len(per_seq), rel=1e-6)
 
 
-def test_layer_reports_every_loss_with_its_coefficient():
+COEFS = dict(
+    load_balance_coef=0.3, z_loss_coef=0.2, importance_coef=0.7, load_coef=0.5, seq_balance_coef=0.11
+)
+
+
+@pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_layer_losses_match_reference_for_every_router(case):
+    """Every loss of a padded call, for every router, against float64 loops over the per-token
+    routing of the reference; aux_loss and z_loss are the reference's losses times their coefficients."""
     torch.manual_seed(5)
-    moe = MoE(
-        8,
-        8,
-        4,
-        2,
-        load_balance_coef=0.3,
-        z_loss_coef=0.2,
-        importance_coef=0.7,
-        load_coef=0.5,
-        seq_balance_coef=0.11,
+    moe = MoE(8, 8, 6, **case, **COEFS).eval()
+    if moe.router.gate.bias is not None:
+        torch.nn.init.normal_(moe.router.gate.bias)
+    if case["router"] == "sigmoid_bias":
+        moe.router.expert_bias.copy_(torch.randn(6) * 0.1)
+    x = torch.randn(3, 7, 8) * 2
+    mask = torch.rand(3, 7) > 0.3
+    mask[0, 0], mask[1] = True, False  # a sequence of padding only drops out of the sequence mean
+    out = moe(x, mask=mask)
+    _, info = reference_moe(moe, x, mask)
+    want = info["losses"]
+    assert set(out.losses) == set(want)
+    for name, value in want.items():
+        assert out.losses[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    want_aux = sum(
+        COEFS[f"{name}_coef"] * want[name] for name in ("load_balance", "importance", "load", "seq_balance")
     )
-    x = torch.randn(2, 5, 8)
-    out = moe(x)
-    ls = out.losses
-    probs = moe.router(x.reshape(-1, 8)).probs_TE
-    idx = probs.topk(2).indices
-    assert ls["load_balance"].item() == pytest.approx(
-        _naive_switch(probs.tolist(), idx.tolist(), [True] * 10), rel=1e-5
-    )
-    want_aux = 0.3 * ls["load_balance"] + 0.7 * ls["importance"] + 0.5 * ls["load"] + 0.11 * ls["seq_balance"]
-    torch.testing.assert_close(out.aux_loss, want_aux)
-    torch.testing.assert_close(out.z_loss, 0.2 * ls["z"])
-    assert all(v.item() > 0 for v in ls.values())
+    assert out.aux_loss.item() == pytest.approx(want_aux, rel=1e-5)
+    assert out.z_loss.item() == pytest.approx(COEFS["z_loss_coef"] * want["z"], rel=1e-5)
 
 
 def test_stats_against_direct_counts():
