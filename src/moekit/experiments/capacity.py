@@ -144,7 +144,7 @@ def _checks(grid: dict[tuple[str, float | None], RunRecord]) -> list[Check]:
         Check(
             "A larger capacity costs time (Switch top-1: 62.8 h at CF 1.0 vs 72.8 h at CF 2.0 to the same "
             "quality). Rule: seconds per step at CF 2.0 above CF 1.0 for both routings.",
-            "; ".join(f"{k}: {fmt(a)} s vs {fmt(b)} s" for k, (a, b) in times.items()),
+            "; ".join(f"{k}: CF 2.0 {fmt(b)} s vs CF 1.0 {fmt(a)} s" for k, (a, b) in times.items()),
             agrees(all(b > a for a, b in times.values())) if decided else "inconclusive",
         )
     )
