@@ -8,6 +8,7 @@ import json
 import shlex
 import shutil
 import sysconfig
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,96 @@ def test_report_only_rebuilds_the_fragment_from_the_saved_records(tmp_path):
     again = rerender(_Toy(), tmp_path / "out", config_dir=tmp_path)
     assert again.fragment.read_text() == text
     assert [r.status for r in again.records] == ["failed", "ok"]
+
+
+def test_specialization_analysis_is_what_its_recorded_command_writes(tiny, tmp_path):
+    """The specialization run's `moekit analyze` command reproduces its numbers, and the run's
+    report has every plot, the load over training included."""
+    result = run_experiment(get_experiment("specialization"), tmp_path / "out", smoke=True, overrides=tiny)
+    for record in result.records:
+        analyze = record.command.splitlines()[-1]
+        args = shlex.split(analyze)
+        assert args[:2] == ["moekit", "analyze"]
+        args[args.index("--out") + 1] = str(tmp_path / "again" / record.label)
+        assert cli_main(args[1:]) == 0
+        again = json.loads((tmp_path / "again" / record.label / "analysis.json").read_text())["layers"]
+        layers = record.extra["layers"]
+        assert [row["layer"] for row in again] == [layer["layer"] for layer in layers]
+        for row, layer in zip(again, layers):
+            assert row["mutual_information_bits"] == pytest.approx(layer["mi_bits"], abs=1e-9)
+            assert row["category_entropy_bits"] == pytest.approx(layer["category_entropy_bits"], abs=1e-9)
+        page = (Path(record.run_dir) / "analysis" / "report.html").read_text()
+        for alt in (
+            "load per expert",
+            "expert specialization",
+            "mutual information per layer",
+            "load over training",
+        ):
+            assert f'alt="{alt}" src="data:image/png;base64,' in page
+
+
+def _resolved(name: str) -> list[tuple[Variant, object]]:
+    """Every from-scratch variant of a full (not smoke) experiment with the config its run gets."""
+    from moekit.experiments.core import Context
+    from moekit.train.config import load_config
+
+    experiment = get_experiment(name)
+    ctx = Context(name, REPO / "experiments" / f"{name}.toml", Path("runs-not-written"))
+    return [
+        (v, load_config(ctx.config_path, ctx.run_overrides(v, ctx.run_name(v))))
+        for v in experiment.variants(ctx)
+        if not v.source
+    ]
+
+
+def _active_ffn_params(cfg) -> int:
+    """Parameters of the feed-forward path one token goes through, counted on the built model:
+    a dense FFN whole, an MoE layer's top_k experts (the router left out)."""
+    from moekit.moe import MoE
+    from moekit.train.checkpoint import build_model
+
+    model = build_model(cfg.arch, cfg.model_config(cfg.data.vocab_size))
+    total = 0
+    for block in model.layers:
+        if isinstance(block.ffn, MoE):
+            bank = sum(p.numel() for p in block.ffn.experts.parameters())
+            total += block.ffn.config.top_k * bank // block.ffn.config.num_experts
+        else:
+            total += sum(p.numel() for p in block.ffn.parameters())
+    return total
+
+
+def test_moe_vs_dense_and_num_experts_compare_at_equal_active_flops():
+    runs = _resolved("moe-vs-dense")
+    shape = [
+        (v.label, c.moe.get("enabled", True), c.moe.get("num_experts"), c.moe.get("top_k")) for v, c in runs
+    ]
+    assert shape == [("dense", False, 8, 2), ("MoE top-2", True, 8, 2), ("MoE top-1", True, 8, 1)]
+    assert len({_active_ffn_params(c) for _, c in runs}) == 1
+
+    runs = _resolved("num-experts")
+    experts = [c.moe["num_experts"] if c.moe.get("enabled", True) else 1 for _, c in runs]
+    assert experts == [1, 2, 4, 8, 16, 32]
+    assert len({_active_ffn_params(c) for _, c in runs}) == 1
+
+
+def test_capacity_stability_and_balance_run_the_listed_settings():
+    grid = [(c.moe["top_k"], c.moe["router"], c.moe["capacity_factor"]) for _, c in _resolved("capacity")]
+    assert sorted(grid, key=str) == sorted(
+        [(1, "switch", cf) for cf in (1.0, 1.25, 2.0, None)]
+        + [(2, "topk", cf) for cf in (1.0, 1.25, 2.0, None)],
+        key=str,
+    )
+
+    runs = _resolved("stability")
+    settings = Counter((c.moe["router_dtype"], c.moe["z_loss_coef"] > 0) for _, c in runs)
+    assert settings == {(d, z): 3 for d in ("float32", "bfloat16") for z in (False, True)}  # 3 seeds each
+    assert len({(c.moe["router_dtype"], c.moe["z_loss_coef"], c.train.seed) for _, c in runs}) == 12
+    other = dict(_resolved("moe-vs-dense"))  # "a high learning rate": above the other experiments'
+    assert all(c.train.lr >= 5 * max(o.train.lr for o in other.values()) for _, c in runs)
+
+    runs = _resolved("balance")
+    kinds = Counter((c.moe["router"], c.moe["load_balance_coef"] > 0) for _, c in runs)
+    none, aux, free = ("topk", False), ("topk", True), ("sigmoid_bias", False)  # free: the bias alone
+    assert set(kinds) == {none, aux, free} and min(kinds.values()) >= 2  # several seeds each
+    assert all(c.moe["bias_update_rate"] > 0 for _, c in runs if c.moe["router"] == "sigmoid_bias")

@@ -64,8 +64,12 @@ class Specialization(Experiment):
         trainer = keep["trainer"]
         analysis = _analyze(trainer, max_tokens)
         out = Path(record.run_dir) / "analysis"
-        write_analysis_report(
-            analysis, trainer.tokenizer, out, title=f"moekit routing analysis: {variant.label}"
+        write_analysis_report(  # what the recorded `moekit analyze` command writes, load over training too
+            analysis,
+            trainer.tokenizer,
+            out,
+            title=f"moekit routing analysis: {variant.label}",
+            metrics_path=Path(record.run_dir) / "metrics.jsonl",
         )
         record.command += f"\nmoekit analyze --ckpt {record.run_dir} --max-tokens {max_tokens} --out {out}"
         record.extra["layers"] = layer_specialization(analysis)
