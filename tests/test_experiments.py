@@ -281,3 +281,23 @@ def test_capacity_stability_and_balance_run_the_listed_settings():
     none, aux, free = ("topk", False), ("topk", True), ("sigmoid_bias", False)  # free: the bias alone
     assert set(kinds) == {none, aux, free} and min(kinds.values()) >= 2  # several seeds each
     assert all(c.moe["bias_update_rate"] > 0 for _, c in runs if c.moe["router"] == "sigmoid_bias")
+
+
+def test_docs_results_are_full_runs_rendered_by_the_current_rules(tmp_path):
+    """docs/results.md holds a full (not smoke) run of every experiment within its budget, with its
+    plot, and every table and verdict is what today's rules make of the saved numbers."""
+    docs = REPO / "docs"
+    (tmp_path / "results").mkdir()
+    for e in all_experiments():
+        saved = json.loads((docs / "results" / f"{e.name}.json").read_text())
+        assert not saved["smoke"] and saved["wall_seconds"] <= 60 * saved["budget_minutes"]
+        assert saved["records"] and all(r["status"] == "ok" for r in saved["records"])
+        assert (docs / "results" / f"{e.name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        shutil.copy(docs / "results" / f"{e.name}.json", tmp_path / "results")
+        again = rerender(e, tmp_path)
+        assert again.fragment.read_text() == (docs / "results" / f"{e.name}.md").read_text()
+        assert again.verdict == saved["verdict"]
+        assert f"![{e.name}](results/{e.name}.png)" in again.fragment.read_text()
+    index = write_results_index(tmp_path, all_experiments())
+    assert index.read_text() == (docs / "results.md").read_text()
+    assert "Not yet run" not in index.read_text()
