@@ -8,9 +8,11 @@ killed at the deadline and the test fails instead of blocking; gloo collectives 
 What is checked: outputs, input gradients and every parameter gradient after `sync_gradients`
 (router and shared experts averaged over the world, experts summed over the expert-data-parallel
 group / world), dropless and with capacity (position and probability priority, padding), extreme
-routing (all tokens to experts of one rank: the other rank's experts get nothing anywhere),
-bytes sent against the communication model, checkpoints across EP sizes, a whole decoder model,
-and bad layouts failing on every rank with the values named.
+routing (all tokens to experts of one rank: the other rank's experts get nothing anywhere), a rank
+without any real token, the balance, z, importance, load and sequence-wise losses (values on every
+rank and gradients equal one process on the batch of all ranks), bytes sent against the
+communication model, checkpoints across EP sizes, a whole decoder model, and bad layouts failing
+on every rank with the values named. World 2 with EP 2 and 1, world 4 with EP 4 and 2.
 """
 
 from __future__ import annotations
@@ -115,11 +117,18 @@ def run_ranks(scenario: str, world: int, timeout: float = 180.0, **args) -> list
 
 
 def _cfg(**kw) -> MoEConfig:
-    return MoEConfig(**{**dict(dim=D, hidden_dim=F, num_experts=E, top_k=2), **kw})
+    """Large loss coefficients: the losses' share of every gradient is far above the tolerance."""
+    base = dict(dim=D, hidden_dim=F, num_experts=E, top_k=2, load_balance_coef=1.0, z_loss_coef=0.1)
+    return MoEConfig(**{**base, **kw})
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / max(1, |b|) for scalars."""
+    return abs(float(a.detach()) - float(b.detach())) / max(1.0, abs(float(b.detach())))
 
 
 def _force_routing(moe: MoE, first: int, second: int) -> None:
@@ -132,11 +141,21 @@ def _force_routing(moe: MoE, first: int, second: int) -> None:
 
 
 def _parity_case(
-    layout: ParallelLayout, cfg: MoEConfig, seed: int, masked: bool, setup=None, per_rank: bool = False
+    layout: ParallelLayout,
+    cfg: MoEConfig,
+    seed: int,
+    masked: bool | str,
+    setup=None,
+    per_rank: bool = False,
 ) -> dict:
     """EP layer vs one process per EP group on the concatenated batch: max errors by quantity.
 
-    per_rank: the reference runs every rank's batch alone (expert choice picks tokens per rank).
+    Every rank backpropagates <output, g> + aux_loss + z_loss. The losses (values and gradients) are
+    those of one process on the batch of all W ranks, whatever the EP groups: the reference adds
+    W * (aux + z) of that batch, as the step's objective is the mean over ranks.
+    masked: True, False, or "empty_last_rank" (the last rank has no real token at all).
+    per_rank: the reference runs every rank's batch alone (expert choice picks tokens per rank);
+    its routing differs from the concatenated batch's, so the losses are not compared.
     """
     world, ep, rank = layout.world_size, layout.ep, layout.rank
     torch.manual_seed(seed)
@@ -148,10 +167,16 @@ def _parity_case(
     x_all = torch.randn(world, B, S, D, generator=gen)
     g_all = torch.randn(world, B, S, D, generator=gen)
     mask_all = torch.rand(world, B, S, generator=gen) > 0.25 if masked else None
+    if masked == "empty_last_rank":
+        mask_all[-1] = False
+    with_losses = not per_rank
 
     x = x_all[rank].clone().requires_grad_()
     out = model(x, None if mask_all is None else mask_all[rank])
-    (out.output * g_all[rank]).sum().backward()
+    objective = (out.output * g_all[rank]).sum()
+    if with_losses:
+        objective = objective + out.aux_loss + out.z_loss
+    objective.backward()
     sync_gradients(model, layout)
 
     # Reference: EP group j is one process on ranks j*ep .. j*ep+ep-1 concatenated (rank-major).
@@ -167,8 +192,17 @@ def _parity_case(
         out_ref[rs] = o.output.detach().view(size, B, S, D)
         kept_ref += o.stats.tokens_per_expert
         routed_ref += o.stats.routed_per_expert
+    errs = {}
+    if with_losses:  # the losses of the batch of all ranks (they do not depend on capacity drops)
+        o = ref(x_ref.reshape(world * B, S, D), None if mask_all is None else mask_all.reshape(world * B, S))
+        (world * (o.aux_loss + o.z_loss)).backward()
+        got = {**out.losses, "aux": out.aux_loss, "z_loss": out.z_loss}
+        want = {**o.losses, "aux": o.aux_loss, "z_loss": o.z_loss}
+        # relative above 1: the forced routing's unweighted z-loss is about 64 (float32 ulp 8e-6)
+        errs.update({f"loss/{k}": _rel_err(got[k], v) for k, v in want.items()})
 
-    errs = {"output": _max_err(out.output, out_ref[rank]), "input_grad": _max_err(x.grad, x_ref.grad[rank])}
+    errs["output"] = _max_err(out.output, out_ref[rank])
+    errs["input_grad"] = _max_err(x.grad, x_ref.grad[rank])
     ref_params = dict(ref.named_parameters())
     experts = layout.local_experts(E)
     expert_names = expert_parameter_names(model)
@@ -294,15 +328,13 @@ def _optimizer_case(layout: ParallelLayout) -> dict:
 
 
 def _model_case(layout: ParallelLayout) -> dict:
-    """A whole decoder: loss and every gradient vs one process on the concatenated batch.
-
-    The load-balance coefficient is 0: that loss is computed per rank (a product of per-batch
-    means), so it is the one quantity not equal to the concatenated run; the z-loss is a mean over
-    tokens and matches.
-    """
+    """A whole decoder: loss (cross-entropy, balance and z losses) and every gradient vs one process
+    on the concatenated batch. The balance loss of every rank is the one of the whole batch."""
     from moekit.model import ModelConfig, MoETransformer
 
-    moe = _cfg(load_balance_coef=0.0, capacity_factor=1.0)
+    # Capacity is decided per EP group: the whole batch's decision only when EP spans the world.
+    capacity_factor = 1.0 if layout.ep == layout.world_size else None
+    moe = _cfg(load_balance_coef=0.1, z_loss_coef=0.01, capacity_factor=capacity_factor)
     cfg = ModelConfig(vocab_size=29, dim=D, n_layers=2, n_heads=2, ffn_hidden_dim=32, max_seq_len=S, moe=moe)
     world = layout.world_size
     torch.manual_seed(11)
@@ -318,7 +350,12 @@ def _model_case(layout: ParallelLayout) -> dict:
     ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
-    errs = {"loss": abs(float(loss / world - ref_out.loss)), "grad_norm": abs(float(norm - ref_norm))}
+    errs = {
+        "loss": abs(float(loss / world - ref_out.loss)),
+        "aux_loss": abs(float(out.aux_loss.detach() - ref_out.aux_loss)),  # every rank, not only the mean
+        "z_loss": abs(float(out.z_loss.detach() - ref_out.z_loss)),
+        "grad_norm": abs(float(norm - ref_norm)),
+    }
     ref_params = dict(ref.named_parameters())
     expert_names = expert_parameter_names(model)
     experts = layout.local_experts(E)
@@ -352,6 +389,15 @@ def scenario_parity(ep: int, cases: list[str], ckpt_dir: str = "") -> dict:
             seed=5,
             masked=True,
             setup=lambda m: _force_routing(m, 1, 0),
+        ),
+        "all_losses": lambda: _parity_case(
+            layout,
+            _cfg(importance_coef=0.5, load_coef=0.5, seq_balance_coef=0.5, capacity_factor=1.0),
+            seed=9,
+            masked=True,
+        ),
+        "empty_rank": lambda: _parity_case(
+            layout, _cfg(capacity_factor=1.0, seq_balance_coef=0.5), seed=10, masked="empty_last_rank"
         ),
         "shared_top1": lambda: _parity_case(
             layout,
@@ -421,6 +467,8 @@ PARITY_CASES = [
     "capacity_probability",
     "extreme_dropless",
     "extreme_capacity",
+    "all_losses",
+    "empty_rank",
 ]
 
 
@@ -463,7 +511,14 @@ def test_world4_ep4_matches_single_process(tmp_path):
     with torch.no_grad():
         single.experts.w_out_EFD[2].mul_(3.0)  # an expert that differs visibly
     torch.save(single.state_dict(), tmp_path / "single.pt")
-    cases = ["dropless", "capacity_position", "extreme_capacity", "traffic_capacity", "load_from_one"]
+    cases = [
+        "dropless",
+        "capacity_position",
+        "extreme_capacity",
+        "empty_rank",
+        "traffic_capacity",
+        "load_from_one",
+    ]
     results = run_ranks("parity", 4, ep=4, cases=cases, ckpt_dir=str(tmp_path))
     _assert_parity(results, cases)
     want = _single_process_output(single.state_dict(), results, "load_from_one")
@@ -473,8 +528,16 @@ def test_world4_ep4_matches_single_process(tmp_path):
 
 
 def test_world4_ep2_reduces_experts_over_expert_data_parallel_group():
-    cases = ["dropless", "capacity_probability", "extreme_dropless", "traffic_dropless"]
+    cases = ["dropless", "capacity_probability", "extreme_dropless", "all_losses", "empty_rank", "model"]
+    cases.append("traffic_dropless")
     _assert_parity(run_ranks("parity", 4, ep=2, cases=cases), cases)
+
+
+def test_world2_ep1_data_parallel_matches_single_process():
+    """EP 1 < world 2: experts replicated, the local dispatcher, capacity per rank; the losses are
+    still those of both ranks' batch."""
+    cases = ["dropless", "capacity_position", "all_losses", "empty_rank", "model"]
+    _assert_parity(run_ranks("parity", 2, ep=1, cases=cases), cases)
 
 
 def test_bad_layouts_fail_on_every_rank():

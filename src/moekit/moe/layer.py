@@ -173,6 +173,9 @@ class MoE(nn.Module):
             HierarchicalExperts(config) if config.inner is not None else ExpertBank.from_config(config)
         )
         self.shared = SharedExperts(config) if config.num_shared_experts > 0 else None
+        # Data parallel: (layer, losses, x, routing, real_A, mask_T) -> the losses of the batch of all
+        # ranks (moekit.parallel.GlobalLosses, installed by shard_model); None: this call's batch.
+        self.loss_reduction: Callable[..., dict[str, Tensor]] | None = None
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, mask: Tensor | None = None, task_ids: Tensor | None = None) -> MoEOutput:
@@ -250,6 +253,8 @@ class MoE(nn.Module):
 
         def compute_losses() -> tuple[dict[str, Tensor], Tensor, Tensor]:
             losses = self._losses(x, routing, real_A, mask_T)
+            if self.loss_reduction is not None:
+                losses = self.loss_reduction(self, losses, x, routing, real_A, mask_T)
             aux_loss = _weighted_sum(
                 (cfg.load_balance_coef, losses["load_balance"]),
                 (cfg.importance_coef, losses["importance"]),

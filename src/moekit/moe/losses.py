@@ -66,14 +66,20 @@ def cv_squared(v_E: Tensor, eps: float = 1e-10) -> Tensor:
     return v_E.var(unbiased=False) / (v_E.mean().square() + eps)
 
 
+def expert_importance(
+    weight_A: Tensor, expert_idx_A: Tensor, valid_A: Tensor | None, num_experts: int
+) -> Tensor:
+    """[E] importance_i = sum over the batch of expert i's gate values (of valid assignments)."""
+    w_A = weight_A if valid_A is None else weight_A * valid_A.to(weight_A.dtype)
+    w_A = _at_least_float32(w_A)
+    return w_A.new_zeros(num_experts).index_add(0, expert_idx_A, w_A)
+
+
 def importance_loss(
     weight_A: Tensor, expert_idx_A: Tensor, valid_A: Tensor | None, num_experts: int
 ) -> Tensor:
     """Shazeer 2017: CV^2 of importance, importance_i = sum over the batch of expert i's gate values."""
-    w_A = weight_A if valid_A is None else weight_A * valid_A.to(weight_A.dtype)
-    w_A = _at_least_float32(w_A)
-    importance_E = w_A.new_zeros(num_experts).index_add(0, expert_idx_A, w_A)
-    return cv_squared(importance_E)
+    return cv_squared(expert_importance(weight_A, expert_idx_A, valid_A, num_experts))
 
 
 def load_loss(load_E: Tensor) -> Tensor:

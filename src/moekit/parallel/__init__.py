@@ -1,7 +1,8 @@
 """Expert parallelism on torch.distributed: process groups, all-to-all dispatch, sharding, reductions.
 
     layout = init_parallel(ep, config)          # EP and expert-data-parallel groups, validated
-    shard_model(model, layout)                  # MoE layers keep E/P experts, all-to-all dispatch
+    shard_model(model, layout)                  # MoE layers keep E/P experts, all-to-all dispatch;
+                                                # their losses become those of all ranks' batch
     loss.backward(); sync_gradients(model, layout); optimizer.step()
     state = gather_full_state_dict(model, layout)   # single-process layout, loads under any EP size
     load_sharded(model, state, layout)
@@ -11,6 +12,7 @@ Design, communication model and the exact equivalence with one process: docs/exp
 
 from moekit.parallel.dispatch import AllToAllDispatcher, AllToAllState, Traffic, expected_traffic
 from moekit.parallel.groups import ParallelLayout, check_consistent, config_digest, init_parallel
+from moekit.parallel.losses import GlobalLosses
 from moekit.parallel.shard import (
     expert_parameter_names,
     gather_experts,
@@ -21,12 +23,14 @@ from moekit.parallel.shard import (
     moe_layers,
     shard_model,
     slice_experts,
+    top_level_moe_layers,
 )
 from moekit.parallel.sync import clip_grad_norm, global_load, mean_over_ranks, reduce_stats, sync_gradients
 
 __all__ = [
     "AllToAllDispatcher",
     "AllToAllState",
+    "GlobalLosses",
     "ParallelLayout",
     "Traffic",
     "check_consistent",
@@ -46,5 +50,6 @@ __all__ = [
     "reduce_stats",
     "shard_model",
     "slice_experts",
+    "top_level_moe_layers",
     "sync_gradients",
 ]

@@ -31,6 +31,7 @@ from moekit.moe.experts import ExpertBank
 from moekit.moe.layer import MoE
 from moekit.parallel.dispatch import AllToAllDispatcher
 from moekit.parallel.groups import ParallelLayout, check_divisible
+from moekit.parallel.losses import GlobalLosses
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoE]:
@@ -84,15 +85,26 @@ def _local_bank(full: ExpertBank, experts: range) -> ExpertBank:
     return bank.to(device=full.w_in_EDF.device, dtype=full.w_in_EDF.dtype)
 
 
+def top_level_moe_layers(model: nn.Module) -> dict[str, MoE]:
+    """The MoE layers of `model` that are not inside another MoE layer (hierarchical experts' inner
+    layers run only on ranks whose outer expert got tokens)."""
+    layers = moe_layers(model)
+    return {
+        name: layer
+        for name, layer in layers.items()
+        if not any(other != name and name.startswith(_prefix(other)) for other in layers)
+    }
+
+
 def shard_model(model: nn.Module, layout: ParallelLayout) -> nn.Module:
     """Make every MoE layer of `model` expert parallel over `layout.ep_group` (in place; returns model).
 
     Call it on identically initialized (or identically loaded) full models on every rank. With
-    ep == 1 the model is left as is: the local dispatcher is the EP-1 all-to-all.
+    several ranks every top-level MoE layer also gets `GlobalLosses` (its losses become those of
+    the batch of all ranks, EP or not). With ep == 1 the experts and the local dispatcher (the EP-1
+    all-to-all) stay as they are; in one process the model is left as is.
     """
-    if layout.ep == 1:
-        return model
-    layers = moe_layers(model)
+    layers = moe_layers(model) if layout.ep > 1 else {}
     for name, layer in layers.items():
         if not isinstance(layer.experts, ExpertBank):
             raise ValueError(
@@ -108,6 +120,9 @@ def shard_model(model: nn.Module, layout: ParallelLayout) -> nn.Module:
         layer.dispatcher = AllToAllDispatcher(
             layout.ep_group, layer.config.num_experts, layer.config.drop_policy
         )
+    if layout.distributed:
+        for layer in top_level_moe_layers(model).values():
+            layer.loss_reduction = GlobalLosses(layout.world_size)
     return model
 
 

@@ -1,8 +1,9 @@
 """Gradient, loss and routing-statistics reductions for data x expert parallel training.
 
 The objective of a step is the mean over the W ranks of each rank's local loss (its own micro
-batch, already a mean over its tokens; aux and z losses included, each computed on the local
-batch). `sync_gradients` turns every rank's local gradients into the gradient of that objective:
+batch's cross-entropy, a mean over its tokens, plus the aux and z losses, which `GlobalLosses`
+makes those of the batch of all ranks, the same value on every rank; moekit/parallel/losses.py).
+`sync_gradients` turns every rank's local gradients into the gradient of that objective:
 
   - non-expert parameters (replicated on all W ranks): all-reduce SUM over the world, / W;
   - expert parameters (held by the Q = W/P ranks of one expert-data-parallel group): during the
@@ -20,9 +21,10 @@ of communication with the backward, which a later optimization can add with per-
 Clip with `clip_grad_norm` (the norm over all experts of the EP group), not torch's, which sees
 only the local expert shard and gives each rank a different clip factor.
 
-The aux loss is never scaled by the world size or by accumulation steps: each rank adds its local
-aux loss to its local loss, and the gradient mean above gives the mean of the ranks' aux losses.
-For logging, `mean_over_ranks` averages a scalar and `reduce_stats` sums the per-expert counts.
+The aux loss is never scaled by the world size or by accumulation steps: every rank adds the aux
+loss of the global batch (its gradient is the rank's share of it, times W; the mean above divides
+by W again), so the step's aux loss and its gradient are those of one process on that batch. For
+logging, `mean_over_ranks` averages a scalar and `reduce_stats` sums the per-expert counts.
 The sigmoid-bias router's bias must stay identical on all ranks: update it from `global_load`.
 
 With a single-process layout every function here is a no-op (or the identity).
