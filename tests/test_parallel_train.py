@@ -1,13 +1,16 @@
 """Multi-process training (`torchrun -m moekit train --set parallel.ep=P`) against one process.
 
 The reference is one in-process Trainer with batch_size W*B; a W-rank run with batch_size B reads
-the same global batches (rank r: rows r*B .. r*B+B-1), so with the load-balance coefficient at 0
-(that loss is computed per rank, the one intended difference) its losses must equal the
+the same global batches (rank r: rows r*B .. r*B+B-1), so its losses (cross-entropy, balance loss
+with coefficient 0.1, z-loss, gradient norm, dropped fraction, validation loss) must equal the
 reference's, token drops at capacity 1.0 included (expert parallelism decides them on the EP
-group's concatenated batch). Checked, each job started with the documented entry point:
+group's concatenated batch; the balance loss is the whole batch's on every rank). The runs are in
+float64 (train.dtype): in float32 a near-tie routing decision flips within 20 steps. Checked,
+each job started with the documented entry point (torchrun -m moekit train):
 
   - world 2, EP 2, grad_accum 2, 20 steps: losses, validation losses, the checkpoint (the
     single-process layout and files, weights, sampler state; per-rank RNG states);
+  - world 4, EP 2 (two EP groups), 20 steps without drops (capacity is per EP group);
   - resharding: an EP 2 checkpoint resumed by one process, and a one-process checkpoint resumed by
     world 4 with EP 4 (one expert per rank; an empty evaluation block on rank 3): the continued
     losses equal the reference's;
@@ -70,7 +73,7 @@ def overrides(root: Path, run: str, **extra: str) -> list[str]:
         "moe.num_experts": "4",
         "moe.hidden_dim": "32",
         "moe.capacity_factor": "1.0",
-        "moe.load_balance_coef": "0.0",
+        "moe.load_balance_coef": "0.1",
         "moe.z_loss_coef": "0.001",
         "train.steps": str(STEPS),
         "train.grad_accum": "2",
@@ -84,6 +87,9 @@ def overrides(root: Path, run: str, **extra: str) -> list[str]:
         "train.run_name": f'"{run}"',
         "train.progress": "false",
         "train.threads": "1",  # as torchrun's workers; torch's default threads crawl on loaded cores
+        # float32 differences of summation order (1e-7) flip a near-tie top-k or capacity decision
+        # within 20 steps, after which the runs drift apart; float64 keeps every decision the same
+        "train.dtype": '"float64"',
         "parallel.timeout_s": str(COLLECTIVE_TIMEOUT),
     }
     base.update(extra)
@@ -127,7 +133,7 @@ def logged(run_dir: Path) -> dict[int, dict]:
 def assert_losses_match(got: dict[int, dict], want: dict[int, dict], steps: range) -> None:
     assert sorted(s for s in got if "loss" in got[s]) == list(steps)
     for step in steps:
-        for key in ("loss", "z_loss", "grad_norm", "dropped_fraction", "val_loss"):
+        for key in ("loss", "aux_loss", "z_loss", "grad_norm", "dropped_fraction", "val_loss"):
             if key in want[step]:
                 assert abs(got[step][key] - want[step][key]) < TOL, (
                     step,
@@ -175,6 +181,15 @@ def reference(root) -> dict:
     trainer.save = save_and_keep_half
     trainer.fit()
     return {"metrics": logged(trainer.run_dir), "checkpoint": trainer.ckpt_dir, "half": root / "ref-half"}
+
+
+@pytest.fixture(scope="module")
+def reference_no_drops(root) -> dict:
+    """One process as `reference` with capacity factor 2.0: with 4 experts and top-2 every expert
+    has a slot for every token, so no assignment is dropped whatever the batching."""
+    trainer = Trainer(load_config(None, overrides(root, "ref-cf2", **{"moe.capacity_factor": "2.0"})))
+    trainer.fit()
+    return {"metrics": logged(trainer.run_dir)}
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +247,19 @@ def test_world2_ep2_matches_one_process(root, reference):
     assert {k: v.shape for k, v in optimizer.items()} == {k: v.shape for k, v in ref_optimizer.items()}
     assert not torch.equal(tensors["rng.rank0.torch"], tensors["rng.rank1.torch"])  # per-rank streams
     assert cli_main(["eval", "--ckpt", str(ours), "--batches", "2"]) == 0  # one process reads it
+
+
+def test_world4_ep2_matches_one_process(root, reference_no_drops):
+    """EP 2 < world 4: two EP groups, expert gradients reduced over the expert-data-parallel pairs,
+    the balance loss over all four ranks. Capacity is decided per EP group, so this run keeps
+    every assignment (capacity factor 2.0), as the one-process reference does."""
+    args = overrides(
+        root, "w4-ep2", **{"data.batch_size": "2", "parallel.ep": "2", "moe.capacity_factor": "2.0"}
+    )
+    rc, output, _ = torchrun(4, args)
+    assert rc == 0, output[-3000:]
+    assert_losses_match(logged(root / "runs" / "w4-ep2"), reference_no_drops["metrics"], range(1, STEPS + 1))
+    assert all(r.get("dropped_fraction", 0) == 0 for r in reference_no_drops["metrics"].values())
 
 
 def test_ep2_checkpoint_resumes_in_one_process(root, reference, killed):

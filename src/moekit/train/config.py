@@ -62,7 +62,7 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 autocast on GPU) | float32 | bfloat16
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 autocast on GPU) | float32 | bfloat16 | float64
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     log_every: int = 10
     eval_every: int = 250
@@ -151,8 +151,11 @@ class RunConfig:
                 f"train: lr={t.lr}, min_lr_ratio={t.min_lr_ratio}, warmup_steps={t.warmup_steps}, "
                 f"grad_clip={t.grad_clip}: expected lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0, grad_clip >= 0"
             )
-        if t.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"train.dtype={t.dtype!r} is invalid: expected auto, float32 or bfloat16")
+        if t.dtype not in ("auto", "float32", "bfloat16", "float64"):
+            raise ValueError(
+                f"train.dtype={t.dtype!r} is invalid: expected auto, float32, bfloat16 or float64 (float64: "
+                "exact comparisons, e.g. of multi-process runs with one process)"
+            )
         if self.data.seq_len > self.model.get("max_seq_len", ModelConfig.max_seq_len):
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.get('max_seq_len')}"

@@ -197,6 +197,8 @@ class Trainer:
                 f"{self.tokenizer.vocab_size}"
             )
         self.model = (model if model is not None else build_model(cfg.arch, self.model_cfg)).to(self.device)
+        if t.dtype == "float64":  # parameters and activations in float64 (the MoE router follows)
+            self.model.to(torch.float64)
         self.params = count_params(self.model)  # of the whole model, before sharding
         shard_model(self.model, self.layout)  # this rank's experts; a no-op for EP 1
         self.optimizer = build_optimizer(self.model, cfg)  # over the local shards
