@@ -259,6 +259,40 @@ def test_save_pretrained_loads_back_in_transformers(case, fused, tmp_path):
         assert max_diff(again(case.ids).logits, case.ref) <= TOL
 
 
+def test_saving_again_replaces_the_weights_atomically(mixtral_dir, tmp_path, monkeypatch):
+    """A save into a folder that holds an earlier (sharded) save leaves none of its weight files,
+    keeps the files that are not weights, and a save that fails leaves the old folder as it was."""
+    import moekit.hf.io as hf_io
+
+    first = from_pretrained(mixtral_dir)
+    out = tmp_path / "out"
+    first.save_pretrained(out, max_shard_size="20KB")
+    (out / "tokenizer.json").write_text("{}")
+    second = from_pretrained(mixtral_dir)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(-1)
+    second.save_pretrained(out)  # one file now: the old index must not shadow it
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    ids = torch.randint(3, V, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(out)(ids).logits, second(ids).logits)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def failing_save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(hf_io, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        first.save_pretrained(out, max_shard_size="20KB")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial folder left
+
+
 def test_pure_conversion_round_trip_is_exact(case):
     hf_state = load_file(case.per_expert / "model.safetensors")
     hf_config = json.loads((case.per_expert / "config.json").read_text())
@@ -337,7 +371,9 @@ def test_missing_tensor_is_named(mixtral_dir, tmp_path):
     state = load_file(folder / "model.safetensors")
     del state["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointFormatError, match=r"experts\.2\.w3\.weight' is missing"):
+    with pytest.raises(
+        CheckpointFormatError, match=r"model\.safetensors': tensor .*experts\.2\.w3\.weight' is missing"
+    ):
         from_pretrained(folder)
 
 

@@ -24,6 +24,8 @@ hf_switch = pytest.importorskip("transformers.models.switch_transformers.modelin
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+import moekit  # noqa: E402
+from moekit.hf import CheckpointFormatError  # noqa: E402
 from moekit.hf.switch import (  # noqa: E402
     hf_switch_router_losses,
     load_switch,
@@ -128,17 +130,34 @@ def test_left_padding_matches_when_nothing_is_dropped(saved):
         )
 
 
+def lively_hf(capacity: int):
+    """A model whose greedy tokens change along the sequence (transformers' tiny random init keeps
+    repeating one token, which would not show a wrong cache): an untied random LM head, and the
+    decoder's attention values and output projections scaled up."""
+    hf = build_hf(expert_capacity=capacity, tie_word_embeddings=False)
+    with torch.no_grad():
+        hf.encoder.embed_tokens.weight.copy_(hf.shared.weight)  # moekit shares one embedding
+        hf.decoder.embed_tokens.weight.copy_(hf.shared.weight)
+        for name, p in hf.named_parameters():
+            if name.startswith("decoder") and name.endswith(("o.weight", "v.weight")):
+                p.mul_(10)
+    return hf
+
+
 @pytest.mark.parametrize("cap", [SMALL_CAPACITY, LARGE_CAPACITY])
-def test_greedy_generation_matches_transformers(saved, cap):
-    hf, folder = saved[cap]
-    model = load_switch(folder)
+def test_greedy_generation_matches_transformers(tmp_path, cap):
+    hf = lively_hf(cap)
+    hf.save_pretrained(tmp_path)
+    model = moekit.from_pretrained(tmp_path)  # the top-level entry dispatches to load_switch
+    assert isinstance(model, MoEEncoderDecoder) and not model.training
     x, _, mask = batch(seed=2)
     with torch.no_grad():
-        ref = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=6, do_sample=False, num_beams=1)
+        ref = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=20, do_sample=False, num_beams=1)
     ids = switch_token_ids(model.config.extra["hf_config"])
     assert ids == {"decoder_start_id": 0, "eos_id": 1, "pad_id": 0}
-    got = model.generate(x, 6, mask, **ids)
+    got = model.generate(x, 20, mask, **ids)
     assert got.tolist() == ref.tolist()
+    assert got.shape[1] == 21 and any(len(set(row[3:])) > 1 for row in got.tolist())  # not one token repeated
 
 
 def test_bfloat16_router_matches_transformers(tmp_path):
@@ -228,6 +247,51 @@ def test_moekit_built_model_saves_and_reloads(tmp_path):
     reloaded = load_switch(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_top_level_save_pretrained_and_resave(tmp_path, saved):
+    """moekit.from_pretrained -> model.save_pretrained (sharded, bfloat16 on request) -> transformers'
+    AutoModelForSeq2SeqLM gives the same logits; saving again into the same folder as one file
+    leaves no stale shard or index behind and keeps files that are not weights."""
+    hf, folder = saved[SMALL_CAPACITY]
+    model = moekit.from_pretrained(folder)
+    out = tmp_path / "out"
+    assert model.save_pretrained(out, max_shard_size="20KB") == out.absolute()
+    assert (out / "model.safetensors.index.json").is_file()
+    x, y, mask = batch(seed=17)
+    with torch.no_grad():
+        ref = hf(input_ids=x, attention_mask=mask, decoder_input_ids=y).logits
+        back = transformers.AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+        assert max_diff(back(input_ids=x, attention_mask=mask, decoder_input_ids=y).logits, ref) == 0.0
+    (out / "tokenizer.json").write_text("{}")
+    model.save_pretrained(out, dtype=torch.bfloat16)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    again = moekit.from_pretrained(out)
+    assert again.tok_embeddings.weight.dtype == torch.bfloat16
+    assert torch.equal(again.tok_embeddings.weight, model.tok_embeddings.weight.bfloat16())
+    with pytest.raises(ValueError, match="saves only as 'switch_transformers'"):
+        model.save_pretrained(tmp_path / "other", model_type="mixtral")
+    with pytest.raises(ValueError, match="aux_loss='transformers' applies to the decoder families"):
+        moekit.from_pretrained(folder, aux_loss="transformers")
+    assert not (tmp_path / "other").exists()
+
+
+def test_cli_convert_round_trip(tmp_path, saved):
+    from moekit.cli import main
+    from moekit.train import checkpoint as ckpt
+
+    hf, folder = saved[SMALL_CAPACITY]
+    assert main(["convert", "--from-hf", str(folder), "--out", str(tmp_path / "ckpt")]) == 0
+    model, config = ckpt.load_model(tmp_path / "ckpt")
+    assert config["arch"] == "encdec"
+    x, y, mask = batch(seed=18)
+    with torch.no_grad():
+        ref = hf(input_ids=x, attention_mask=mask, decoder_input_ids=y).logits
+        assert max_diff(model.eval()(x, y, attention_mask=mask).logits, ref) <= TOL
+    assert main(["convert", "--to-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    back = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert max_diff(back(input_ids=x, attention_mask=mask, decoder_input_ids=y).logits, ref) == 0.0
 
 
 def test_sharded_checkpoint_and_fused_format_flag(tmp_path, saved):
@@ -372,10 +436,10 @@ def test_training_jitter_leaves_the_input_alone(saved):
 
 def test_bad_folders_name_the_file_and_key(tmp_path, saved):
     _, folder = saved[SMALL_CAPACITY]
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(CheckpointFormatError, match="config.json.* is missing"):
         load_switch(tmp_path)
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(CheckpointFormatError, match="has neither model.safetensors nor"):
         load_switch(tmp_path)
 
     with safe_open(folder / "model.safetensors", "pt") as f:
@@ -383,11 +447,14 @@ def test_bad_folders_name_the_file_and_key(tmp_path, saved):
         tensors = {k: f.get_tensor(k) for k in names}
     key = "encoder.block.1.layer.1.mlp.experts.expert_2.wo.weight"
     save_file({k: v for k, v in tensors.items() if k != key}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=rf"{key}.*model\.safetensors"):
+    with pytest.raises(CheckpointFormatError, match=rf"model\.safetensors.*{key}' is missing"):
         load_switch(tmp_path)
 
     save_file({**tensors, key: tensors[key].t().contiguous()}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=rf"{key}.*model\.safetensors.*shape \[16, 32\].*\[32, 16\]"):
+    with pytest.raises(
+        CheckpointFormatError,
+        match=rf"{key}' in .*model\.safetensors' has shape \(16, 32\).*implies \(32, 16\)",
+    ):
         load_switch(tmp_path)
 
     save_file(
@@ -397,13 +464,15 @@ def test_bad_folders_name_the_file_and_key(tmp_path, saved):
         },
         str(tmp_path / "model.safetensors"),
     )
-    with pytest.raises(ValueError, match="does not explain"):
+    with pytest.raises(CheckpointFormatError, match="does not account for.*router.classifier.*contradicts"):
         load_switch(tmp_path)
 
     bad = json.loads((folder / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**bad, "num_sparse_encoder_layers": 2}))
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match="encoder.block.0.layer.1.mlp.router.classifier.weight"):
+    with pytest.raises(
+        CheckpointFormatError, match=r"encoder.block.0.layer.1.mlp.router.classifier.weight.*\[0, 1\]"
+    ):
         load_switch(tmp_path)  # config says every encoder layer is sparse; the checkpoint disagrees
 
 
@@ -414,17 +483,17 @@ def test_bad_sharded_folders(tmp_path, saved):
     key = "decoder.final_layer_norm.weight"
     shard = index["weight_map"][key]
     shutil.move(tmp_path / shard, tmp_path / "elsewhere.safetensors")
-    with pytest.raises(FileNotFoundError, match=shard):
+    with pytest.raises(CheckpointFormatError, match=rf"shard .*{shard}.* is missing"):
         load_switch(tmp_path)
     shutil.move(tmp_path / "elsewhere.safetensors", tmp_path / shard)
     del index["weight_map"][key]
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=rf"{key}.*index\.json"):
+    with pytest.raises(CheckpointFormatError, match=rf"index\.json.*{key}' is missing"):
         load_switch(tmp_path)
 
 
 def test_untied_checkpoint_with_different_embeddings_is_refused(tmp_path):
     hf = build_hf(seed=14, tie_word_embeddings=False)  # transformers gives encoder/decoder their own
     hf.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="encoder.embed_tokens.weight.*differs"):
+    with pytest.raises(CheckpointFormatError, match="encoder.embed_tokens.weight.*differs"):
         load_switch(tmp_path)

@@ -31,11 +31,13 @@ import torch
 from moekit.hf import deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moekit.hf.common import check_round_trip, is_fused
 from moekit.hf.io import (
+    CONFIG_NAME,
     CheckpointFormatError,
     DictReader,
     SafetensorsReader,
     parse_size,
     read_config,
+    write_folder,
     write_sharded,
 )
 from moekit.hf.plan import HFTensor, assemble, check_plan, check_source, load_plan, nbytes
@@ -152,14 +154,23 @@ def from_pretrained(
     folder = Path(path)
     hf = read_config(folder)
     if hf.get("model_type") == SWITCH:
+        if aux_loss not in AUX_LOSS_MODES:
+            raise ValueError(f"aux_loss={aux_loss!r} is invalid: expected one of {list(AUX_LOSS_MODES)}")
+        if aux_loss != "moekit":
+            raise ValueError(
+                f"aux_loss={aux_loss!r} applies to the decoder families; {SWITCH} already computes "
+                "transformers' per-sequence balance loss and z-loss (see moekit.hf.switch)"
+            )
         from moekit.hf.switch import load_switch
 
-        return load_switch(folder, dtype=dtype or torch.float32, device=device)
+        return load_switch(folder, dtype=dtype, device=device)
     cfg = config_from_hf(hf, aux_loss)
     fam = family(hf.get("model_type"))
     reader = SafetensorsReader(folder)
     plan = plan_for(cfg, fam, reader.keys())
-    check_source(plan, reader, lambda k: fam.ignored(k, cfg), f"{fam.MODEL_TYPE} checkpoint {str(folder)!r}")
+    check_source(
+        plan, reader, lambda k: fam.ignored(k, cfg), f"{fam.MODEL_TYPE} checkpoint {str(reader.listing)!r}"
+    )
     check_plan(plan, moekit_shapes(cfg))
     model = empty_model(cfg, dtype or reader.dtype(plan[0].key), device)
     load_plan(plan, reader, dict(model.state_dict()))
@@ -210,12 +221,17 @@ def save_pretrained(
 
     model_type: the family (default: the one the model was imported from). fused: expert layout
     on disk (default per-expert, as hub checkpoints). dtype: of the written tensors (default the
-    model's). One shard's tensors are built at a time."""
-    if not isinstance(model, MoETransformer):  # the encoder-decoder: Switch Transformers
+    model's). One shard's tensors are built at a time. The folder is replaced atomically
+    (`io.write_folder`): a failed save leaves it as it was, and no weight file of an earlier save
+    survives; other files in it (a tokenizer, ...) are kept."""
+    if not isinstance(model, MoETransformer):  # the encoder-decoder: Switch Transformers (one layout)
+        if model_type not in (None, SWITCH):
+            raise ValueError(
+                f"an encoder-decoder model saves only as {SWITCH!r}, not model_type={model_type!r}"
+            )
         from moekit.hf.switch import save_switch
 
-        save_switch(model, path, max_shard_bytes=parse_size(max_shard_size))
-        return Path(path)
+        return save_switch(model, path, max_shard_bytes=parse_size(max_shard_size), dtype=dtype)
     cfg = model.config
     hf = config_to_hf(cfg, model_type)
     fam = family(hf["model_type"])
@@ -232,6 +248,9 @@ def save_pretrained(
     for t in plan:
         t_dtype = torch.float32 if t.key.endswith(FLOAT32_SUFFIXES) else dtype
         items.append((t.key, nbytes(t, t_dtype), lambda t=t, d=t_dtype: assemble(t, params, d)))
-    write_sharded(folder, items, parse_size(max_shard_size))
-    (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return folder
+
+    def write(tmp: Path) -> None:
+        write_sharded(tmp, items, parse_size(max_shard_size))
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    return write_folder(folder, write)

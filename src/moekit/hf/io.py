@@ -13,11 +13,17 @@ a missing key or a truncated file is reported before any weight is copied.
 
 Writing groups tensors into shards of at most `max_shard_bytes` in order, builds only one shard's
 tensors at a time, and writes the index when there is more than one shard, as transformers does.
+`write_folder` makes a save atomic: the new folder is written beside the old one and swapped in
+with a rename, so a failed save leaves the old folder as it was, and the weight files of an
+earlier save (an index, shards of another count) can never survive next to the new ones.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +35,8 @@ from safetensors.torch import save_file
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+# what a save rewrites: config.json and the safetensors weights (single file, shards, index)
+SAVED_FILES = re.compile(r"config\.json|model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors")
 
 DTYPES = {
     "F64": torch.float64,
@@ -99,8 +107,10 @@ class SafetensorsReader:
                 weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CheckpointFormatError(f"{str(index_path)!r} has no valid weight_map: {exc}") from exc
+            self.listing = index_path
         elif single.is_file():
             weight_map = None
+            self.listing = single
         else:
             found = sorted(p.name for p in self.folder.iterdir()) if self.folder.is_dir() else []
             hint = (
@@ -243,6 +253,68 @@ def write_sharded(
         index = {"metadata": {"total_size": sum(item[1] for item in items)}, "weight_map": weight_map}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return names
+
+
+def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write a Hugging Face folder atomically: `write(tmp)` fills a new sibling folder, which then
+    takes the place of `folder` with one rename.
+
+    Entries of an existing `folder` that a save does not rewrite (tokenizer files, a README, ...)
+    are carried over, hard-linked where the file system allows; its config.json and safetensors
+    weights are not, so a stale index or shard can never shadow the new weights. When `write`
+    fails, `folder` is left untouched and the partial folder is removed."""
+    folder = Path(folder).absolute()
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointFormatError(f"{str(folder)!r} exists and is not a folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if not SAVED_FILES.fullmatch(entry.name) and not (tmp / entry.name).exists():
+                    _link_or_copy(entry, tmp / entry.name)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    def one(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=one)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    else:
+        one(str(src), str(dst))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def parse_size(size: int | str) -> int:

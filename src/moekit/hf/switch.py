@@ -1,18 +1,19 @@
 """Switch Transformers (encoder-decoder, top-1 routing, expert capacity) in and out of Hugging Face format.
 
-    model = load_switch("google-switch-folder")       # -> MoEEncoderDecoder in eval mode
+    model = moekit.from_pretrained("google-switch-folder")   # -> MoEEncoderDecoder in eval mode (load_switch)
     out = model(input_ids, decoder_input_ids, attention_mask)   # out.logits equal transformers'
     ids = switch_token_ids(model.config.extra["hf_config"])     # decoder_start_id, eos_id, pad_id
     tokens = model.generate(input_ids, 20, attention_mask, **ids)   # greedy, equal to transformers'
-    save_switch(model, "out-folder")                  # AutoModelForSeq2SeqLM.from_pretrained loads it
+    model.save_pretrained("out-folder")   # (save_switch) AutoModelForSeq2SeqLM.from_pretrained loads it
 
 The source config.json stays in `model.config.extra["hf_config"]`; `save_switch` takes the special
 token ids from it unless given.
 
 A folder holds config.json and model.safetensors, or shards listed by model.safetensors.index.json.
-Tensors are streamed one at a time from safetensors (`safe_open`) into a model allocated once
-(no random init), so loading never holds two full copies of the weights (measured: a 290 MB
-checkpoint loads at a peak of model + 44 MB; see `_tensors` for the memory-map residency trap).
+Reading and writing go through the decoder families' machinery: a tensor plan (plan.py) checked
+against the folder before any weight is read, `io.SafetensorsReader` streaming one tensor at a
+time into a model allocated once (no random init, never two copies of the weights), and
+`io.write_folder` saving atomically.
 
 How transformers 5.23 (`modeling_switch_transformers.py`) maps onto moekit options:
   * T5 relative position bias, owned by block 0 of each stack and shared by its layers:
@@ -58,24 +59,24 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from moekit.hf.io import (
+    CONFIG_NAME,
+    CheckpointFormatError,
+    SafetensorsReader,
+    read_config,
+    write_folder,
+    write_sharded,
+)
+from moekit.hf.plan import HFTensor, Piece, assemble, check_plan, check_source, load_plan, nbytes, whole
 from moekit.model import ModelConfig, MoEEncoderDecoder
 from moekit.moe import MoEConfig
 from moekit.moe import losses as L
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-REOPEN_BYTES = 64 * 2**20  # see _tensors
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 
 # SwitchTransformersConfig defaults (transformers 5.23): save_pretrained may leave defaults out.
 HF_DEFAULTS: dict[str, Any] = {
@@ -326,199 +327,120 @@ def switch_config_to_hf(
 
 
 # ---------------------------------------------------------------------- weight names
+# transformers 5.x unties these from shared.weight when tie_word_embeddings is false; moekit has one
+EMBEDDING_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
-@dataclass(frozen=True)
-class Slot:
-    """Where one checkpoint tensor lives in the moekit model: a parameter, or expert `expert` of a
-    stacked `[E, ...]` parameter, stored transposed when `transpose` (nn.Linear [out, in] vs [in, out])."""
-
-    param: str
-    expert: int | None = None
-    transpose: bool = False
+def switch_moekit_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the MoEEncoderDecoder state dict (the tied LM head left out), from a meta-device model."""
+    with torch.device("meta"):
+        state = MoEEncoderDecoder(cfg).state_dict()
+    return {k: tuple(v.shape) for k, v in state.items() if not (cfg.tie_embeddings and k == "output.weight")}
 
 
-def switch_weight_map(cfg: ModelConfig) -> dict[str, Slot]:
-    """Checkpoint key -> Slot for every tensor of a Switch model with config cfg (per-expert layout)."""
-    keys: dict[str, Slot] = {"shared.weight": Slot("tok_embeddings.weight")}
+def switch_tensor_plan(cfg: ModelConfig) -> list[HFTensor]:
+    """Every checkpoint tensor of a Switch model with config cfg (per-expert layout) and where it
+    lives in moekit (plan.py): expert j's wi.weight [F, D] is w_in_EDF[j] [D, F] transposed,
+    wo.weight [D, F] is w_out_EFD[j] [F, D] transposed; everything else is a moekit tensor as it is."""
+    shapes = switch_moekit_shapes(cfg)
+    plan = []
+
+    def add(key: str, param: str, expert: int | None = None) -> None:
+        if expert is None:
+            plan.append(whole(key, shapes[param], param))
+        else:
+            d, f = shapes[param][1:]
+            plan.append(HFTensor(key, (f, d), (Piece(param, (expert,), transpose=True),)))
+
+    add("shared.weight", "tok_embeddings.weight")
     if not cfg.tie_embeddings:
-        keys["lm_head.weight"] = Slot("output.weight")
+        add("lm_head.weight", "output.weight")
     for stack, num_layers in (("encoder", cfg.encoder_layers), ("decoder", cfg.n_layers)):
         hf_stack = f"{stack}.block"
-        keys[f"{hf_stack}.0.layer.0.SelfAttention.relative_attention_bias.weight"] = Slot(
-            f"{stack}_pos_bias.embedding.weight"
+        add(
+            f"{hf_stack}.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            f"{stack}_pos_bias.embedding.weight",
         )
-        keys[f"{stack}.final_layer_norm.weight"] = Slot(f"{stack}_norm.weight")
+        add(f"{stack}.final_layer_norm.weight", f"{stack}_norm.weight")
         for i in range(num_layers):
             hf_block, block = f"{hf_stack}.{i}.layer", f"{stack}.{i}"
             attentions = [("0.SelfAttention", "attn"), ("1.EncDecAttention", "cross_attn")]
             for hf_attn, attn in attentions[: 2 if stack == "decoder" else 1]:
                 for proj in "qkvo":
-                    keys[f"{hf_block}.{hf_attn}.{proj}.weight"] = Slot(f"{block}.{attn}.w{proj}.weight")
-            keys[f"{hf_block}.0.layer_norm.weight"] = Slot(f"{block}.attn_norm.weight")
+                    add(f"{hf_block}.{hf_attn}.{proj}.weight", f"{block}.{attn}.w{proj}.weight")
+            add(f"{hf_block}.0.layer_norm.weight", f"{block}.attn_norm.weight")
             if stack == "decoder":
-                keys[f"{hf_block}.1.layer_norm.weight"] = Slot(f"{block}.cross_norm.weight")
+                add(f"{hf_block}.1.layer_norm.weight", f"{block}.cross_norm.weight")
             ff = 2 if stack == "decoder" else 1
-            keys[f"{hf_block}.{ff}.layer_norm.weight"] = Slot(f"{block}.ffn_norm.weight")
+            add(f"{hf_block}.{ff}.layer_norm.weight", f"{block}.ffn_norm.weight")
             mlp = f"{hf_block}.{ff}.mlp"
             if not cfg.is_moe_layer(i, encoder=stack == "encoder"):
-                keys[f"{mlp}.wi.weight"] = Slot(f"{block}.ffn.w1.weight")
-                keys[f"{mlp}.wo.weight"] = Slot(f"{block}.ffn.w2.weight")
+                add(f"{mlp}.wi.weight", f"{block}.ffn.w1.weight")
+                add(f"{mlp}.wo.weight", f"{block}.ffn.w2.weight")
                 continue
-            keys[f"{mlp}.router.classifier.weight"] = Slot(f"{block}.ffn.router.gate.weight")
+            add(f"{mlp}.router.classifier.weight", f"{block}.ffn.router.gate.weight")
             if cfg.moe.router_bias:
-                keys[f"{mlp}.router.classifier.bias"] = Slot(f"{block}.ffn.router.gate.bias")
+                add(f"{mlp}.router.classifier.bias", f"{block}.ffn.router.gate.bias")
             for j in range(cfg.moe.num_experts):
-                # transformers wi.weight [F, D], wo.weight [D, F]; moekit w_in_EDF [E, D, F], w_out_EFD [E, F, D]
-                keys[f"{mlp}.experts.expert_{j}.wi.weight"] = Slot(f"{block}.ffn.experts.w_in_EDF", j, True)
-                keys[f"{mlp}.experts.expert_{j}.wo.weight"] = Slot(f"{block}.ffn.experts.w_out_EFD", j, True)
-    return keys
-
-
-def _target(params: dict[str, torch.Tensor], slot: Slot) -> torch.Tensor:
-    """The view of the moekit tensor that a checkpoint tensor fills (same layout as on disk)."""
-    t = params[slot.param]
-    if slot.expert is not None:
-        t = t[slot.expert]
-    return t.t() if slot.transpose else t
+                add(f"{mlp}.experts.expert_{j}.wi.weight", f"{block}.ffn.experts.w_in_EDF", j)
+                add(f"{mlp}.experts.expert_{j}.wo.weight", f"{block}.ffn.experts.w_out_EFD", j)
+    return plan  # fmt: skip
 
 
 # ---------------------------------------------------------------------- reading
-
-
-def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a Switch Transformers folder needs {CONFIG_NAME}")
-    with open(path) as f:
-        return json.load(f)
-
-
-def _key_files(folder: Path) -> tuple[dict[str, str], str]:
-    """checkpoint key -> file name, and what lists the keys (the index or the single file)."""
-    index = folder / INDEX_NAME
-    if index.is_file():
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no 'weight_map' object")
-        return dict(weight_map), INDEX_NAME
-    single = folder / WEIGHTS_NAME
-    if not single.is_file():
-        raise FileNotFoundError(f"{folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
-    with safe_open(single, framework="pt") as f:
-        return dict.fromkeys(f.keys(), WEIGHTS_NAME), WEIGHTS_NAME
-
-
-def _tensors(folder: Path, wanted: dict[str, str]) -> Iterator[tuple[str, str, Any]]:
-    """(key, file, safetensors handle) for every wanted key, one file open at a time.
-
-    `safe_open` memory-maps the file and every page read stays resident until the handle closes,
-    so a single-file checkpoint would peak at model + file. The handle is reopened after every
-    REOPEN_BYTES read, which bounds that to about REOPEN_BYTES plus the largest tensor.
-    """
-    by_file: dict[str, list[str]] = {}
-    for key, name in wanted.items():
-        by_file.setdefault(name, []).append(key)
-    for name, keys in by_file.items():
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found (listed in {INDEX_NAME} for {keys[0]!r})")
-        start = 0
-        while start < len(keys):
-            with safe_open(path, framework="pt") as f:
-                present, read = set(f.keys()), 0
-                while start < len(keys) and read < REOPEN_BYTES:
-                    key = keys[start]
-                    if key not in present:
-                        raise ValueError(
-                            f"tensor {key!r} is missing from {name} (listed there by {INDEX_NAME})"
-                        )
-                    view = f.get_slice(key)
-                    read += math.prod(view.get_shape()) * DTYPE_BYTES.get(view.get_dtype(), 4)
-                    yield key, name, f
-                    start += 1
 
 
 @torch.no_grad()
 def load_switch(
     path: str | os.PathLike[str],
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     max_seq_len: int = 512,
 ) -> MoEEncoderDecoder:
     """A transformers `switch_transformers` folder -> MoEEncoderDecoder (eval mode) with its weights.
 
-    Raises FileNotFoundError/ValueError naming the file, the tensor key and the expected shape when
-    the folder does not hold a complete Switch checkpoint of its config.
+    dtype None keeps the checkpoint's. Tensors stream one at a time from the safetensors files
+    (io.SafetensorsReader) into a model allocated once, without random init. Raises
+    CheckpointFormatError naming the file, the tensor key and both shapes when the folder does not
+    hold a complete Switch checkpoint of its config; every key and shape is checked before any
+    weight is read.
     """
     folder = Path(path)
-    hf = _read_config(folder)
-    cfg = switch_config_from_hf(hf, max_seq_len=max_seq_len)
-    with torch.device("meta"):  # no random init: every tensor is overwritten from the checkpoint
+    cfg = switch_config_from_hf(read_config(folder), max_seq_len=max_seq_len)
+    reader = SafetensorsReader(folder)
+    plan = switch_tensor_plan(cfg)
+    sparse = (
+        f" (config.json's encoder sparse layers {cfg.moe_layer_ids(cfg.encoder_layers, encoder=True)}, "
+        f"decoder sparse layers {cfg.moe_layer_ids()})"
+    )
+    ignored = EMBEDDING_ALIASES + (("lm_head.weight",) if cfg.tie_embeddings else ())
+    context = f"switch_transformers checkpoint {str(reader.listing)!r}"
+    check_source(plan, reader, lambda k: k in ignored, context, sparse)
+    shapes = switch_moekit_shapes(cfg)
+    check_plan(plan, shapes)
+    aliases = [k for k in EMBEDDING_ALIASES if k in reader and not cfg.tie_embeddings]
+    for key in aliases:
+        if reader.shape(key) != shapes["tok_embeddings.weight"]:
+            raise CheckpointFormatError(
+                f"{context}: tensor {reader.describe(key)} has shape {reader.shape(key)} but config.json "
+                f"implies {shapes['tok_embeddings.weight']}"
+            )
+    with torch.device("meta"):
         model = MoEEncoderDecoder(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    if cfg.tie_embeddings:  # moving off the meta device makes new parameters: tie again
+    model = model.to(dtype or reader.dtype("shared.weight")).to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty gives every module its own new parameter: tie again
         model.output.weight = model.tok_embeddings.weight
-    params = dict(model.named_parameters())
-    weight_map = switch_weight_map(cfg)
-    key_files, listing = _key_files(folder)
-    _check_keys(cfg, weight_map, key_files, listing)
-
-    loaded: set[str] = set()
-    for key, name, f in _tensors(folder, {k: key_files[k] for k in weight_map}):
-        slot = weight_map[key]
-        target = _target(params, slot)
-        _check_shape(f, key, name, list(target.shape), slot.param)
-        target.copy_(f.get_tensor(key))
-        loaded.add(slot.param)
-    if not cfg.tie_embeddings:
-        # transformers 5.x unties encoder/decoder.embed_tokens from shared.weight too; moekit has one
-        # token embedding, so every copy in the checkpoint must equal it.
-        aliases = [
-            k for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight") if k in key_files
-        ]
-        embedding = model.tok_embeddings.weight
-        for key, name, f in _tensors(folder, {k: key_files[k] for k in aliases}):
-            _check_shape(f, key, name, list(embedding.shape), "tok_embeddings.weight")
-            if not torch.equal(f.get_tensor(key).to(embedding.dtype), embedding):
-                raise ValueError(
-                    f"tensor {key!r} in {name} differs from shared.weight: moekit's encoder-decoder shares "
-                    "one token embedding between encoder and decoder, so it cannot hold this checkpoint"
-                )
-    unfilled = sorted(set(params) - loaded)
-    if unfilled:  # a moekit parameter with no checkpoint key would be left uninitialized
-        raise ValueError(f"no checkpoint tensor filled moekit parameters {unfilled[:5]}")
+    load_plan(plan, reader, dict(model.state_dict()))
+    embedding = model.tok_embeddings.weight
+    for key in aliases:  # moekit shares one token embedding: every copy must equal shared.weight
+        if not torch.equal(reader.read(key).to(device=embedding.device, dtype=embedding.dtype), embedding):
+            raise CheckpointFormatError(
+                f"{context}: tensor {reader.describe(key)} differs from shared.weight: moekit's "
+                "encoder-decoder shares one token embedding between encoder and decoder, so it cannot "
+                "hold this checkpoint"
+            )
     return model.eval()
-
-
-def _check_shape(f: Any, key: str, name: str, expected: list[int], param: str) -> None:
-    shape = list(f.get_slice(key).get_shape())
-    if shape != expected:
-        raise ValueError(
-            f"tensor {key!r} in {name} has shape {shape}: expected {expected} from config.json (moekit {param})"
-        )
-
-
-def _check_keys(
-    cfg: ModelConfig, weight_map: dict[str, Slot], key_files: dict[str, str], listing: str
-) -> None:
-    """Every expected key present; router keys exactly where config.json's sparse rule puts them."""
-    missing = [k for k in weight_map if k not in key_files]
-    if missing:
-        raise ValueError(
-            f"tensor {missing[0]!r} is missing from {listing} ({len(missing)} missing in all); "
-            f"config.json expects it (encoder sparse layers {cfg.moe_layer_ids(cfg.encoder_layers, encoder=True)}, "
-            f"decoder sparse layers {cfg.moe_layer_ids()})"
-        )
-    ignorable = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
-    unexpected = sorted(k for k in key_files if k not in weight_map and k not in ignorable)
-    if unexpected:
-        raise ValueError(
-            f"{listing} has tensors that config.json does not explain, e.g. {unexpected[:3]} "
-            f"({len(unexpected)} in all): is the config from another checkpoint?"
-        )
 
 
 # ---------------------------------------------------------------------- writing
@@ -533,13 +455,15 @@ def save_switch(
     eos_id: int | None = None,
     decoder_start_id: int | None = None,
     max_shard_bytes: int | None = 5 * 10**9,
-) -> None:
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write a moekit Switch model as a transformers folder (config.json + safetensors, per-expert keys).
 
     Past max_shard_bytes (default 5 GB; None = one file), the tensors are split into
     model-0000i-of-0000n.safetensors shards plus model.safetensors.index.json; only one shard's
-    tensors are materialized (experts are transposed copies) at a time.
-    Token ids left None come from `model.config.extra["hf_config"]` (else transformers' defaults).
+    tensors are built at a time. dtype: of the written tensors (default the model's). The folder
+    is replaced atomically (io.write_folder). Token ids left None come from
+    `model.config.extra["hf_config"]` (else transformers' defaults).
     """
     cfg = model.config
     ids = switch_token_ids(cfg.extra.get("hf_config") or {})
@@ -549,61 +473,25 @@ def save_switch(
         eos_id=ids["eos_id"] if eos_id is None else eos_id,
         decoder_start_id=ids["decoder_start_id"] if decoder_start_id is None else decoder_start_id,
     )
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    weight_map = switch_weight_map(cfg)
-    if not cfg.tie_embeddings:  # transformers 5.x unties these from shared.weight as well
-        for key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-            weight_map[key] = Slot("tok_embeddings.weight")
-    hf["dtype"] = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
-
-    shards = _shard_keys(weight_map, params, max_shard_bytes)
-    names = (
-        [WEIGHTS_NAME]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    params = dict(model.state_dict())
+    plan = switch_tensor_plan(cfg)
+    check_plan(
+        plan,
+        {k: tuple(v.shape) for k, v in params.items() if not (cfg.tie_embeddings and k == "output.weight")},
     )
-    index: dict[str, str] = {}
-    for name, keys in zip(names, shards):
-        tensors, seen = {}, set()
-        for k in keys:
-            t = _target(params, weight_map[k]).detach().contiguous()
-            tensors[k] = t.clone() if t.data_ptr() in seen else t  # safetensors refuses shared memory
-            seen.add(t.data_ptr())
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        index.update(dict.fromkeys(keys, name))
-        del tensors
-    if len(shards) > 1:
-        total = sum(
-            _target(params, s).numel() * _target(params, s).element_size() for s in weight_map.values()
+    if not cfg.tie_embeddings:  # transformers 5.x unties these from shared.weight as well
+        plan += [whole(key, plan[0].shape, "tok_embeddings.weight") for key in EMBEDDING_ALIASES]
+    dtype = dtype or model.tok_embeddings.weight.dtype
+    hf["dtype"] = str(dtype).removeprefix("torch.")
+    items = [(t.key, nbytes(t, dtype), lambda t=t: assemble(t, params, dtype)) for t in plan]
+
+    def write(tmp: Path) -> None:
+        write_sharded(
+            tmp, items, max_shard_bytes if max_shard_bytes is not None else sum(i[1] for i in items)
         )
-        with open(folder / INDEX_NAME, "w") as f:
-            json.dump(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(index.items()))}, f, indent=2
-            )
-    elif (folder / INDEX_NAME).exists():  # a stale index would shadow the single file
-        (folder / INDEX_NAME).unlink()
-    with open(folder / CONFIG_NAME, "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-
-def _shard_keys(
-    weight_map: dict[str, Slot], params: dict[str, torch.Tensor], max_shard_bytes: int | None
-) -> list[list[str]]:
-    if max_shard_bytes is None:
-        return [list(weight_map)]
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, slot in weight_map.items():
-        t = _target(params, slot)
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    return shards
+    return write_folder(path, write)
 
 
 # ---------------------------------------------------------------------- losses

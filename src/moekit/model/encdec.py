@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -258,3 +260,10 @@ class MoEEncoderDecoder(nn.Module):
         """Call after the optimizer step with the output's encoder/decoder router stats."""
         update_router_biases(self.encoder_moe_layers, encoder_stats)
         update_router_biases(self.decoder_moe_layers, decoder_stats)
+
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
+        """Write a Hugging Face Switch Transformers folder (config.json + safetensors) that
+        transformers' `AutoModelForSeq2SeqLM` loads; keyword arguments as `moekit.hf.save_pretrained`."""
+        from moekit.hf import save_pretrained  # the interop package builds on this module
+
+        return save_pretrained(self, path, **kwargs)
