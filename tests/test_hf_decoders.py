@@ -324,6 +324,70 @@ def test_cli_convert_round_trip(case, tmp_path):
         assert max_diff(back(case.ids).logits, case.ref) <= 1e-6
 
 
+# ---------------------------------------------------------------------- sparse-layer rules
+def _hf_sparse_layers(family: str, **fields) -> list[int]:
+    """The layers transformers itself builds with an MoE block (a meta-device model)."""
+    config = transformers.AutoConfig.for_model(family, **{**BASE, **FAMILIES[family], **fields})
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+
+
+@pytest.mark.parametrize(
+    "family, fields",
+    [
+        *[
+            (family, dict(num_hidden_layers=8, decoder_sparse_step=step, mlp_only_layers=dense))
+            for family in ("qwen2_moe", "qwen3_moe")
+            for step, dense in (
+                (1, []),
+                (2, []),
+                (3, [2]),
+                (2, [1, 5]),
+                (1, [0, 7]),
+                (4, [3]),
+                (2, [0, 2, 4]),
+            )
+        ],
+        *[("deepseek_v3", dict(num_hidden_layers=5, first_k_dense_replace=k)) for k in (0, 1, 4)],
+    ],
+)
+def test_sparse_layer_rules_match_transformers(family, fields):
+    """decoder_sparse_step with mlp_only_layers (Qwen2/3-MoE) and first_k_dense_replace (DeepSeek-V3):
+    moekit's MoE layers are the ones transformers builds, before and after a save's config."""
+    from moekit.hf import config_from_hf, config_to_hf
+
+    expected = _hf_sparse_layers(family, **fields)
+    config = transformers.AutoConfig.for_model(family, **{**BASE, **FAMILIES[family], **fields})
+    cfg = config_from_hf(config.to_dict())
+    assert cfg.moe_layer_ids() == expected
+    written = config_to_hf(cfg)
+    keys = ("decoder_sparse_step", "mlp_only_layers", "first_k_dense_replace")
+    assert (
+        _hf_sparse_layers(family, **{**fields, **{k: written[k] for k in keys if k in written}}) == expected
+    )
+
+
+@pytest.mark.parametrize(
+    "family, fields",
+    [
+        ("qwen2_moe", dict(mlp_only_layers=[0, 1, 2])),
+        ("qwen3_moe", dict(decoder_sparse_step=4)),
+        ("deepseek_v3", dict(first_k_dense_replace=3)),
+    ],
+)
+def test_config_without_a_sparse_layer_is_refused(family, fields):
+    from moekit.hf import config_from_hf
+
+    config = transformers.AutoConfig.for_model(family, **{**BASE, **FAMILIES[family], **fields})
+    assert _hf_sparse_layers(family, **fields) == []  # transformers builds a dense model
+    with pytest.raises(
+        CheckpointFormatError, match=f"{family} config.json makes no layer sparse.*MoE models only"
+    ):
+        config_from_hf(config.to_dict())
+
+
 # ---------------------------------------------------------------------- config variants
 def _rewrite_config(src: Path, dst: Path, edit) -> Path:
     shutil.copytree(src, dst)

@@ -90,6 +90,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise CheckpointFormatError(
             "deepseek_v3 without shared experts (n_shared_experts=0) is not supported"
         )
+    if hf["first_k_dense_replace"] >= hf["num_hidden_layers"]:
+        raise CheckpointFormatError(
+            f"deepseek_v3 config.json makes no layer sparse (first_k_dense_replace={hf['first_k_dense_replace']}, "
+            f"num_hidden_layers={hf['num_hidden_layers']}): moekit imports MoE models only"
+        )
     fields = C.llama_fields({**hf, "head_dim": None}, DEFAULT_THETA)
     mla = MLAConfig(
         kv_lora_rank=hf["kv_lora_rank"],

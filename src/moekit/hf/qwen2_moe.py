@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from moekit.hf import common as C
+from moekit.hf.io import CheckpointFormatError
 from moekit.hf.plan import HFTensor, whole
 from moekit.model import ModelConfig
 
@@ -84,6 +85,12 @@ def windows_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 def sparse_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """moe_every / sparse_layers of the `mlp_only_layers` + `decoder_sparse_step` rule."""
     step, dense = hf["decoder_sparse_step"], set(hf.get("mlp_only_layers") or [])
+    n = hf["num_hidden_layers"]
+    if not any(i not in dense and (i + 1) % step == 0 for i in range(n)):
+        raise CheckpointFormatError(
+            f"{hf['model_type']} config.json makes no layer sparse (num_hidden_layers={n}, "
+            f"decoder_sparse_step={step}, mlp_only_layers={sorted(dense)}): moekit imports MoE models only"
+        )
     if not dense:
         return {"moe_every": step}
     return {
