@@ -109,7 +109,7 @@ FAMILIES = {  # each exercises its family's options: windows, dense layers, bias
 class Case:
     """One family's transformers model, its two saved folders, inputs and reference outputs."""
 
-    def __init__(self, family: str, root: Path) -> None:
+    def __init__(self, family: str, root: Path, expert_scale: float = 1.0) -> None:
         self.family = family
         torch.manual_seed(0)
         config = transformers.AutoConfig.for_model(family, **{**BASE, **FAMILIES[family]})
@@ -127,6 +127,8 @@ class Case:
                     t.copy_(1 + 0.2 * torch.randn_like(t))
                 elif name.endswith("bias") or name.endswith("sinks"):
                     t.copy_(0.3 * torch.randn_like(t))
+                elif name.endswith("experts.gate_up_proj"):
+                    t.mul_(expert_scale)
         self.config = config
         self.per_expert, self.fused = root / "per_expert", root / "fused"
         self.hf.save_pretrained(self.per_expert)
@@ -164,6 +166,32 @@ def test_logits_match_transformers(case, layout):
     assert max_diff(padded, case.ref_padded, case.mask) <= TOL
 
 
+def test_gpt_oss_clamped_activation_matches_transformers(tmp_path):
+    """GPT-OSS experts with large enough weights that the clamps bind (gate above 7, up outside
+    [-7, 7]): logits with and without padding and greedy tokens still equal transformers'."""
+    case = Case("gpt_oss", tmp_path, expert_scale=8.0)
+    seen = []
+    hooks = [
+        m.register_forward_hook(lambda m, args, out: seen.append((args[0], m)))
+        for n, m in case.hf.named_modules()
+        if n.endswith("mlp.experts")
+    ]
+    with torch.no_grad():
+        case.hf(case.ids)
+    for h in hooks:
+        h.remove()
+    for x, experts in seen:  # every expert's pre-activation on every token of the batch
+        gate_up = torch.einsum("td,edf->tef", x.reshape(-1, x.shape[-1]), experts.gate_up_proj)
+        gate_up = gate_up + experts.gate_up_proj_bias
+        assert (gate_up[..., 0::2] > 7).float().mean() > 0.01
+        assert (gate_up[..., 1::2].abs() > 7).float().mean() > 0.01
+    model = from_pretrained(case.per_expert)
+    with torch.no_grad():
+        assert max_diff(model(case.ids).logits, case.ref) <= TOL
+        assert max_diff(model(case.ids, attention_mask=case.mask).logits, case.ref_padded, case.mask) <= TOL
+    test_greedy_generation_matches_transformers(case)
+
+
 def test_greedy_generation_matches_transformers(case):
     model = from_pretrained(case.per_expert)
     prompt = case.ids[:, :6].clone()
@@ -198,6 +226,29 @@ def test_load_balancing_loss_matches_transformers(case):
         assert abs(float(hf_out.aux_loss) - float(got)) <= 1e-5
         coef = case.config.router_aux_loss_coef
         assert abs(float(out.aux_loss) - coef * float(got)) <= 1e-6
+
+
+def test_default_balance_loss_is_per_layer(case):
+    """aux_loss="moekit" (the default): each layer's Switch balance loss on its own, summed over
+    layers, times router_aux_loss_coef; a layer's loss is transformers' load_balancing_loss_func of
+    that layer's router logits alone divided by k (1 at balance, not k). DeepSeek-V3: none."""
+    model = from_pretrained(case.per_expert)
+    out = model(case.ids, attention_mask=case.mask)
+    hf_out = case.hf(case.ids, attention_mask=case.mask, output_router_logits=True)
+    mixtral = importlib.import_module("transformers.models.mixtral.modeling_mixtral")
+    k, num_experts = case.config.num_experts_per_tok, hf_out.router_logits[0].shape[-1]
+    assert len(hf_out.router_logits) == len(model.moe_layers)
+    per_layer = [
+        float(mixtral.load_balancing_loss_func((logits,), num_experts, k, case.mask)) / k
+        for logits in hf_out.router_logits
+    ]
+    assert all(0.9 < x < num_experts for x in per_layer)  # 1 at balance, E at collapse
+    coef = model.config.moe.load_balance_coef
+    if case.family == "deepseek_v3":
+        assert coef == 0.0 and float(out.aux_loss) == 0.0
+        return
+    assert coef == case.config.router_aux_loss_coef > 0
+    assert float(out.aux_loss) == pytest.approx(coef * sum(per_layer), rel=1e-5)
 
 
 def test_transformers_mode_training_loss_matches(case):
