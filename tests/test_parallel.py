@@ -17,6 +17,7 @@ on every rank with the values named. World 2 with EP 2 and 1, world 4 with EP 4 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
@@ -123,7 +124,7 @@ def _cfg(**kw) -> MoEConfig:
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max()) if a.numel() else 0.0
+    return float((a.detach() - b.detach()).abs().max()) if a.numel() else 0.0
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -172,11 +173,12 @@ def _parity_case(
     with_losses = not per_rank
 
     x = x_all[rank].clone().requires_grad_()
-    out = model(x, None if mask_all is None else mask_all[rank])
-    objective = (out.output * g_all[rank]).sum()
-    if with_losses:
-        objective = objective + out.aux_loss + out.z_loss
-    objective.backward()
+    with _WireBytes(layout.ep_group) if ep > 1 else contextlib.nullcontext() as wire:
+        out = model(x, None if mask_all is None else mask_all[rank])
+        objective = (out.output * g_all[rank]).sum()
+        if with_losses:
+            objective = objective + out.aux_loss + out.z_loss
+        objective.backward()
     sync_gradients(model, layout)
 
     # Reference: EP group j is one process on ranks j*ep .. j*ep+ep-1 concatenated (rank-major).
@@ -231,6 +233,8 @@ def _parity_case(
         errs["bytes/dispatch"] = abs(traffic.dispatch_bytes - int(kept_E[~local_E].sum()) * row)
         errs["bytes/combine"] = abs(traffic.combine_bytes - int((group_kept_E - kept_E)[local_E].sum()) * row)
         errs["bytes/backward"] = abs(traffic.backward_bytes - traffic.dispatch_bytes - traffic.combine_bytes)
+        errs["bytes/wire_tokens"] = abs(wire.rows - traffic.token_bytes)  # the counters are what was sent
+        errs["bytes/wire_metadata"] = abs(wire.metadata - traffic.metadata_bytes)
     return {"errs": errs, "finite": finite, "dropped": float(stats.dropped_fraction)}
 
 
@@ -248,10 +252,66 @@ def _balanced_traffic_case(layout: ParallelLayout, capacity_factor: float | None
     x[t, t % E] = 10.0
     x[t, (t + 1) % E] = 5.0
     x.requires_grad_()
-    model(x).output.sum().backward()
+    with _WireBytes(layout.ep_group) as wire:
+        model(x).output.sum().backward()
     measured = model.dispatcher.traffic
     expected = expected_traffic(B * S, D, cfg.top_k, layout.ep, E, 4, capacity_factor)
-    return {"measured": vars(measured).copy(), "expected": vars(expected).copy()}
+    return {
+        "measured": vars(measured).copy(),
+        "expected": vars(expected).copy(),
+        "wire": {"token_bytes": wire.rows, "metadata_bytes": wire.metadata},
+        "wire_expected": {"token_bytes": expected.token_bytes, "metadata_bytes": expected.metadata_bytes},
+    }
+
+
+class _WireBytes:
+    """Counts the bytes this rank hands to `group`'s collectives for the other ranks, independently
+    of the dispatcher's own `traffic`: torch.distributed's all_to_all_single, all_gather and
+    all_reduce are wrapped. all-to-all: the chunks for other ranks (input_split_sizes rows, or equal
+    chunks); all-gather and all-reduce: the input once per other rank. Floating-point all-to-alls
+    with split sizes are token rows, everything else metadata. Other groups (the world-wide loss
+    all-reduce of GlobalLosses) are not counted, as in the model."""
+
+    def __init__(self, group):
+        self.group, self.rows, self.metadata = group, 0, 0
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+
+    def __enter__(self):
+        self._saved = {
+            name: getattr(dist, name) for name in ("all_to_all_single", "all_gather", "all_reduce")
+        }
+        saved = self._saved
+
+        def all_to_all_single(
+            output, input, output_split_sizes=None, input_split_sizes=None, group=None, **kw
+        ):
+            if group is self.group:
+                nbytes = input.numel() * input.element_size()
+                if input_split_sizes is None:
+                    self.metadata += nbytes * (self.size - 1) // self.size
+                else:
+                    row = nbytes // max(sum(input_split_sizes), 1)
+                    self.rows += row * (sum(input_split_sizes) - input_split_sizes[self.rank])
+            return saved["all_to_all_single"](
+                output, input, output_split_sizes, input_split_sizes, group, **kw
+            )
+
+        def all_gather(tensor_list, tensor, group=None, **kw):
+            if group is self.group:
+                self.metadata += tensor.numel() * tensor.element_size() * (self.size - 1)
+            return saved["all_gather"](tensor_list, tensor, group=group, **kw)
+
+        def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, **kw):
+            if group is self.group:
+                self.metadata += tensor.numel() * tensor.element_size() * (self.size - 1)
+            return saved["all_reduce"](tensor, op=op, group=group, **kw)
+
+        dist.all_to_all_single, dist.all_gather, dist.all_reduce = all_to_all_single, all_gather, all_reduce
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
 
 
 def _reshard_to_one(layout: ParallelLayout, ckpt_dir: str) -> dict:
@@ -458,6 +518,9 @@ def _assert_parity(results: list[dict], cases: list[str]) -> None:
             if "measured" in r:
                 assert r["measured"] == r["expected"], (
                     f"rank {rank} {case}: bytes {r['measured']} != {r['expected']}"
+                )
+                assert r["wire"] == r["wire_expected"], (
+                    f"rank {rank} {case}: bytes handed to the collectives {r['wire']} != {r['wire_expected']}"
                 )
 
 

@@ -197,7 +197,8 @@ class AllToAllDispatcher:
         padded = meta_A2.new_zeros(max(sizes), 2)
         padded[: meta_A2.shape[0]] = meta_A2
         gathered = self._all_gather(padded)
-        self.traffic.metadata_bytes += (COUNT_BYTES + META_BYTES * meta_A2.shape[0]) * (self.ep - 1)
+        # what this rank hands over: its size, and its metadata padded to the largest rank's
+        self.traffic.metadata_bytes += (COUNT_BYTES + META_BYTES * padded.shape[0]) * (self.ep - 1)
         meta_G2 = torch.cat([g[:s] for g, s in zip(gathered, sizes)])
         bucket_G = meta_G2[:, 0].long()
         valid_G = bucket_G < num_experts
