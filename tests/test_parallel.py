@@ -611,8 +611,9 @@ def test_bad_layouts_fail_on_every_rank():
         )
         assert "num_experts=3" in msgs["experts_not_divisible"], rank
         assert "ep=2" in msgs["experts_not_divisible"], rank
-        assert "rank 1" in msgs["config_mismatch"], rank
-        assert "rank 1" in msgs["ep_mismatch"], rank
+        # the differing settings are named with every rank's value
+        assert "config.hidden_dim: rank 0 has 24, rank 1 has 25" in msgs["config_mismatch"], rank
+        assert "ep: rank 0 has '1', rank 1 has '2'" in msgs["ep_mismatch"], rank
 
 
 # ---------------------------------------------------------------------- single-process pieces

@@ -12,8 +12,9 @@ expert parameters are replicated over the Q ranks of an expert-data-parallel (ED
 
 `init_parallel(ep, config)` builds both kinds of group with `torch.distributed.new_group` (every
 rank creates every group, as torch requires) and validates the layout. Checks run so that every
-rank raises the same error: first an all_gather of a hash of (ep, config) so a rank started with
-different settings is named, then the divisibility rules, which are now identical on all ranks.
+rank raises the same error: first an all_gather of a hash of (ep, config), so that a rank started
+with different settings makes all raise, naming the settings that differ and every rank's value;
+then the divisibility rules, which are now identical on all ranks.
 Raising on one rank while the others enter a collective would hang the job instead.
 
 `ParallelLayout.single()` describes one process without torch.distributed: every helper of this
@@ -118,22 +119,54 @@ def config_digest(config: Any) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
-def check_consistent(config: Any, group: Any = None, what: str = "config") -> None:
-    """All ranks of `group` must pass equal configs; else every rank raises naming the first odd rank.
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": value} for the leaves of nested dicts (lists are leaves)."""
+    if not isinstance(obj, dict):
+        return {prefix or "<value>": obj}
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
-    One all_gather of an int64 digest; every rank sees all digests, so all raise together.
+
+def _differences(texts: list[str], limit: int = 5) -> str:
+    """'key: rank 0 has X, rank r has Y' for the first `limit` settings that differ across ranks."""
+    flat = [_flatten(json.loads(t)) for t in texts]
+    keys = sorted(set().union(*flat))
+    missing = object()
+    lines = []
+    for key in keys:
+        values = [f.get(key, missing) for f in flat]
+        if any(v != values[0] for v in values):
+            shown = ", ".join(
+                f"rank {r} has {'nothing' if v is missing else repr(v)}" for r, v in enumerate(values)
+            )
+            lines.append(f"{key}: {shown}")
+    more = f" (and {len(lines) - limit} more)" if len(lines) > limit else ""
+    return "; ".join(lines[:limit]) + more
+
+
+def check_consistent(config: Any, group: Any = None, what: str = "config") -> None:
+    """All ranks of `group` must pass equal configs; else every rank raises naming the settings that
+    differ and each rank's value.
+
+    One all_gather of an int64 digest; every rank sees all digests, so all raise together. Only
+    when they differ, the configs themselves are all-gathered (as JSON) to name the differences.
     """
+    text = json.dumps(config, sort_keys=True, default=_jsonable)
     digest = torch.tensor([config_digest(config)], dtype=torch.int64)
     size = dist.get_world_size(group)
     gathered = [torch.empty_like(digest) for _ in range(size)]
     dist.all_gather(gathered, digest, group=group)
     digests = [int(d) for d in gathered]
-    for r, d in enumerate(digests):
-        if d != digests[0]:
-            raise ValueError(
-                f"{what} differs across ranks: rank {r} has digest {d:#x} but rank 0 has {digests[0]:#x} "
-                f"(digests by rank: {[hex(x) for x in digests]}); start every rank with the same settings"
-            )
+    odd = [r for r, d in enumerate(digests) if d != digests[0]]
+    if odd:
+        texts: list[Any] = [None] * size
+        dist.all_gather_object(texts, text, group=group)
+        raise ValueError(
+            f"{what} not the same on every rank (rank {odd[0]} differs from rank 0): {_differences(texts)}; "
+            "start every rank with the same settings"
+        )
 
 
 def init_parallel(ep: int, config: Any = None, timeout: timedelta | None = None) -> ParallelLayout:
