@@ -411,7 +411,7 @@ def _model_case(layout: ParallelLayout) -> dict:
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
     errs = {
-        "loss": abs(float(loss / world - ref_out.loss)),
+        "loss": abs(float(loss / world - ref_out.loss.detach())),
         "aux_loss": abs(float(out.aux_loss.detach() - ref_out.aux_loss)),  # every rank, not only the mean
         "z_loss": abs(float(out.z_loss.detach() - ref_out.z_loss)),
         "grad_norm": abs(float(norm - ref_norm)),
