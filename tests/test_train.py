@@ -269,6 +269,16 @@ def test_cli_train_eval_generate(corpus_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_time_limit_plan_never_adds_steps_past_train_steps(corpus_dir, tmp_path):
+    """A run of train.steps = 6 under the default time limit plans after its 6th step (the first one
+    is not timed) and must stop there: the plan once gave 7, a step past the end of the schedule."""
+    overrides = tiny_overrides(corpus_dir, tmp_path, **{"train.steps": "6", "train.time_limit_minutes": "9"})
+    trainer = Trainer(load_config(None, overrides))
+    result = trainer.fit()
+    assert trainer.planned and trainer.total_steps == 6
+    assert result.step == 6 and len(result.train_losses) == 6
+
+
 def test_time_limit_plans_the_schedule_into_the_budget(corpus_dir, tmp_path, monkeypatch):
     """A time-limited run fixes its length after a few timed steps; the cosine ends inside the budget.
 

@@ -611,10 +611,13 @@ class Trainer:
         return result
 
     def plan_length(self, time_limit_s: float, seconds_per_step: float) -> None:
-        """Fit the run (and so the learning-rate schedule) into the time limit, leaving 3% spare."""
+        """Fit the run (and so the learning-rate schedule) into the time limit, leaving 3% spare.
+
+        Never past `train.steps`, and never before the steps already taken (a plan made at the last
+        configured step ends the run there)."""
         remaining = max(0.0, 0.97 * time_limit_s - self.elapsed)
         self.total_steps = max(
-            self.step + 1, min(self.cfg.train.steps, self.step + int(remaining / seconds_per_step))
+            self.step, min(self.cfg.train.steps, self.step + int(remaining / seconds_per_step))
         )
         self.planned = True
 
