@@ -67,10 +67,11 @@ def test_pruning_an_unused_expert_keeps_outputs(router, exact):
     assert all(float(r.usage_E[3]) == 0 for r in records)
     pruned, plans = prune_model(model, records, keep=5)
     assert pruned.config.moe.num_experts == 5 and [g[0] for g in plans[0].groups] == [0, 1, 2, 4, 5]
-    if exact:
-        assert torch.equal(pruned(x).logits, model(x).logits)
-    else:  # softmax over one expert fewer: the renormalized top-k weights agree up to rounding
-        torch.testing.assert_close(pruned(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+    # Same routing and weights; only rounding may differ: the BLAS may sum the router's product over
+    # 5 experts in another order than over 6 (bit-equal on one CPU, 7e-8 apart on another). Without
+    # the exact flag the softmax over one expert fewer renormalizes the top-k weights too.
+    tol = 1e-6 if exact else 1e-5
+    torch.testing.assert_close(pruned(x).logits, model(x).logits, rtol=tol, atol=tol)
 
 
 def test_record_routing_usage_matches_the_layer_stats():
