@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moekit.moe import grouped
 from moekit.moe.grouped import GroupPlan, grouped_mm, pick_strategy
 
-STRATEGIES = ["auto", "loop", "bmm", "grouped_mm"]
+STRATEGIES = ["auto", "loop", "bmm", "pairs", "grouped_mm"]
 
 
 def _loop_reference(x, w, counts):
@@ -58,23 +61,63 @@ def test_strategies_property(counts, strategy, seed):
     _check(counts, strategy, torch.float32, seed=seed)
 
 
+@contextmanager
+def _threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_pairs_with_padding_matches_loop():
+    """Unequal pairs are zero-padded only for weights of >= PAIR_PAD_MIN_BYTES: force it at test size."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grouped, "PAIR_PAD_MIN_BYTES", 0)
+        for counts in ([3, 0, 5, 1], [1, 2, 0, 1, 1, 3, 1, 2, 1, 0], [2, 9], [0, 1, 4, 4, 6]):
+            _check(counts, "pairs", torch.float32)
+            _check(counts, "pairs", torch.float64)
+
+
+@settings(max_examples=25, deadline=None)
+@given(counts=st.lists(st.integers(0, 9), min_size=1, max_size=9), seed=st.integers(0, 1000))
+def test_pairs_with_padding_property(counts, seed):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grouped, "PAIR_PAD_MIN_BYTES", 0)
+        _check(counts, "pairs", torch.float32, seed=seed)
+
+
+def test_pairs_view_two_experts_without_copies():
+    w = torch.randn(6, 4, 3)
+    pair = grouped.expert_pair(w, 1, 4)
+    assert pair.data_ptr() == w[1].data_ptr() and torch.equal(pair[1], w[4])
+    assert torch.equal(grouped.expert_pair(w.transpose(1, 2), 0, 5)[1], w[5].t())
+
+
 def test_strategy_choice():
     x, w = torch.randn(8, 16), torch.randn(2, 16, 8)
     uniform, ragged = GroupPlan.from_counts([4, 4]), GroupPlan.from_counts([5, 3])
-    assert pick_strategy("auto", uniform, x, w) == "bmm"
-    assert pick_strategy("auto", ragged, x, w) == "grouped_mm"  # small groups
     large = GroupPlan.from_counts([150, 90])
-    assert pick_strategy("auto", large, torch.randn(240, 16), w) == "loop"
-    assert pick_strategy("auto", GroupPlan.from_counts([0, 8]), x, w) == "loop"  # one group: one mm
-    assert pick_strategy("bmm", ragged, x, w) == "loop"  # bmm needs equal groups
     tiny = GroupPlan.from_counts([1, 2, 0, 1, 1, 3, 1, 2, 1, 0])  # decoding: many experts, few rows
     x_tiny, w_many = torch.randn(12, 16), torch.randn(10, 16, 8)
-    assert pick_strategy("auto", tiny, x_tiny, w_many) == "grouped_mm"  # small groups
     ones = GroupPlan.from_counts([1, 1, 0, 1, 0, 0, 0, 0, 0, 0])  # one token: one row per expert
-    assert pick_strategy("auto", ones, torch.randn(3, 16), w_many) == "loop"  # matrix-vector products
-    pairs = GroupPlan.from_counts([2, 3, 0, 2, 2, 1, 2, 0, 0, 0])
-    assert pick_strategy("auto", pairs, x_tiny, w_many) == "grouped_mm"
-    assert pick_strategy("auto", pairs, x_tiny.double(), w_many.double()) == "loop"
+    for threads in (1, 2):
+        with _threads(threads):
+            assert pick_strategy("auto", uniform, x, w) == "bmm"
+            assert pick_strategy("auto", large, torch.randn(240, 16), w) == "loop"
+            assert pick_strategy("auto", GroupPlan.from_counts([0, 8]), x, w) == "loop"  # one group: one mm
+            assert pick_strategy("bmm", ragged, x, w) == "loop"  # bmm needs equal groups
+            assert pick_strategy("pairs", ragged, x, w.double()) == "loop"  # bmm needs one dtype
+    with _threads(2):  # small groups: two at a time, one bmm each, so both threads work
+        for plan, x_in, w_in in ((ragged, x, w), (tiny, x_tiny, w_many), (ones, torch.randn(3, 16), w_many)):
+            assert pick_strategy("auto", plan, x_in, w_in) == "pairs"
+        assert pick_strategy("auto", tiny, x_tiny.double(), w_many.double()) == "pairs"
+    with _threads(1):  # one thread: _grouped_mm for small groups (one call), mv for one-row groups
+        assert pick_strategy("auto", ragged, x, w) == "grouped_mm"
+        assert pick_strategy("auto", tiny, x_tiny, w_many) == "grouped_mm"
+        assert pick_strategy("auto", ones, torch.randn(3, 16), w_many) == "loop"  # matrix-vector products
+        assert pick_strategy("auto", tiny, x_tiny.double(), w_many.double()) == "loop"
     assert pick_strategy("grouped_mm", ragged, x, w) == "grouped_mm"
     assert pick_strategy("grouped_mm", ragged, x.double(), w.double()) == "loop"  # fp32/bf16/fp16 only
     odd = torch.randn(8, 3)  # 12-byte rows break the 16-byte stride rule

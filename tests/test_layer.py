@@ -575,9 +575,11 @@ def test_inference_losses_and_stats_are_computed_when_read_with_the_same_values(
 
 @pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gpt_oss", True), ("gelu", True)])
-def test_one_token_inference_matches_reference(case, activation, bias):
+@pytest.mark.parametrize("threads", [1, 2])  # 2: experts go in pairs (bmm), an odd one alone (mv)
+def test_one_token_inference_matches_reference(case, activation, bias, threads, monkeypatch):
     """A decode step (one token, no autograd) takes ExpertBank.forward_one_token: same outputs as
     the per-token reference, and the same routed counts and losses as the general path."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the pairing decision reads
     torch.manual_seed(3)
     cfg = MoEConfig(
         dim=D,

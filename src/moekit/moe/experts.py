@@ -29,7 +29,7 @@ from moekit.moe.activations import (  # noqa: F401  (re-exported: the dense FFN 
 )
 from moekit.moe.config import MoEConfig
 from moekit.moe.fused import DEFAULT_BLOCK_BYTES, ExpertSpec, FusedExperts, experts_forward
-from moekit.moe.grouped import GroupPlan, expert_of_rows, grouped_mm
+from moekit.moe.grouped import GroupPlan, expert_of_rows, expert_pair, grouped_mm
 
 
 class ExpertBank(nn.Module):
@@ -89,15 +89,31 @@ class ExpertBank(nn.Module):
     def forward_one_token(self, x_1D: Tensor, expert_idx_K: Tensor, weight_K: Tensor) -> Tensor:
         """Inference for a single token (a decode step at batch 1) -> [1, D].
 
-        The token goes through each of its K experts with two matrix-vector products and their
-        weighted outputs are summed: the same math as `forward_tokens`, without the sort, the
-        group plan, the row blocks and their buffers, whose dozens of small calls cost more than
-        the products at this size.
+        The token goes straight through its K experts and their weighted outputs are summed: the
+        same math as `forward_tokens`, without the sort, the group plan, the row blocks and their
+        buffers, whose dozens of small calls cost more than the products at this size. With two or
+        more threads the experts go two at a time, one bmm per projection over a strided view of
+        the pair's weights (each thread streams one expert: matrix-vector products run on one
+        thread in MKL); an odd one out, or every expert on one thread, takes `mv(w^T, x)`.
         """
         w_in_EDH, w_out_EFD, b_in, b_out = self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED
         x_D, weight_K = x_1D[0], weight_K.to(x_1D.dtype)
         out_1D = torch.zeros_like(x_1D)
-        for k, e in enumerate(expert_idx_K.tolist()):
+        chosen = sorted(zip(expert_idx_K.tolist(), range(weight_K.shape[0])))  # by expert: pairs are views
+        step = 2 if torch.get_num_threads() >= 2 else 1
+        for i in range(0, len(chosen), step):
+            if len(chosen[i : i + 2]) == 2 and step == 2:
+                (e1, k1), (e2, k2) = chosen[i : i + 2]
+                h_21H = torch.bmm(x_D.expand(2, 1, -1), expert_pair(w_in_EDH, e1, e2))
+                if b_in is not None:
+                    h_21H += expert_pair(b_in, e1, e2)[:, None]
+                a_21F = apply_activation(self.activation, h_21H, self.is_glu)
+                y_21D = torch.bmm(a_21F, expert_pair(w_out_EFD, e1, e2))
+                if b_out is not None:
+                    y_21D += expert_pair(b_out, e1, e2)[:, None]
+                out_1D.addmm_(weight_K[[k1, k2]][None], y_21D[:, 0])  # += w_k1 y_k1 + w_k2 y_k2
+                continue
+            e, k = chosen[i]
             h_H = torch.mv(w_in_EDH[e].t(), x_D)  # [H] = x W_in[e]
             if b_in is not None:
                 h_H += b_in[e]
