@@ -127,7 +127,7 @@ def kept_notes(md: Path) -> str:
         return ""
     text = md.read_text()
     at = text.find("\n" + NOTES_HEADING + "\n")
-    return "\n" + text[at + 1 :] if at >= 0 else ""
+    return "\n\n" + text[at + 1 :] if at >= 0 else ""  # a blank line after the last table
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
