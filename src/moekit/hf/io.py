@@ -263,35 +263,18 @@ def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
     are carried over, hard-linked where the file system allows; its config.json and safetensors
     weights are not, so a stale index or shard can never shadow the new weights. When `write`
     fails, `folder` is left untouched and the partial folder is removed."""
+    from moekit.train.checkpoint import save_folder_atomically  # checkpoints build on the models
+
     folder = Path(folder).absolute()
     if folder.exists() and not folder.is_dir():
         raise CheckpointFormatError(f"{str(folder)!r} exists and is not a folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if folder.is_dir():
-            for entry in folder.iterdir():
-                if not SAVED_FILES.fullmatch(entry.name) and not (tmp / entry.name).exists():
-                    _link_or_copy(entry, tmp / entry.name)
-        _fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    _fsync_dir(folder.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+
+    def carry_over(existing: Path, tmp: Path) -> None:
+        for entry in existing.iterdir():
+            if not SAVED_FILES.fullmatch(entry.name) and not (tmp / entry.name).exists():
+                _link_or_copy(entry, tmp / entry.name)
+
+    return save_folder_atomically(folder, write, carry_over)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -307,14 +290,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.symlink(os.readlink(src), dst)
     else:
         one(str(src), str(dst))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def parse_size(size: int | str) -> int:

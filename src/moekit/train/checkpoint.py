@@ -191,8 +191,15 @@ def write_json(path: Path, payload: Any) -> None:
         os.fsync(f.fileno())
 
 
-def save_folder_atomically(target: Path, write: Any) -> Path:
-    """Call write(tmp_folder), then swap tmp_folder in as `target`; the old one survives until then."""
+def save_folder_atomically(
+    target: Path, write: Any, carry_over: Callable[[Path, Path], None] | None = None
+) -> Path:
+    """Call write(tmp_folder), then swap tmp_folder in as `target`; the old one survives until then
+    (as `target.old`, which `resolve` reads if the swap was cut short).
+
+    carry_over(existing, tmp_folder): with an existing `target`, copies what it should keep into
+    the new folder before the swap (the Hugging Face save keeps tokenizer files, ...). A failure
+    anywhere before the swap leaves `target` untouched and removes the partial folder."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
@@ -203,8 +210,11 @@ def save_folder_atomically(target: Path, write: Any) -> Path:
     try:
         write(tmp)
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if carry_over is not None and target.is_dir():
+            carry_over(target, tmp)
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
