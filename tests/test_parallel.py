@@ -30,12 +30,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from moekit.moe import MoE, MoEConfig
 from moekit.parallel import (
     ParallelLayout,
     clip_grad_norm,
     config_digest,
+    data_parallel,
     expected_traffic,
     expert_parameter_names,
     gather_full_state_dict,
@@ -387,9 +389,12 @@ def _optimizer_case(layout: ParallelLayout) -> dict:
     return {"errs": errs}
 
 
-def _model_case(layout: ParallelLayout) -> dict:
+def _model_case(layout: ParallelLayout, ddp: bool = False) -> dict:
     """A whole decoder: loss (cross-entropy, balance and z losses) and every gradient vs one process
-    on the concatenated batch. The balance loss of every rank is the one of the whole batch."""
+    on the concatenated batch. The balance loss of every rank is the one of the whole batch.
+
+    ddp: the forward runs through `data_parallel` (DistributedDataParallel averages the replicated
+    parameters' gradients in the backward) and `sync_gradients(dense=False)` does the experts."""
     from moekit.model import ModelConfig, MoETransformer
 
     # Capacity is decided per EP group: the whole batch's decision only when EP spans the world.
@@ -400,10 +405,12 @@ def _model_case(layout: ParallelLayout) -> dict:
     torch.manual_seed(11)
     ref = MoETransformer(cfg)
     model = shard_model(copy.deepcopy(ref), layout)
+    runner = data_parallel(model, layout) if ddp else model
+    assert isinstance(runner, DistributedDataParallel) == ddp
     ids = torch.randint(0, 29, (world, B, S + 1), generator=torch.Generator().manual_seed(2))
-    out = model(ids[layout.rank, :, :-1], targets=ids[layout.rank, :, 1:])
+    out = runner(ids[layout.rank, :, :-1], targets=ids[layout.rank, :, 1:])
     out.loss.backward()
-    sync_gradients(model, layout)
+    sync_gradients(model, layout, dense=not ddp)
     norm = clip_grad_norm(model, 0.05, layout)  # clipping actually scales: the norm is larger
     ref_out = ref(ids[:, :, :-1].reshape(world * B, S), targets=ids[:, :, 1:].reshape(world * B, S))
     ref_out.loss.backward()
@@ -471,6 +478,7 @@ def scenario_parity(ep: int, cases: list[str], ckpt_dir: str = "") -> dict:
         "traffic_dropless": lambda: _balanced_traffic_case(layout, None),
         "traffic_capacity": lambda: _balanced_traffic_case(layout, 1.0),
         "model": lambda: _model_case(layout),
+        "model_ddp": lambda: _model_case(layout, ddp=True),
         "optimizer": lambda: _optimizer_case(layout),
         "reshard_to_one": lambda: _reshard_to_one(layout, ckpt_dir),
         "load_from_one": lambda: _load_from_one(layout, os.path.join(ckpt_dir, "single.pt")),
@@ -552,6 +560,7 @@ def test_world2_ep2_matches_single_process(tmp_path):
         "traffic_dropless",
         "traffic_capacity",
         "model",
+        "model_ddp",
         "optimizer",
         "reshard_to_one",
     ]
@@ -592,14 +601,14 @@ def test_world4_ep4_matches_single_process(tmp_path):
 
 def test_world4_ep2_reduces_experts_over_expert_data_parallel_group():
     cases = ["dropless", "capacity_probability", "extreme_dropless", "all_losses", "empty_rank", "model"]
-    cases.append("traffic_dropless")
+    cases += ["model_ddp", "traffic_dropless"]
     _assert_parity(run_ranks("parity", 4, ep=2, cases=cases), cases)
 
 
 def test_world2_ep1_data_parallel_matches_single_process():
     """EP 1 < world 2: experts replicated, the local dispatcher, capacity per rank; the losses are
     still those of both ranks' batch."""
-    cases = ["dropless", "capacity_position", "all_losses", "empty_rank", "model"]
+    cases = ["dropless", "capacity_position", "all_losses", "empty_rank", "model", "model_ddp"]
     _assert_parity(run_ranks("parity", 2, ep=1, cases=cases), cases)
 
 

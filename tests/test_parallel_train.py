@@ -214,6 +214,7 @@ def test_world2_ep2_matches_one_process(root, reference):
     rc, output, _ = torchrun(2, args)
     assert rc == 0, output[-3000:]
     assert output.count("validation loss") == 1, output[-3000:]  # rank 0 alone prints the summary
+    assert "data parallel: ddp" in output  # the default: DistributedDataParallel
     run = root / "runs" / "w2"
     assert_losses_match(logged(run), reference["metrics"], range(1, STEPS + 1))
     assert any(r.get("dropped_fraction", 0) > 0 for r in reference["metrics"].values())  # capacity drops
@@ -247,6 +248,20 @@ def test_world2_ep2_matches_one_process(root, reference):
     assert {k: v.shape for k, v in optimizer.items()} == {k: v.shape for k, v in ref_optimizer.items()}
     assert not torch.equal(tensors["rng.rank0.torch"], tensors["rng.rank1.torch"])  # per-rank streams
     assert cli_main(["eval", "--ckpt", str(ours), "--batches", "2"]) == 0  # one process reads it
+
+
+def test_allreduce_data_parallel_matches_one_process(root, reference):
+    """The same world 2 / EP 2 run with parallel.data_parallel=allreduce (one flat all-reduce after
+    the backward instead of DistributedDataParallel) logs the same 20 steps as one process."""
+    args = overrides(
+        root,
+        "w2-allreduce",
+        **{"data.batch_size": "4", "parallel.ep": "2", "parallel.data_parallel": "allreduce"},
+    )
+    rc, output, _ = torchrun(2, args)
+    assert rc == 0, output[-3000:]
+    assert "data parallel: allreduce" in output
+    assert_losses_match(logged(root / "runs" / "w2-allreduce"), reference["metrics"], range(1, STEPS + 1))
 
 
 def test_world4_ep2_matches_one_process(root, reference_no_drops):

@@ -185,6 +185,10 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ValueError, match="data.seq_len=2048 exceeds model.max_seq_len=1024"):
         load_config(None, ["data.seq_len=2048"])
+    with pytest.raises(
+        ValueError, match=r"parallel\.data_parallel='fsdp' is invalid: expected one of \['ddp'"
+    ):
+        load_config(None, ["parallel.data_parallel=fsdp"])
 
 
 def test_bad_data_paths(corpus_dir, tmp_path):

@@ -4,6 +4,8 @@
     shard_model(model, layout)                  # MoE layers keep E/P experts, all-to-all dispatch;
                                                 # their losses become those of all ranks' batch
     loss.backward(); sync_gradients(model, layout); optimizer.step()
+    # or: ddp = data_parallel(model, layout); ddp(x).loss.backward()   # DDP averages the
+    #     sync_gradients(model, layout, dense=False); optimizer.step()  # replicated parameters
     state = gather_full_state_dict(model, layout)   # single-process layout, loads under any EP size
     load_sharded(model, state, layout)
 
@@ -25,7 +27,14 @@ from moekit.parallel.shard import (
     slice_experts,
     top_level_moe_layers,
 )
-from moekit.parallel.sync import clip_grad_norm, global_load, mean_over_ranks, reduce_stats, sync_gradients
+from moekit.parallel.sync import (
+    clip_grad_norm,
+    data_parallel,
+    global_load,
+    mean_over_ranks,
+    reduce_stats,
+    sync_gradients,
+)
 
 __all__ = [
     "AllToAllDispatcher",
@@ -36,6 +45,7 @@ __all__ = [
     "check_consistent",
     "clip_grad_norm",
     "config_digest",
+    "data_parallel",
     "expected_traffic",
     "expert_parameter_names",
     "gather_experts",

@@ -43,6 +43,9 @@ class ParallelLayout:
     ep: int  # expert-parallel size P: ranks that split each MoE layer's experts
     ep_group: Any = None  # this rank's EP group (tokens are exchanged in it)
     edp_group: Any = None  # this rank's expert-data-parallel group (expert grads are reduced in it)
+    # all ranks, for DistributedDataParallel alone: its all-reduces run on a background thread
+    # during the backward, next to the MoE all-to-alls, so they get a communicator of their own
+    dp_group: Any = None
 
     @classmethod
     def single(cls) -> ParallelLayout:
@@ -196,4 +199,5 @@ def init_parallel(ep: int, config: Any = None, timeout: timedelta | None = None)
         group = dist.new_group(list(range(ep_rank, world_size, ep)), **kwargs)
         if rank % ep == ep_rank:
             edp_group = group
-    return ParallelLayout(world_size, rank, ep, ep_group, edp_group)
+    dp_group = dist.new_group(list(range(world_size)), **kwargs)
+    return ParallelLayout(world_size, rank, ep, ep_group, edp_group, dp_group)

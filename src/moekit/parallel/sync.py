@@ -12,11 +12,14 @@ makes those of the batch of all ranks, the same value on every rank; moekit/para
     losses exactly once; divide by W, not by Q. Averaging over the EDP group (/ Q) would scale
     expert gradients up by P, a classic expert-parallel bug.
 
-Why not DistributedDataParallel: DDP reduces all its parameters over one group, so it would need
-the expert parameters ignored and reduced by hand anyway, and its bucketed all-reduces would run
-concurrently with the MoE all-to-alls in the backward. One explicit call after the last
-accumulation micro step is simpler, keeps accumulation free (no `no_sync`), and costs the overlap
-of communication with the backward, which a later optimization can add with per-parameter hooks.
+The first half can be torch's DistributedDataParallel instead (`data_parallel`, what `moekit
+train` uses by default): DDP averages the non-expert gradients over the world in buckets while
+the backward still runs, on a process group of its own (`layout.dp_group`; its all-reduces run on
+a background thread next to the MoE all-to-alls of the autograd thread, and a communicator must
+not be shared between threads whose collectives could interleave differently on different ranks).
+The expert parameters are left out of DDP and `sync_gradients(..., dense=False)` reduces them as
+above. Without DDP, `sync_gradients` does both halves in one call after the last accumulation
+micro step (no `no_sync` needed, no overlap with the backward).
 
 Clip with `clip_grad_norm` (the norm over all experts of the EP group), not torch's, which sees
 only the local expert shard and gives each rank a different clip factor.
@@ -60,25 +63,48 @@ def _sum_and_scale(tensors: list[Tensor], scale: float, group) -> None:
             t.copy_(reduced)
 
 
-def sync_gradients(model: nn.Module, layout: ParallelLayout) -> None:
+def sync_gradients(model: nn.Module, layout: ParallelLayout, dense: bool = True) -> None:
     """Make `.grad` the gradient of the mean of all ranks' losses (call after the backward).
 
-    Every rank must call it. A trainable parameter without a gradient gets zeros, so that all
-    ranks reduce the same tensors (a missing gradient on one rank would hang the others).
+    dense=False: only the expert parameters (DistributedDataParallel, `data_parallel`, has
+    averaged the others during the backward). Every rank must call it. A trainable parameter
+    without a gradient gets zeros, so that all ranks reduce the same tensors (a missing gradient
+    on one rank would hang the others).
     """
     if not layout.distributed:
         return
     expert_names = expert_parameter_names(model)
-    dense, experts = [], []
+    replicated, experts = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        is_expert = name in expert_names
+        if not param.requires_grad or not (dense or is_expert):
             continue
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        (experts if name in expert_names else dense).append(param.grad)
+        (experts if is_expert else replicated).append(param.grad)
     scale = 1.0 / layout.world_size
-    _sum_and_scale(dense, scale, group=None)
+    _sum_and_scale(replicated, scale, group=None)
     _sum_and_scale(experts, scale, group=layout.edp_group)
+
+
+def data_parallel(model: nn.Module, layout: ParallelLayout) -> nn.Module:
+    """`model` wrapped in DistributedDataParallel over its replicated parameters; `model` itself
+    for one process. Call it after `shard_model`, run the training forward through the wrapper
+    (under its `no_sync()` for all but the last micro batch of an accumulated step), then
+    `sync_gradients(model, layout, dense=False)` for the expert parameters, which DDP leaves out.
+
+    DDP averages over `layout.dp_group` (all ranks, a communicator of its own). Buffers are not
+    broadcast: the sigmoid-bias router's bias is kept equal on every rank by `global_load`. Every
+    replicated trainable parameter must get a gradient in every backward (as in any MoE model
+    here: routers, shared experts, attention, norms, embeddings all do).
+    """
+    if not layout.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ignored = sorted(expert_parameter_names(model))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return DistributedDataParallel(model, process_group=layout.dp_group, broadcast_buffers=False)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, layout: ParallelLayout) -> Tensor:

@@ -64,7 +64,11 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     rank, world = env_rank()
     if rank == 0:
-        processes = f" ({world} processes, parallel.ep={cfg.parallel.ep})" if world > 1 else ""
+        processes = (
+            f" ({world} processes, parallel.ep={cfg.parallel.ep}, data parallel: {cfg.parallel.data_parallel})"
+            if world > 1
+            else ""
+        )
         print(f"moekit train: run folder {Path(cfg.train.out_dir) / cfg.train.run_name}{processes}")
     try:
         trainer = Trainer(cfg)

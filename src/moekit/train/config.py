@@ -80,11 +80,17 @@ class ParallelConfig:
     """Multi-process training (`torchrun --nproc-per-node W -m moekit train`); one process: ep = 1."""
 
     ep: int = 1  # expert-parallel size; must divide the world size and the number of experts
+    # How the replicated (non-expert) parameters' gradients are averaged over the ranks: "ddp"
+    # (torch's DistributedDataParallel, its bucketed all-reduces overlapping the backward; expert
+    # parameters are left out of it and reduced over their expert-data-parallel group), or
+    # "allreduce" (one flat all-reduce per dtype after the last micro-batch). Same gradients.
+    data_parallel: str = "ddp"
     # Limit of every collective: a rank that hangs makes the others fail after this long instead of
     # waiting forever. It also bounds the wait while rank 0 prepares (tokenizes) uncached data.
     timeout_s: float = 600.0
 
 
+DATA_PARALLEL_MODES = ("ddp", "allreduce")
 MODEL_EXTRA = {"arch": "decoder"}
 MOE_EXTRA = {"enabled": True}
 ARCHS = ("decoder", "encdec")
@@ -162,6 +168,11 @@ class RunConfig:
             )
         if self.parallel.ep < 1:
             raise ValueError(f"parallel.ep={self.parallel.ep!r} is invalid: expected an integer >= 1")
+        if self.parallel.data_parallel not in DATA_PARALLEL_MODES:
+            raise ValueError(
+                f"parallel.data_parallel={self.parallel.data_parallel!r} is invalid: expected one of "
+                f"{list(DATA_PARALLEL_MODES)}"
+            )
         if not self.parallel.timeout_s > 0:
             raise ValueError(
                 f"parallel.timeout_s={self.parallel.timeout_s!r} is invalid: expected a number > 0"

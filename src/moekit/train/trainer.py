@@ -13,8 +13,10 @@ Run folder: <out_dir>/<run_name>/ {config.toml (resolved), metrics.jsonl, checkp
 Multi-process (`torchrun --nproc-per-node W -m moekit train --set parallel.ep=P`, helpers in
 `distributed.py`): every rank builds the same full model, keeps its E/P experts of every MoE layer
 (`moekit.parallel.shard_model`), and trains on its block of the global batch (W * batch_size *
-grad_accum sequences per step); gradients are averaged with `sync_gradients` after the last micro
-step and clipped by the norm of the whole model. Rank 0 alone writes logs, metrics and the
+grad_accum sequences per step). The replicated parameters' gradients are averaged by
+DistributedDataParallel during the backward (`parallel.data_parallel="ddp"`, the default) or by
+`sync_gradients` after the last micro step ("allreduce"); the experts' by `sync_gradients` over
+their expert-data-parallel group; then all are clipped by the norm of the whole model. Rank 0 alone writes logs, metrics and the
 checkpoint, which has the single-process layout (experts gathered), so any EP size resumes from it.
 """
 
@@ -56,6 +58,7 @@ from moekit.parallel import (
     ParallelLayout,
     check_consistent,
     clip_grad_norm,
+    data_parallel,
     gather_full_state_dict,
     gather_optimizer_state,
     global_load,
@@ -201,6 +204,11 @@ class Trainer:
             self.model.to(torch.float64)
         self.params = count_params(self.model)  # of the whole model, before sharding
         shard_model(self.model, self.layout)  # this rank's experts; a no-op for EP 1
+        # the module the training forward runs through: DDP averages the replicated parameters'
+        # gradients during the backward (expert gradients: sync_gradients after the last micro batch)
+        self.ddp = None
+        if self.layout.distributed and cfg.parallel.data_parallel == "ddp":
+            self.ddp = data_parallel(self.model, self.layout)
         self.optimizer = build_optimizer(self.model, cfg)  # over the local shards
         self.moe_layers = moe_layers_of(self.model)
         self.step = 0
@@ -292,14 +300,16 @@ class Trainer:
             tokens, d.eval_batch_size, d.seq_len, max_windows=t.eval_batches * d.eval_batch_size
         )
 
-    def forward_batch(self, batch: tuple[torch.Tensor, ...]) -> Any:
+    def forward_batch(self, batch: tuple[torch.Tensor, ...], module: nn.Module | None = None) -> Any:
+        """The model's output on a batch; `module` (the DDP wrapper when training) runs it."""
         batch = tuple(b.to(self.device) for b in batch)
+        module = self.model if module is None else module
         with autocast_for(self.device, self.cfg.train.dtype):
             if self.cfg.arch == "encdec":
                 enc, dec_in, dec_target = batch
-                return self.model(enc, dec_in, attention_mask=enc != self.tokenizer.pad_id, labels=dec_target)
+                return module(enc, dec_in, attention_mask=enc != self.tokenizer.pad_id, labels=dec_target)
             inputs, targets = batch
-            return self.model(inputs, targets=targets)
+            return module(inputs, targets=targets)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -474,10 +484,14 @@ class Trainer:
         routed = [torch.zeros(m.config.num_experts) for m in self.moe_layers]
         dropped, maxvio = [], []
         tokens = 0
-        for _ in range(accum):
+        for micro in range(accum):
             batch = self.sampler.next_batch()
-            out = self.forward_batch(batch)
-            (out.loss / accum).backward()  # aux/z are means per micro-batch: averaging keeps them unscaled
+            # DDP reduces in the backward of the last micro batch only (the others accumulate)
+            last = micro == accum - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                out = self.forward_batch(batch, self.ddp)
+                # aux/z are means per micro-batch: averaging keeps them unscaled
+                (out.loss / accum).backward()
             ce += float(out.ce_loss.detach()) / accum
             aux += float(out.aux_loss.detach()) / accum
             z += float(out.z_loss.detach()) / accum
@@ -487,7 +501,9 @@ class Trainer:
                 s = reduce_stats(s, self.layout)  # over all ranks, for the metrics
                 dropped.append(float(s.dropped_fraction))
                 maxvio.append(float(s.max_load_violation))
-        sync_gradients(self.model, self.layout)  # mean over ranks; a no-op in one process
+        sync_gradients(
+            self.model, self.layout, dense=self.ddp is None
+        )  # mean over ranks (one process: no-op)
         grad_norm = 0.0
         if cfg.train.grad_clip > 0:  # the norm of the whole (unsharded) gradient
             grad_norm = float(clip_grad_norm(self.model, cfg.train.grad_clip, self.layout))
