@@ -205,7 +205,7 @@ class FinetuneTrainer(Trainer):
             return super().forward_batch(batch)
         inputs, mask, targets = (b.to(self.device) for b in batch)
         with autocast_for(self.device, self.cfg.train.dtype):
-            return self.model(inputs, targets=targets, attention_mask=mask)
+            return self.forward_module(inputs, targets=targets, attention_mask=mask)
 
     # -------------------------------------------------------------- training
     def train_step(self) -> dict[str, Any]:

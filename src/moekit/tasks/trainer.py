@@ -74,7 +74,7 @@ class TaskTrainer(Trainer):
     def forward_batch(self, batch: tuple[torch.Tensor, ...]) -> Any:
         inputs, task_ids, targets = (b.to(self.device) for b in batch)
         with autocast_for(self.device, self.cfg.train.dtype):
-            return self.model(inputs, targets=targets, task_ids=task_ids)
+            return self.forward_module(inputs, targets=targets, task_ids=task_ids)
 
     # -------------------------------------------------------------- evaluation and checkpoints
     @torch.no_grad()

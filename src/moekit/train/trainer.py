@@ -300,10 +300,15 @@ class Trainer:
             tokens, d.eval_batch_size, d.seq_len, max_windows=t.eval_batches * d.eval_batch_size
         )
 
-    def forward_batch(self, batch: tuple[torch.Tensor, ...], module: nn.Module | None = None) -> Any:
-        """The model's output on a batch; `module` (the DDP wrapper when training) runs it."""
+    @property
+    def forward_module(self) -> nn.Module:
+        """What a forward runs through: the DDP wrapper while training with it, else the model.
+        Subclasses that override `forward_batch` call this, not `self.model`, for the same reason."""
+        return self.ddp if self.ddp is not None and self.model.training else self.model
+
+    def forward_batch(self, batch: tuple[torch.Tensor, ...]) -> Any:
         batch = tuple(b.to(self.device) for b in batch)
-        module = self.model if module is None else module
+        module = self.forward_module
         with autocast_for(self.device, self.cfg.train.dtype):
             if self.cfg.arch == "encdec":
                 enc, dec_in, dec_target = batch
@@ -489,7 +494,7 @@ class Trainer:
             # DDP reduces in the backward of the last micro batch only (the others accumulate)
             last = micro == accum - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
-                out = self.forward_batch(batch, self.ddp)
+                out = self.forward_batch(batch)
                 # aux/z are means per micro-batch: averaging keeps them unscaled
                 (out.loss / accum).backward()
             ce += float(out.ce_loss.detach()) / accum
