@@ -102,8 +102,9 @@ class ExpertBank(nn.Module):
         chosen = sorted(zip(expert_idx_K.tolist(), range(weight_K.shape[0])))  # by expert: pairs are views
         step = 2 if torch.get_num_threads() >= 2 else 1
         for i in range(0, len(chosen), step):
-            if len(chosen[i : i + 2]) == 2 and step == 2:
-                (e1, k1), (e2, k2) = chosen[i : i + 2]
+            part = chosen[i : i + step]
+            if len(part) == 2:
+                (e1, k1), (e2, k2) = part
                 h_21H = torch.bmm(x_D.expand(2, 1, -1), expert_pair(w_in_EDH, e1, e2))
                 if b_in is not None:
                     h_21H += expert_pair(b_in, e1, e2)[:, None]
@@ -113,7 +114,7 @@ class ExpertBank(nn.Module):
                     y_21D += expert_pair(b_out, e1, e2)[:, None]
                 out_1D.addmm_(weight_K[[k1, k2]][None], y_21D[:, 0])  # += w_k1 y_k1 + w_k2 y_k2
                 continue
-            e, k = chosen[i]
+            ((e, k),) = part
             h_H = torch.mv(w_in_EDH[e].t(), x_D)  # [H] = x W_in[e]
             if b_in is not None:
                 h_H += b_in[e]

@@ -16,8 +16,9 @@ Multi-process (`torchrun --nproc-per-node W -m moekit train --set parallel.ep=P`
 grad_accum sequences per step). The replicated parameters' gradients are averaged by
 DistributedDataParallel during the backward (`parallel.data_parallel="ddp"`, the default) or by
 `sync_gradients` after the last micro step ("allreduce"); the experts' by `sync_gradients` over
-their expert-data-parallel group; then all are clipped by the norm of the whole model. Rank 0 alone writes logs, metrics and the
-checkpoint, which has the single-process layout (experts gathered), so any EP size resumes from it.
+their expert-data-parallel group; then all are clipped by the norm of the whole model. Rank 0
+alone writes logs, metrics and the checkpoint, which has the single-process layout (experts
+gathered), so any EP size resumes from it.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ class Trainer:
         if t.dtype == "float64":  # parameters and activations in float64 (the MoE router follows)
             self.model.to(torch.float64)
         self.params = count_params(self.model)  # of the whole model, before sharding
-        shard_model(self.model, self.layout)  # this rank's experts; a no-op for EP 1
+        shard_model(self.model, self.layout)  # this rank's experts, all ranks' losses; one process: no-op
         # the module the training forward runs through: DDP averages the replicated parameters'
         # gradients during the backward (expert gradients: sync_gradients after the last micro batch)
         self.ddp = None
