@@ -36,6 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from moekit.moe.activations import activation_backward, activation_into
 from moekit.moe.grouped import GroupPlan, mm_groups, weight_grad_groups, zero_untouched
+from moekit.moe.memory import new_buffer
 
 # Hidden activations per block: large enough for GEMMs at full speed, small enough for the caches.
 DEFAULT_BLOCK_BYTES = 8 << 20
@@ -83,7 +84,7 @@ def experts_forward(
     out = x.new_zeros(x.shape[0], dim_out) if token_N is not None or plan.num_rows < num_rows else None
     out = x.new_empty(num_rows, dim_out) if out is None else out
     blocks, rows = _blocks(plan, spec, hidden_in, x.element_size())
-    h_NH = x.new_empty(num_rows, hidden_in) if save_hidden else None
+    h_NH = new_buffer((num_rows, hidden_in), x) if save_hidden else None
     if h_NH is not None and plan.num_rows < num_rows:  # rows past the last group (none normally)
         h_NH[plan.num_rows :].zero_()
     h_buf = None if save_hidden else x.new_empty(rows, hidden_in)
@@ -139,8 +140,8 @@ class FusedExperts(torch.autograd.Function):
         if need_x:  # rows past the last group and tokens without rows get zeros
             grad_x = x.new_zeros(x.shape) if tokens or plan.num_rows < x.shape[0] else x.new_empty(x.shape)
         grad_weight = x.new_empty(weight_N.shape) if tokens and need_weight else None
-        grad_w_in = w_in_EDH.new_empty(w_in_EDH.shape) if need_w_in else None
-        grad_w_out = w_out_EFD.new_empty(w_out_EFD.shape) if need_w_out else None
+        grad_w_in = new_buffer(w_in_EDH.shape, w_in_EDH) if need_w_in else None
+        grad_w_out = new_buffer(w_out_EFD.shape, w_out_EFD) if need_w_out else None
         grad_b_in = h_NH.new_zeros(num_experts, hidden_in) if need_b_in else None
         grad_b_out = grad_out.new_zeros(num_experts, dim_out) if need_b_out else None
         touched_in, touched_out = [False] * num_experts, [False] * num_experts

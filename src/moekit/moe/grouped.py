@@ -44,6 +44,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from moekit.moe.memory import new_buffer, zero_new_buffer
+
 STRATEGIES = ("auto", "loop", "bmm", "pairs", "grouped_mm")
 SMALL_GROUPS_MIN, SMALL_ROWS = 2, 64  # "auto" pairs (or _grouped_mm) >= 2 groups of <= 64 rows on average
 # "pairs" zero-pads two unequal groups only when a weight matrix is at least this large: below it
@@ -247,10 +249,20 @@ def weight_grad_groups(
 
 
 def zero_untouched(grad_E: Tensor, touched: Sequence[bool]) -> None:
-    """Exact zeros for the experts that received no rows."""
-    for e, hit in enumerate(touched):
-        if not hit:
-            grad_E[e].zero_()
+    """Exact zeros for the experts that received no rows: each run of neighbouring ones at once.
+
+    `grad_E` must be a buffer the caller has just allocated (see `memory.zero_new_buffer`).
+    """
+    e, num_experts = 0, len(touched)
+    while e < num_experts:
+        if touched[e]:
+            e += 1
+            continue
+        end = e + 1
+        while end < num_experts and not touched[end]:
+            end += 1
+        zero_new_buffer(grad_E[e:end])
+        e = end
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -276,7 +288,7 @@ class _GroupedMM(torch.autograd.Function):
                 grad_x[plan.num_rows :].zero_()
             mm_groups(grad_NF, w_EDF.transpose(1, 2), plan, grad_x, ctx.strategy)
         if ctx.needs_input_grad[1]:
-            grad_w = w_EDF.new_empty(w_EDF.shape)
+            grad_w = new_buffer(w_EDF.shape, w_EDF)
             touched = [c > 0 for c in plan.counts]
             weight_grad_groups(x_ND, grad_NF, plan, grad_w)
             zero_untouched(grad_w, touched)
