@@ -273,8 +273,15 @@ def _run_fn(
 
 
 def peak_memory_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of live torch CPU tensor bytes allocated while fn runs, above the level before it."""
+    """Peak of live torch CPU tensor bytes allocated while fn runs, above the level before it.
+
+    moekit's scratch workspace (kept between calls, moe/memory.py) is freed first, so that the
+    run allocates it again and it counts: it is memory the layer holds."""
     from torch.profiler import ProfilerActivity, profile
+
+    from moekit.moe.memory import release_scratch
+
+    release_scratch()
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()

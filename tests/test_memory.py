@@ -7,21 +7,24 @@ import torch
 from moekit.moe import memory
 from moekit.moe.grouped import zero_untouched
 
+BIG = memory.MADVISE_MIN_BYTES // 4 + 4099  # float32 elements: large enough for the page path
 
-@pytest.mark.parametrize("start, length", [(0, 1 << 20), (3, (1 << 20) + 5), (1001, 3 << 20), (7, 100)])
-def test_zero_new_buffer_zeros_exactly_its_range(start, length):
-    buf = torch.arange(start + length + 4099, dtype=torch.float32)  # every element non-zero but the first
+
+@pytest.mark.parametrize("start, end", [(0, BIG), (3, BIG - 5), (1001, (3 << 20) + 1001), (7, 107)])
+def test_zero_new_buffer_zeros_exactly_its_range(start, end):
+    buf = torch.arange(BIG, dtype=torch.float32) + 1  # every element non-zero
     before = buf.clone()
-    memory.zero_new_buffer(buf[start : start + length])
-    assert torch.count_nonzero(buf[start : start + length]) == 0
+    memory.zero_new_buffer(buf, start, end)
+    assert torch.count_nonzero(buf[start:end]) == 0
     assert torch.equal(buf[:start], before[:start])
-    assert torch.equal(buf[start + length :], before[start + length :])
-    buf[start : start + length] += 2.5  # the dropped pages are ordinary memory again
-    assert torch.all(buf[start : start + length] == 2.5)
+    assert torch.equal(buf[end:], before[end:])
+    buf[start:end] += 2.5  # the dropped pages are ordinary memory again
+    assert torch.all(buf[start:end] == 2.5)
 
 
-def test_zero_untouched_zeros_only_experts_without_rows():
-    grad_E = torch.full((7, 300, 517), 3.0)  # 620 KB per expert: runs of neighbours span pages
+@pytest.mark.parametrize("per_expert", [300 * 517, BIG // 7])  # below and above MADVISE_MIN_BYTES
+def test_zero_untouched_zeros_only_experts_without_rows(per_expert):
+    grad_E = torch.full((7, per_expert), 3.0)
     touched = [True, False, False, True, False, True, False]
     zero_untouched(grad_E, touched)
     for e, hit in enumerate(touched):
@@ -31,8 +34,8 @@ def test_zero_untouched_zeros_only_experts_without_rows():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_new_buffer_is_an_ordinary_tensor(dtype):
     like = torch.zeros(3, dtype=dtype)
-    t = memory.new_buffer((3, 5 << 20), like)  # large enough for the huge-page advice
-    assert t.shape == (3, 5 << 20) and t.dtype == dtype and t.is_contiguous()
+    t = memory.new_buffer((3, memory.MADVISE_MIN_BYTES // 4), like)  # large enough for the advice
+    assert t.shape == (3, memory.MADVISE_MIN_BYTES // 4) and t.dtype == dtype and t.is_contiguous()
     t.fill_(1.5)
     assert t.sum(dtype=torch.float64).item() == 1.5 * t.numel()
     assert memory.new_buffer((4,), like, dtype=torch.float64).dtype == torch.float64
@@ -40,8 +43,31 @@ def test_new_buffer_is_an_ordinary_tensor(dtype):
 
 @pytest.mark.skipif(not memory.sys.platform.startswith("linux"), reason="madvise path is Linux only")
 def test_linux_takes_the_page_dropping_path():
-    buf = torch.ones(3 << 20)
-    span = memory._advise(buf[5:], memory._PAGE_BYTES, memory._MADV_DONTNEED, memory.ZERO_PAGES_MIN_BYTES)
+    buf = torch.ones(BIG)
+    part = buf[5:]
+    span = memory._advise(buf, part, memory._PAGE_BYTES, memory._MADV_DONTNEED)
     assert span is not None and 0 <= span[0] < memory._PAGE_BYTES and span[1] > span[0]
-    assert torch.count_nonzero(buf[5:][span[0] // 4 : span[1] // 4]) == 0  # dropped pages read as zeros
+    assert torch.count_nonzero(part[span[0] // 4 : span[1] // 4]) == 0  # dropped pages read as zeros
     assert torch.all(buf[:5] == 1)
+    assert memory._advise(buf[:1000].clone(), part, memory._PAGE_BYTES, memory._MADV_DONTNEED) is None
+
+
+def test_scratch_reuses_per_slot_and_thread():
+    like = torch.zeros(1)
+    memory.release_scratch()
+    a, b = memory.scratch(like, (4, 8), (3,))
+    assert a.shape == (4, 8) and b.shape == (3,) and a.dtype == like.dtype
+    a2, b2 = memory.scratch(like, (2, 8), (3,))  # smaller: the same memory again
+    assert a2.data_ptr() == a.data_ptr() and b2.data_ptr() == b.data_ptr()
+    (big,) = memory.scratch(like, (100, 8))  # larger: slot 0 grows
+    assert big.shape == (100, 8) and big.numel() == 800
+    (d,) = memory.scratch(torch.zeros(1, dtype=torch.float64), (4, 8))  # other dtype: its own
+    assert d.dtype == torch.float64 and d.data_ptr() != big.data_ptr()
+    import threading
+
+    ptrs = []
+    worker = threading.Thread(target=lambda: ptrs.append(memory.scratch(like, (100, 8))[0].data_ptr()))
+    worker.start()
+    worker.join()
+    assert ptrs[0] != big.data_ptr()  # another thread never shares a workspace
+    memory.release_scratch()

@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from moekit.moe.activations import activation_backward, activation_into
 from moekit.moe.grouped import GroupPlan, mm_groups, weight_grad_groups, zero_untouched
-from moekit.moe.memory import new_buffer
+from moekit.moe.memory import new_buffer, scratch
 
 # Hidden activations per block: large enough for GEMMs at full speed, small enough for the caches.
 DEFAULT_BLOCK_BYTES = 8 << 20
@@ -84,15 +84,16 @@ def experts_forward(
     out = x.new_zeros(x.shape[0], dim_out) if token_N is not None or plan.num_rows < num_rows else None
     out = x.new_empty(num_rows, dim_out) if out is None else out
     blocks, rows = _blocks(plan, spec, hidden_in, x.element_size())
-    h_NH = new_buffer((num_rows, hidden_in), x) if save_hidden else None
+    h_NH = x.new_empty(num_rows, hidden_in) if save_hidden else None
     if h_NH is not None and plan.num_rows < num_rows:  # rows past the last group (none normally)
         h_NH[plan.num_rows :].zero_()
-    h_buf = None if save_hidden else x.new_empty(rows, hidden_in)
-    a_buf = x.new_empty(rows, w_out_EFD.shape[1])
-    x_buf = y_buf = None
+    shapes = [(rows, w_out_EFD.shape[1])] + ([] if save_hidden else [(rows, hidden_in)])
     if token_N is not None:
-        x_buf, y_buf = x.new_empty(rows, x.shape[1]), x.new_empty(rows, dim_out)
+        shapes += [(rows, x.shape[1]), (rows, dim_out)]
         weight_N = weight_N.to(x.dtype)
+    a_buf, *more = scratch(x, *shapes)
+    h_buf = None if save_hidden else more.pop(0)
+    x_buf, y_buf = more if token_N is not None else (None, None)
     for start, end, block in blocks:
         r = end - start
         if token_N is None:
@@ -147,15 +148,12 @@ class FusedExperts(torch.autograd.Function):
         touched_in, touched_out = [False] * num_experts, [False] * num_experts
 
         blocks, rows = _blocks(plan, spec, hidden_in, x.element_size())
-        grad_a_buf, a_buf, work_buf = (x.new_empty(rows, hidden) for _ in range(3))
-        grad_h_buf = x.new_empty(rows, hidden_in)
+        shapes = [(rows, hidden)] * 3 + [(rows, hidden_in)]
         if tokens:
-            x_buf, g_buf, dx_buf = (
-                x.new_empty(rows, dim_in),
-                x.new_empty(rows, dim_out),
-                x.new_empty(rows, dim_in),
-            )
+            shapes += [(rows, dim_in), (rows, dim_out), (rows, dim_in)]
             weight_R1 = weight_N.to(x.dtype)[:, None]
+        grad_a_buf, a_buf, work_buf, grad_h_buf, *more = scratch(x, *shapes)
+        x_buf, g_buf, dx_buf = more if tokens else (None, None, None)
         for start, end, block in blocks:
             r = end - start
             h_RH, grad_a_RF, a_RF = h_NH[start:end], grad_a_buf[:r], a_buf[:r]

@@ -261,7 +261,7 @@ def zero_untouched(grad_E: Tensor, touched: Sequence[bool]) -> None:
         end = e + 1
         while end < num_experts and not touched[end]:
             end += 1
-        zero_new_buffer(grad_E[e:end])
+        zero_new_buffer(grad_E, e, end)
         e = end
 
 

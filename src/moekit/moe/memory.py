@@ -2,37 +2,46 @@
 
 A fresh CPU tensor larger than glibc's mmap threshold (32 MiB at most) is new memory every time:
 the kernel maps and zeroes each 4 KiB page on its first touch, one page fault per page. For the
-buffers an MoE layer allocates per step (the experts' weight gradients, the saved hidden
-activations) that costs as much as the arithmetic at decode-size batches: writing a fresh 69 MB
-buffer took 20 ms here where rewriting it took 3 ms. Two remedies, both Linux madvise(2) calls on
+experts' weight gradients, allocated anew every step (an optimizer's `zero_grad` frees them), that
+costs as much as the arithmetic at decode-size batches: writing a fresh 69 MB buffer took 20 ms
+here where rewriting it took 3 ms. Two remedies, both Linux madvise(2) calls on
 memory this process allocated itself, which for torch's CPU allocator is private anonymous memory:
 
   - `new_buffer` asks for transparent huge pages (MADV_HUGEPAGE) on a large buffer's 2 MiB
     aligned interior: one fault per 2 MiB instead of per 4 KiB (the machine's THP setting must be
     "madvise" or "always"; with "never" the advice is a no-op). The same advice torch gives every
-    allocation when started with THP_MEM_ALLOC_ENABLE=1, here only for our large buffers;
+    allocation when started with THP_MEM_ALLOC_ENABLE=1, here only for the weight gradients.
+    (Measured on the saved hidden activations too, it made forward+backward at T=512 slower in a
+    long-running process, 150 vs 122 ms fine-grained, so they stay on plain pages);
   - `zero_new_buffer` zeroes a fresh buffer by handing its whole pages back to the kernel
     (MADV_DONTNEED): they then read as zeros without being written. The weight gradient of an
     expert that received no rows is such a buffer (most experts of a layer at decode sizes).
 
 Elsewhere (other systems, other devices, small tensors, a failing call) both fall back to the
 plain torch behaviour. MOEKIT_HUGE_PAGES=0 in the environment turns the huge-page advice off.
+
+`scratch` keeps the fused experts' row-block buffers between calls, for the same reason.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import sys
+import threading
 
 import torch
 from torch import Tensor
 
 _MADV_DONTNEED, _MADV_HUGEPAGE = 4, 14
 _PAGE_BYTES, _HUGE_PAGE_BYTES = mmap.PAGESIZE, 2 << 20
-ZERO_PAGES_MIN_BYTES = 1 << 20  # below this a plain fill is as fast as the system call
-HUGE_PAGES_MIN_BYTES = 4 << 20  # at least one whole aligned huge page inside
+# Only buffers that glibc maps on their own (at or above its largest mmap threshold, 32 MiB): the
+# advice then ends with the buffer's munmap. On a smaller buffer carved from the heap it outlives
+# the tensor, and later allocations there paid for it (measured: forward+backward at T=512 10-20%
+# slower after decode-size calls had advised heap memory).
+MADVISE_MIN_BYTES = 32 << 20
 HUGE_PAGES = os.environ.get("MOEKIT_HUGE_PAGES", "1") != "0"
 
 
@@ -51,13 +60,16 @@ def _load_madvise():
 _madvise = _load_madvise()
 
 
-def _advise(t: Tensor, align: int, advice: int, min_bytes: int) -> tuple[int, int] | None:
-    """madvise the `align`-aligned interior [lo, hi) of t's bytes; (lo, hi) as offsets into t, or
-    None where it does not apply or the call failed."""
-    nbytes = t.numel() * t.element_size()
-    if _madvise is None or t.device.type != "cpu" or not t.is_contiguous() or nbytes < min_bytes:
+def _advise(t: Tensor, part: Tensor, align: int, advice: int) -> tuple[int, int] | None:
+    """madvise the `align`-aligned interior [lo, hi) of the bytes of `part`, a contiguous piece of
+    the buffer `t`; (lo, hi) as byte offsets into `part`, or None where it does not apply (see
+    MADVISE_MIN_BYTES: decided on the whole buffer) or the call failed."""
+    nbytes = part.numel() * part.element_size()
+    if _madvise is None or t.device.type != "cpu" or not (t.is_contiguous() and part.is_contiguous()):
         return None
-    start = t.data_ptr()
+    if t.numel() * t.element_size() < MADVISE_MIN_BYTES:
+        return None
+    start = part.data_ptr()
     lo = -(-start // align) * align
     hi = (start + nbytes) // align * align
     if hi <= lo or _madvise(lo, hi - lo, advice) != 0:
@@ -69,23 +81,59 @@ def new_buffer(shape: tuple[int, ...] | torch.Size, like: Tensor, dtype: torch.d
     """torch.empty(shape) on `like`'s device (and dtype), backed by huge pages where it pays."""
     t = like.new_empty(shape, dtype=dtype)
     if HUGE_PAGES:
-        _advise(t, _HUGE_PAGE_BYTES, _MADV_HUGEPAGE, HUGE_PAGES_MIN_BYTES)
+        _advise(t, t, _HUGE_PAGE_BYTES, _MADV_HUGEPAGE)
     return t
 
 
-def zero_new_buffer(t: Tensor) -> None:
-    """Fill with zeros a contiguous tensor the caller allocated itself (torch.empty, `new_buffer`).
+def zero_new_buffer(t: Tensor, start: int = 0, end: int | None = None) -> None:
+    """Fill t[start:end] (along dim 0; all of t by default) with zeros, where `t` is a contiguous
+    buffer the caller allocated itself (torch.empty, `new_buffer`).
 
     Whole pages are dropped (MADV_DONTNEED) instead of written, so they cost nothing until read,
     and a read maps the shared zero page; the partial pages at either end get `zero_`. Never call
     it on memory that may be shared or file-backed (a tensor from `share_memory_`, `from_file` or a
     memory-mapped checkpoint): there MADV_DONTNEED does not zero.
     """
-    span = _advise(t, _PAGE_BYTES, _MADV_DONTNEED, ZERO_PAGES_MIN_BYTES)
+    part = t[start:end]
+    span = _advise(t, part, _PAGE_BYTES, _MADV_DONTNEED)
     if span is None:
-        t.zero_()
+        part.zero_()
         return
     lo, hi = span
-    bytes_B = t.view(-1).view(torch.uint8)
+    bytes_B = part.view(-1).view(torch.uint8)
     bytes_B[:lo].zero_()
     bytes_B[hi:].zero_()
+
+
+# ---------------------------------------------------------------------- scratch workspace
+_local = threading.local()
+
+
+def scratch(like: Tensor, *shapes: tuple[int, ...]) -> list[Tensor]:
+    """Scratch buffers of the given shapes (like's dtype and device), kept per thread, device and
+    dtype (the i-th shape reuses the i-th buffer, grown as needed).
+
+    The row-block buffers of the fused experts are rewritten on every call; fresh allocations of a
+    few MiB each come from the heap or from new mappings depending on glibc's state (its trim and
+    mmap thresholds move as the process allocates), and when they are new memory every page faults
+    again. A kept buffer is touched once. The buffers are valid until the next `scratch` call in
+    the same thread: a caller must not return them or keep them past its own return.
+    """
+    cache = getattr(_local, "workspaces", None)
+    if cache is None:
+        cache = _local.workspaces = {}
+    bufs = cache.setdefault((like.device, like.dtype), [])
+    out = []
+    for i, shape in enumerate(shapes):
+        size = math.prod(shape)
+        if i == len(bufs):
+            bufs.append(like.new_empty(size))
+        elif bufs[i].numel() < size:
+            bufs[i] = like.new_empty(size)
+        out.append(bufs[i][:size].view(shape))
+    return out
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch workspaces (they are kept between calls otherwise)."""
+    _local.workspaces = {}
