@@ -21,6 +21,7 @@ from moekit.model import (
     ModelConfig,
     MoEEncoderDecoder,
     MoETransformer,
+    Rotary,
     apply_rope,
     build_attention_mask,
     count_params,
@@ -111,6 +112,21 @@ def test_rope_matches_complex_rotation():
         return (rq * rk).sum()
 
     torch.testing.assert_close(dot(7, 3), dot(30, 26), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_full_tables_give_the_half_split_rotation_bit_for_bit():
+    """Rotary's full-width tables (one roll instead of chunk/cat) must equal the textbook
+    half-split formula exactly, so that switching between them changes no logits."""
+    torch.manual_seed(0)
+    K, theta = 16, 500.0
+    rotary = Rotary(K, 40, theta)
+    positions = torch.tensor([0, 3, 17, 39])
+    x = torch.randn(2, 3, len(positions), K)
+    cos, sin = rotary.cos[positions], rotary.sin[positions]  # half tables [S, K/2]
+    x1, x2 = x[..., : K // 2], x[..., K // 2 :]
+    expected = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    assert torch.equal(apply_rope(x, *rotary(positions)), expected)
+    assert torch.equal(apply_rope(x, cos, sin), expected)  # half tables are still accepted
 
 
 @pytest.mark.parametrize("qk_norm,qkv_bias", [(False, False), (True, True)])

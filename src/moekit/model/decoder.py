@@ -217,7 +217,7 @@ class MoETransformer(nn.Module):
             )
             for window in {block.attn.sliding_window for block in self.layers}
         }
-        rope = self.rope(torch.arange(start, start + S, device=device))  # cos, sin: [S, K/2]
+        rope = self.rope(torch.arange(start, start + S, device=device))  # cos, sin: [S, K] (full_rope)
 
         x_BSD = self.tok_embeddings(input_ids)  # [B, S, D]
         moe_outputs: list[MoEOutput] = []

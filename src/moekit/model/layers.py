@@ -74,17 +74,32 @@ def rope_tables(
     return cos, sin
 
 
+def full_rope(cos_SK: torch.Tensor, sin_SK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half tables [S, K/2] -> full-width tables [S, K]: (cos | cos) and (-sin | sin).
+
+    With them a rotation is x * cos_full + rotate_half(x) * sin_signed, where rotate_half swaps the
+    halves (one `roll`): four ops instead of eight, bit for bit the same numbers (the signed
+    product x2 * -sin equals -(x2 * sin), and additions commute).
+    """
+    return torch.cat([cos_SK, cos_SK], dim=-1), torch.cat([-sin_SK, sin_SK], dim=-1)
+
+
 def apply_rope(x_BHSK: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_j, x_{j+K/2}) by the position's angle. cos/sin: [S, K/2] for the S positions."""
+    """Rotate pairs (x_j, x_{j+K/2}) by the position's angle. cos/sin: the S positions' rows, either
+    half tables [S, K/2] (`rope_tables`) or full-width ones [S, K] (`full_rope`, what `Rotary` gives)."""
+    head_dim = x_BHSK.shape[-1]
+    if cos_SK.shape[-1] != head_dim:
+        cos_SK, sin_SK = full_rope(cos_SK, sin_SK)
     exact = x_BHSK.dtype == cos_SK.dtype == sin_SK.dtype == torch.float32  # nothing to convert
-    x1, x2 = (x_BHSK if exact else x_BHSK.float()).chunk(2, dim=-1)  # [B, H, S, K/2] each
-    cos, sin = (cos_SK, sin_SK) if exact else (cos_SK.float(), sin_SK.float())  # [S, K/2], broadcast
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # [B, H, S, K]
+    x = x_BHSK if exact else x_BHSK.float()
+    cos, sin = (cos_SK, sin_SK) if exact else (cos_SK.float(), sin_SK.float())  # [S, K], broadcast
+    out = x * cos + x.roll(head_dim // 2, dims=-1) * sin  # [B, H, S, K]
     return out if exact else out.type_as(x_BHSK)
 
 
 class Rotary(nn.Module):
-    """Precomputed rotary tables; `forward(positions)` gives the cos/sin rows for those positions.
+    """Precomputed rotary tables; `forward(positions)` gives the full-width cos/sin rows [S, K] for
+    those positions (`full_rope`), built once per model call and shared by every layer.
 
     The tables are non-persistent buffers so they follow `.to(device)`; keep the model in float32
     or mind that `.to(torch.bfloat16)` rounds them too (positions beyond ~256 lose precision).
@@ -97,7 +112,7 @@ class Rotary(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions_S], self.sin[positions_S]  # [S, K/2] each
+        return full_rope(self.cos[positions_S], self.sin[positions_S])  # [S, K] each
 
 
 # ---------------------------------------------------------------------- T5 relative position bias
