@@ -271,6 +271,18 @@ def test_kv_cache_overflow_raises():
         model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
 
 
+def test_generated_tokens_train_like_any_tensor():
+    """generate runs under inference mode but returns a normal tensor: the tokens can be the next
+    training batch (an inference tensor would raise once autograd saves it)."""
+    torch.manual_seed(6)
+    model = MoETransformer(model_cfg(moe=moe_cfg()))
+    out = model.eval().generate(torch.randint(0, V, (2, 3)), max_new_tokens=4, temperature=0.0)
+    assert not out.is_inference() and out.shape == (2, 7)
+    model.train()
+    model(out[:, :-1], targets=out[:, 1:]).loss.backward()
+    assert model.tok_embeddings.weight.grad is not None
+
+
 def test_generate_greedy_matches_uncached_argmax_and_stops_at_eos():
     torch.manual_seed(5)
     model = MoETransformer(model_cfg(moe=moe_cfg(), moe_every=2)).eval()

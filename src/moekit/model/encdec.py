@@ -28,6 +28,7 @@ from torch import nn
 
 from moekit.model.config import ModelConfig
 from moekit.model.decoder import (
+    decoding,
     init_weights,
     lm_loss,
     moe_layers,
@@ -213,7 +214,7 @@ class MoEEncoderDecoder(nn.Module):
             h_BSD = h_BSD * self.config.output_scale
         return self.output(h_BSD), dec_moe  # [B, S, V]
 
-    @torch.no_grad()
+    @decoding
     def generate(
         self,
         input_ids: torch.Tensor,

@@ -361,15 +361,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         kv_in_BTD = x_BSD if context_BTD is None else context_BTD
-        T = kv_in_BTD.shape[1]
         q_BSF, k_BTF, v_BTF = self.wq(x_BSD), self.wk(kv_in_BTD), self.wv(kv_in_BTD)  # F = heads * K
         if self.q_norm is not None and self.qk_norm_full:
             q_BSF, k_BTF = self.q_norm(q_BSF), self.k_norm(k_BTF)
         if self.clip_qkv is not None:
             q_BSF, k_BTF, v_BTF = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q_BSF, k_BTF, v_BTF))
-        q_BHSK = q_BSF.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BGTK = k_BTF.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v_BGTK = v_BTF.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHSK = _split_heads(q_BSF, self.n_heads, self.head_dim)
+        k_BGTK = _split_heads(k_BTF, self.n_kv_heads, self.head_dim)
+        v_BGTK = _split_heads(v_BTF, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and not self.qk_norm_full:
             q_BHSK, k_BGTK = self.q_norm(q_BHSK), self.k_norm(k_BGTK)
         if rope is not None:
@@ -390,7 +389,37 @@ class Attention(nn.Module):
                 scale=self.scale,
                 enable_gqa=self.n_kv_heads != self.n_heads,  # each of G kv heads serves H/G query heads
             )
+        if S == 1:  # [B, H, 1, K] is laid out as [B, 1, H * K] already
+            return self.wo(out_BHSK.reshape(B, 1, self.n_heads * self.head_dim))
         return self.wo(out_BHSK.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))  # [B, S, D]
+
+    def decode_ready(self) -> bool:
+        """Whether `decode_one` computes what `forward` does: plain grouped-query attention (no q/k
+        norm, clipping, sinks or sliding window) through plain `nn.Linear` projections (a LoRA or
+        quantized replacement goes through `forward`)."""
+        plain = all(type(lin) is nn.Linear for lin in (self.wq, self.wk, self.wv, self.wo))
+        return (
+            plain
+            and self.q_norm is None
+            and self.clip_qkv is None
+            and self.sinks is None
+            and self.sliding_window is None
+        )
+
+    def decode_one(
+        self, x_11D: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache
+    ) -> torch.Tensor:
+        """`forward` for one token of one unpadded sequence with the KV cache (a batch-1 decode
+        step), without autograd: the same products in the same order, minus the module calls and the
+        option branches, which cost more than the arithmetic at this size. Only where `decode_ready`."""
+        H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
+        q_1H1K = F.linear(x_11D, self.wq.weight, self.wq.bias).view(1, H, 1, K)
+        k_1G1K = F.linear(x_11D, self.wk.weight, self.wk.bias).view(1, G, 1, K)
+        v_1G1K = F.linear(x_11D, self.wv.weight, self.wv.bias).view(1, G, 1, K)
+        q_1H1K, k_1G1K = apply_rope(q_1H1K, *rope), apply_rope(k_1G1K, *rope)
+        k_1GTK, v_1GTK = cache.update(self.layer_id, k_1G1K, v_1G1K)
+        out_1H1K = F.scaled_dot_product_attention(q_1H1K, k_1GTK, v_1GTK, scale=self.scale, enable_gqa=G != H)
+        return F.linear(out_1H1K.reshape(1, 1, H * K), self.wo.weight, self.wo.bias)  # [1, 1, D]
 
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
@@ -398,6 +427,15 @@ class Attention(nn.Module):
             nn.init.normal_(lin.weight, std=std)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
+
+
+def _split_heads(x_BSF: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """[B, S, heads * K] -> [B, heads, S, K] (a view). One token (S = 1, a decode step) needs no
+    transpose: the two layouts are the same memory."""
+    B, S, _ = x_BSF.shape
+    if S == 1:
+        return x_BSF.view(B, n_heads, 1, head_dim)
+    return x_BSF.view(B, S, n_heads, head_dim).transpose(1, 2)
 
 
 def build_attention(cfg: ModelConfig, layer_id: int) -> nn.Module:
@@ -481,12 +519,38 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, MoEOutput | None]:
         """token_mask_BS: True = real token, so padding is kept out of routing and router losses.
         task_ids [B]: the task of every sequence, for task routers (router='task')."""
-        x_BSD = x_BSD + self.resid_dropout(self.attn(self.attn_norm(x_BSD), mask, rope, cache=cache))
+        x_BSD = x_BSD + self._dropout(self.attn(self.attn_norm(x_BSD), mask, rope, cache=cache))
         if self.cross_attn is not None:
             h_BSD = self.cross_attn(self.cross_norm(x_BSD), context_mask, context_BTD=context_BTD)
-            x_BSD = x_BSD + self.resid_dropout(h_BSD)
+            x_BSD = x_BSD + self._dropout(h_BSD)
         h_BSD = self.ffn_norm(x_BSD)
         if not self.is_moe:
-            return x_BSD + self.resid_dropout(self.ffn(h_BSD)), None
+            return x_BSD + self._dropout(self.ffn(h_BSD)), None
         moe_out = self.ffn(h_BSD, mask=token_mask_BS, task_ids=task_ids)
-        return x_BSD + self.resid_dropout(moe_out.output), moe_out
+        return x_BSD + self._dropout(moe_out.output), moe_out
+
+    def decode_ready(self) -> bool:
+        """Whether `decode_one` applies (see Attention.decode_ready; no cross-attention)."""
+        attn = self.attn
+        return self.cross_attn is None and isinstance(attn, Attention) and attn.decode_ready()
+
+    def decode_one(
+        self, x_11D: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache
+    ) -> torch.Tensor:
+        """`forward` for one token of one unpadded sequence in eval mode (a batch-1 decode step), without
+        its losses and statistics; an MoE layer takes `MoE.forward_one_token` when it can."""
+        x_11D = x_11D + self.attn.decode_one(self.attn_norm(x_11D), rope, cache)
+        h_11D = self.ffn_norm(x_11D)
+        if not self.is_moe:
+            return x_11D + self.ffn(h_11D)
+        out_1D = self.ffn.forward_one_token(h_11D.view(1, -1))
+        if out_1D is None:
+            return x_11D + self.ffn(h_11D).output
+        return x_11D + out_1D.view(1, 1, -1)
+
+    def _dropout(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """The residual dropout, not even called when it is the identity (eval, or p = 0): a decode
+        step is a few hundred small calls, and each one saved shows."""
+        if self.training and self.resid_dropout.p > 0:
+            return self.resid_dropout(x_BSD)
+        return x_BSD

@@ -94,35 +94,40 @@ class ExpertBank(nn.Module):
         buffers, whose dozens of small calls cost more than the products at this size. With two or
         more threads the experts go two at a time, one bmm per projection over a strided view of
         the pair's weights (each thread streams one expert: matrix-vector products run on one
-        thread in MKL); an odd one out, or every expert on one thread, takes `mv(w^T, x)`.
+        thread in MKL); an odd one out, or every expert on one thread, takes `mv(w^T, x)`. The K
+        outputs land in one [K, D] buffer, summed with their weights by a single product.
         """
         w_in_EDH, w_out_EFD, b_in, b_out = self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED
-        x_D, weight_K = x_1D[0], weight_K.to(x_1D.dtype)
-        out_1D = torch.zeros_like(x_1D)
-        chosen = sorted(zip(expert_idx_K.tolist(), range(weight_K.shape[0])))  # by expert: pairs are views
+        if weight_K.dtype != x_1D.dtype:
+            weight_K = weight_K.to(x_1D.dtype)
+        num_chosen, dim = weight_K.shape[0], x_1D.shape[-1]
+        experts = expert_idx_K.tolist()
+        order = sorted(range(num_chosen), key=experts.__getitem__)  # by expert: pairs are views
+        if order != list(range(num_chosen)):
+            weight_K = weight_K[order]
+            experts = [experts[k] for k in order]
+        y_KD = x_1D.new_empty(num_chosen, dim)
         step = 2 if torch.get_num_threads() >= 2 else 1
-        for i in range(0, len(chosen), step):
-            part = chosen[i : i + step]
-            if len(part) == 2:
-                (e1, k1), (e2, k2) = part
-                h_21H = torch.bmm(x_D.expand(2, 1, -1), expert_pair(w_in_EDH, e1, e2))
+        for i in range(0, num_chosen, step):
+            if i + 1 < num_chosen and step == 2 and experts[i] != experts[i + 1]:
+                e1, e2 = experts[i], experts[i + 1]
+                h_21H = torch.bmm(x_1D.expand(2, 1, dim), expert_pair(w_in_EDH, e1, e2))
                 if b_in is not None:
                     h_21H += expert_pair(b_in, e1, e2)[:, None]
                 a_21F = apply_activation(self.activation, h_21H, self.is_glu)
-                y_21D = torch.bmm(a_21F, expert_pair(w_out_EFD, e1, e2))
+                y_21D = torch.bmm(a_21F, expert_pair(w_out_EFD, e1, e2), out=y_KD[i : i + 2].view(2, 1, dim))
                 if b_out is not None:
                     y_21D += expert_pair(b_out, e1, e2)[:, None]
-                out_1D.addmm_(weight_K[[k1, k2]][None], y_21D[:, 0])  # += w_k1 y_k1 + w_k2 y_k2
                 continue
-            ((e, k),) = part
-            h_H = torch.mv(w_in_EDH[e].t(), x_D)  # [H] = x W_in[e]
-            if b_in is not None:
-                h_H += b_in[e]
-            y_D = torch.mv(w_out_EFD[e].t(), apply_activation(self.activation, h_H, self.is_glu))
-            if b_out is not None:
-                y_D += b_out[e]
-            out_1D[0].addcmul_(y_D, weight_K[k])  # += w_k * y_k
-        return out_1D
+            for k in range(i, min(i + step, num_chosen)):  # one at a time: [H] = x W_in[e], [D] = a W_out[e]
+                e = experts[k]
+                h_H = torch.mv(w_in_EDH[e].t(), x_1D[0])
+                if b_in is not None:
+                    h_H += b_in[e]
+                torch.mv(w_out_EFD[e].t(), apply_activation(self.activation, h_H, self.is_glu), out=y_KD[k])
+                if b_out is not None:
+                    y_KD[k] += b_out[e]
+        return torch.mm(weight_K[None], y_KD)  # [1, D] = sum_k w_k y_k
 
     def _fused(self, x: Tensor, token_N: Tensor | None, weight_N: Tensor | None, plan: GroupPlan) -> Tensor:
         params = (x, weight_N, self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED)

@@ -34,12 +34,15 @@ class MoEStats:
     The counts come from the dispatch; the derived statistics (dropped fraction, router entropy,
     max load violation) are computed when first read, so a decode step that never looks at them
     does not pay their dozen small ops. Pass them explicitly (e.g. reduced over ranks) to skip that.
+    The counts themselves may be given as functions computing them when first read (a decode step).
     """
 
     def __init__(
         self,
-        tokens_per_expert: Tensor,  # [E] assignments each expert computed (after capacity)
-        routed_per_expert: Tensor,  # [E] assignments routed to each expert (before capacity): the load
+        tokens_per_expert: Tensor
+        | Callable[[], Tensor],  # [E] assignments each expert computed (after capacity)
+        routed_per_expert: Tensor
+        | Callable[[], Tensor],  # [E] assignments routed to each expert (before capacity): the load
         dropped_fraction: Tensor | None = None,  # share of routed assignments dropped by capacity
         router_entropy: Tensor | None = None,  # mean entropy (nats) of the router over real tokens
         max_load_violation: Tensor | None = None,  # max load / mean load - 1 (0 = perfectly balanced)
@@ -49,10 +52,22 @@ class MoEStats:
     ):
         if router_entropy is None and probs_TE is None:
             raise ValueError("MoEStats needs router_entropy or the router probabilities probs_TE")
-        self.tokens_per_expert, self.routed_per_expert = tokens_per_expert, routed_per_expert
+        self._kept, self._routed = tokens_per_expert, routed_per_expert
         self._dropped, self._entropy, self._violation = dropped_fraction, router_entropy, max_load_violation
         self._probs_TE = None if probs_TE is None else probs_TE.detach()
         self._mask_T = mask_T
+
+    @property
+    def tokens_per_expert(self) -> Tensor:
+        if callable(self._kept):
+            self._kept = self._kept()
+        return self._kept
+
+    @property
+    def routed_per_expert(self) -> Tensor:
+        if callable(self._routed):
+            self._routed = self._routed()
+        return self._routed
 
     @property
     def dropped_fraction(self) -> Tensor:
@@ -220,7 +235,7 @@ class MoE(nn.Module):
         if self._one_token_inference(x_TD, routing, mask_T, capacity):
             # 2.-4. a decode step: the token's K experts directly (see ExpertBank.forward_one_token)
             out_TD = self.experts.forward_one_token(x_TD, routing.expert_idx_A, routing.weight_A)
-            routed_E = kept_E = L.expert_counts(routing.expert_idx_A, None, cfg.num_experts)  # [E]
+            routed_E = kept_E = _counts_when_read(routing.expert_idx_A, cfg.num_experts)  # [E]
         elif self._fused_local():
             # 2.-4. on one process, gather, experts and combine run fused block by block (with their
             # own backward): no [N, D] copy of the routed rows, outputs or gradients is ever made
@@ -267,6 +282,19 @@ class MoE(nn.Module):
             return losses, aux_loss, z_loss
 
         return MoEOutput(out_TD.view(x.shape), stats, routing.logits_TE, compute_losses)
+
+    def forward_one_token(self, x_1D: Tensor) -> Tensor | None:
+        """Steps 1-5 for one token without autograd (a decode step) -> [1, D], or None where the
+        general path is needed (capacity, expert choice, task routing, another dispatcher or expert
+        bank). The output of `forward`, without its losses and statistics."""
+        if torch.is_grad_enabled() or getattr(self.router, "uses_task_ids", False):
+            return None
+        routing = self.router(x_1D)
+        capacity = self.config.capacity(routing.top_k, self.training) if routing.top_k > 0 else None
+        if not self._one_token_inference(x_1D, routing, None, capacity):
+            return None
+        out_1D = self.experts.forward_one_token(x_1D, routing.expert_idx_A, routing.weight_A)
+        return out_1D if self.shared is None else out_1D + self.shared(x_1D)
 
     def _one_token_inference(
         self, x_TD: Tensor, routing: Routing, mask_T: Tensor | None, capacity: int | None
@@ -335,8 +363,14 @@ class MoE(nn.Module):
         return losses
 
     @staticmethod
-    def _stats(routing: Routing, routed_E: Tensor, kept_E: Tensor, mask_T: Tensor | None) -> MoEStats:
-        return MoEStats(kept_E.detach(), routed_E.detach(), probs_TE=routing.probs_TE, mask_T=mask_T)
+    def _stats(
+        routing: Routing,
+        routed_E: Tensor | Callable[[], Tensor],
+        kept_E: Tensor | Callable[[], Tensor],
+        mask_T: Tensor | None,
+    ) -> MoEStats:
+        kept_E, routed_E = (c if callable(c) else c.detach() for c in (kept_E, routed_E))
+        return MoEStats(kept_E, routed_E, probs_TE=routing.probs_TE, mask_T=mask_T)
 
     # ------------------------------------------------------------------ training hooks
     def update_bias(self, tokens_per_expert_E: Tensor) -> None:
@@ -373,6 +407,18 @@ def _task_of_tokens(task_ids: Tensor | None, x: Tensor) -> Tensor | None:
         )
     view = task_ids.reshape(*task_ids.shape, *([1] * (len(lead) - task_ids.ndim)))
     return view.expand(lead).reshape(-1)
+
+
+def _counts_when_read(expert_idx_A: Tensor, num_experts: int) -> Callable[[], Tensor]:
+    """[E] assignments per expert, computed on the first call (a decode step never asks)."""
+    computed: list[Tensor] = []
+
+    def counts() -> Tensor:
+        if not computed:
+            computed.append(L.expert_counts(expert_idx_A, None, num_experts))
+        return computed[0]
+
+    return counts
 
 
 def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:

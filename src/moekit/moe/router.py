@@ -80,9 +80,10 @@ class Router(nn.Module):
 
     def compute_logits(self, x_TD: Tensor) -> Tensor:
         dtype = router_dtype(x_TD)
-        weight = self.gate.weight.to(dtype)
-        bias = None if self.gate.bias is None else self.gate.bias.to(dtype)
-        x_TD = x_TD.to(dtype)
+        weight, bias = self.gate.weight, self.gate.bias
+        if weight.dtype != dtype or (bias is not None and bias.dtype != dtype) or x_TD.dtype != dtype:
+            weight, x_TD = weight.to(dtype), x_TD.to(dtype)  # (each a call even when a no-op: skipped)
+            bias = None if bias is None else bias.to(dtype)
         low_precision = self.config.router_dtype == "bfloat16"
         if low_precision:  # a bf16 product: bf16 operands, float32 accumulation, bf16 result
             x_TD, weight = round_to_bf16(x_TD), round_to_bf16(weight)
