@@ -271,6 +271,70 @@ def test_kv_cache_overflow_raises():
         model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(moe=moe_cfg(), tie_embeddings=True),
+        dict(
+            moe=moe_cfg(router="switch", top_k=1, num_shared_experts=1, expert_bias=True),
+            moe_every=2,
+            qkv_bias=True,
+        ),
+        dict(
+            moe=moe_cfg(
+                router="sigmoid_bias", num_experts=8, n_group=2, topk_group=1, routed_scaling_factor=2.0
+            )
+        ),
+        dict(
+            moe=moe_cfg(router="topk_then_softmax", top_k=3, activation="gpt_oss", expert_bias=True),
+            attn_out_bias=True,
+        ),
+        dict(moe=moe_cfg(capacity_factor=1.0, eval_capacity_factor=1.0)),  # MoE falls back to its forward
+        dict(moe=None, n_kv_heads=4, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    ],
+    ids=[
+        "topk-tied",
+        "switch-shared-dense-qkvbias",
+        "sigmoid-groups",
+        "topk3-gptoss-outbias",
+        "capacity",
+        "dense",
+    ],
+)
+def test_decode_one_equals_forward_bit_for_bit(kw):
+    """The lean batch-1 decode step must give exactly the logits and cache of `forward` with the
+    cache, so generate is the same with and without it."""
+    torch.manual_seed(7)
+    model = MoETransformer(model_cfg(**kw)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # biases and router weights away from their zero / small init
+            p.add_(torch.randn_like(p) * 0.05)
+    assert model.decode_ready()
+    prompt = torch.randint(0, V, (1, 5))
+    generic, lean = model.new_cache(1, 16), model.new_cache(1, 16)
+    with torch.inference_mode():
+        logits = model(prompt, cache=generic).logits
+        model(prompt, cache=lean)
+        for _ in range(8):
+            token = logits[:, -1:].argmax(-1)
+            logits = model(token, cache=generic).logits
+            assert torch.equal(model.decode_one(token, lean), logits)
+        assert lean.pos == generic.pos == 13
+        for a, b in zip(generic.k + generic.v, lean.k + lean.v):
+            assert torch.equal(a, b)
+
+
+def test_decode_one_refuses_what_it_does_not_cover():
+    model = MoETransformer(model_cfg(moe=moe_cfg())).eval()
+    assert not model.train().decode_ready()  # training mode: forward
+    model.eval()
+    for cfg in (model_cfg(qk_norm=True), model_cfg(attention_sinks=True), model_cfg(sliding_window=4)):
+        assert not MoETransformer(cfg).eval().decode_ready()
+    cache = model.new_cache(2, 8)
+    with torch.no_grad(), pytest.raises(ValueError, match="one token of one unpadded sequence"):
+        model.decode_one(torch.zeros(2, 1, dtype=torch.long), cache)
+
+
 def test_generated_tokens_train_like_any_tensor():
     """generate runs under inference mode but returns a normal tensor: the tokens can be the next
     training batch (an inference tensor would raise once autograd saves it)."""
