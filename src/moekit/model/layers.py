@@ -45,11 +45,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op (decode steps)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        weight = self.weight  # (each module attribute read costs a dict lookup chain: read once)
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:  # one fused op (decode steps)
+            return F.rms_norm(x, weight.shape, weight, self.eps)
         x_f = x.float()
         y = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).type_as(x)
+        return (y * weight.float()).type_as(x)
 
 
 # ---------------------------------------------------------------------- rotary
@@ -274,10 +275,11 @@ class KVCache:
         self, layer_id: int, k_BGSK: torch.Tensor, v_BGSK: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values of one layer; returns all keys/values so far, [B, G, pos + S, K]."""
-        end = self.pos + k_BGSK.shape[2]
-        self.k[layer_id][:, :, self.pos : end] = k_BGSK
-        self.v[layer_id][:, :, self.pos : end] = v_BGSK
-        return self.k[layer_id][:, :, :end], self.v[layer_id][:, :, :end]
+        pos, new = self.pos, k_BGSK.shape[2]
+        k_BGTK, v_BGTK = self.k[layer_id], self.v[layer_id]  # (narrow: cheaper than slice indexing)
+        k_BGTK.narrow(2, pos, new).copy_(k_BGSK)
+        v_BGTK.narrow(2, pos, new).copy_(v_BGSK)
+        return k_BGTK.narrow(2, 0, pos + new), v_BGTK.narrow(2, 0, pos + new)
 
     def advance(self, seq_len: int) -> None:
         self.pos += seq_len

@@ -106,8 +106,11 @@ class ExpertBank(nn.Module):
         if order != list(range(num_chosen)):
             weight_K = weight_K[order]
             experts = [experts[k] for k in order]
-        y_KD = x_1D.new_empty(num_chosen, dim)
         step = 2 if torch.get_num_threads() >= 2 else 1
+        only_pair = (
+            num_chosen == 2 and step == 2 and experts[0] != experts[1]
+        )  # top-2: y is the pair's output
+        y_KD = None if only_pair else x_1D.new_empty(num_chosen, dim)
         for i in range(0, num_chosen, step):
             if i + 1 < num_chosen and step == 2 and experts[i] != experts[i + 1]:
                 e1, e2 = experts[i], experts[i + 1]
@@ -115,9 +118,12 @@ class ExpertBank(nn.Module):
                 if b_in is not None:
                     h_21H += expert_pair(b_in, e1, e2)[:, None]
                 a_21F = apply_activation(self.activation, h_21H, self.is_glu)
-                y_21D = torch.bmm(a_21F, expert_pair(w_out_EFD, e1, e2), out=y_KD[i : i + 2].view(2, 1, dim))
+                out_21D = None if y_KD is None else y_KD[i : i + 2].view(2, 1, dim)
+                y_21D = torch.bmm(a_21F, expert_pair(w_out_EFD, e1, e2), out=out_21D)
                 if b_out is not None:
                     y_21D += expert_pair(b_out, e1, e2)[:, None]
+                if y_KD is None:
+                    y_KD = y_21D.view(2, dim)
                 continue
             for k in range(i, min(i + step, num_chosen)):  # one at a time: [H] = x W_in[e], [D] = a W_out[e]
                 e = experts[k]

@@ -60,6 +60,8 @@ def router_dtype(x: Tensor) -> torch.dtype:
 class Router(nn.Module):
     """Base: a float32 linear gate `logits = x W^T (+ b)` with an optional small init."""
 
+    uses_task_ids = False  # MoE.forward passes the tokens' task ids to routers that set this
+
     def __init__(self, config: MoEConfig):
         super().__init__()
         self.config = config
@@ -99,7 +101,7 @@ class Router(nn.Module):
             logits_TE = round_to_bf16(logits_TE)
         # One sum tells whether all are finite (a NaN/Inf makes it non-finite): a decode step pays
         # this in every layer, and isfinite is five ops on [T, E]. Exact count only on failure.
-        if self.config.check_finite and not math.isfinite(float(logits_TE.detach().sum())):
+        if self.config.check_finite and not math.isfinite(float(logits_TE.sum())):
             bad = (~torch.isfinite(logits_TE)).sum().item()
         else:
             bad = 0
