@@ -101,7 +101,10 @@ class Router(nn.Module):
             logits_TE = round_to_bf16(logits_TE)
         # One sum tells whether all are finite (a NaN/Inf makes it non-finite): a decode step pays
         # this in every layer, and isfinite is five ops on [T, E]. Exact count only on failure.
-        if self.config.check_finite and not math.isfinite(float(logits_TE.sum())):
+        checked = (
+            logits_TE.detach() if logits_TE.requires_grad else logits_TE
+        )  # (detach: a call, only if needed)
+        if self.config.check_finite and not math.isfinite(float(checked.sum())):
             bad = (~torch.isfinite(logits_TE)).sum().item()
         else:
             bad = 0
