@@ -29,6 +29,7 @@ from moekit.model import (
     flops_per_token,
     rope_tables,
 )
+from moekit.model.layers import linear
 from moekit.moe import MoE, MoEConfig
 
 V, D = 61, 32
@@ -112,6 +113,28 @@ def test_rope_matches_complex_rotation():
         return (rq * rk).sum()
 
     torch.testing.assert_close(dot(7, 3), dot(30, 26), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_one_row_split_over_threads(bias, monkeypatch):
+    """`linear` sends one row through a large weight as two halves (one bmm): the same numbers as
+    float64 math, and exactly nn.Linear's own call whenever it does not apply."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 4096, bias=bias)  # 1 MiB of weight: the split applies
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or bmm(*a, **k))
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        got = linear(lin, x)
+        expected = x.double() @ lin.weight.double().T + (lin.bias.double() if bias else 0)
+        assert calls and got.shape == (1, 1, 4096)
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+        calls.clear()
+        two_rows = torch.randn(2, 64)
+        assert torch.equal(linear(lin, two_rows), lin(two_rows)) and not calls
+    assert torch.equal(linear(lin, x), lin(x)) and not calls  # autograd: the module itself
 
 
 def test_rope_full_tables_give_the_half_split_rotation_bit_for_bit():

@@ -37,6 +37,7 @@ from moekit.model.layers import (
     Rotary,
     build_attention_mask,
     full_rope,
+    linear,
 )
 from moekit.model.mla import MLAttention
 from moekit.moe import MoE, MoEConfig, MoEOutput, MoEStats
@@ -256,7 +257,7 @@ class MoETransformer(nn.Module):
                 moe_outputs.append(moe_out)
         if cache is not None:
             cache.advance(S)
-        logits_BSV = self.output(self.norm(x_BSD))  # [B, S, V]
+        logits_BSV = linear(self.output, self.norm(x_BSD))  # [B, S, V]
 
         def router_losses() -> tuple[torch.Tensor, torch.Tensor]:
             aux_loss, z_loss, _ = sum_router_losses(moe_outputs, device)
@@ -295,7 +296,7 @@ class MoETransformer(nn.Module):
         for block in self.layers:
             x_11D = block.decode_one(x_11D, rope, cache)
         cache.advance(1)
-        return self.output(self.norm(x_11D))
+        return linear(self.output, self.norm(x_11D))
 
     def update_router_biases(self, stats_list: Sequence[MoEStats]) -> None:
         """Call after the optimizer step with `output.router_stats` (aux-loss-free balancing)."""

@@ -43,6 +43,7 @@ from moekit.model.layers import (
     RMSNorm,
     Rotary,
     build_attention_mask,
+    linear,
     with_position_bias,
 )
 from moekit.moe import MoE, MoEOutput, MoEStats
@@ -212,7 +213,7 @@ class MoEEncoderDecoder(nn.Module):
         h_BSD = self.decoder_norm(x_BSD)
         if self.config.output_scale != 1.0:  # T5 with a tied head rescales by dim**-0.5
             h_BSD = h_BSD * self.config.output_scale
-        return self.output(h_BSD), dec_moe  # [B, S, V]
+        return linear(self.output, h_BSD), dec_moe  # [B, S, V]
 
     @decoding
     def generate(

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moekit.moe.memory import new_buffer, zero_new_buffer
+from moekit.moe.memory import new_buffer, scratch, zero_new_buffer
 
 STRATEGIES = ("auto", "loop", "bmm", "pairs", "grouped_mm")
 SMALL_GROUPS_MIN, SMALL_ROWS = 2, 64  # "auto" pairs (or _grouped_mm) >= 2 groups of <= 64 rows on average
@@ -213,12 +213,15 @@ def _mm_pairs(x_ND: Tensor, w_EDF: Tensor, plan: GroupPlan, out_NF: Tensor) -> l
             if s2 == t1 and out_NF.is_contiguous():  # neighbours: their output rows are one block
                 torch.bmm(x_2RD, w_2DF, out=out_NF[s1:t2].view(2, m1, -1))
             else:  # bmm into a strided out runs its two products one after the other: copy instead
-                _row_pair(out_NF, s1, s2, m1).copy_(torch.bmm(x_2RD, w_2DF))
-        elif pad:
+                (y_2RF,) = scratch(out_NF, (2, m1, out_NF.shape[1]), pool="pairs")
+                _row_pair(out_NF, s1, s2, m1).copy_(torch.bmm(x_2RD, w_2DF, out=y_2RF))
+        elif pad:  # (buffers kept between calls: fresh ones cost page faults whenever glibc trimmed)
             rows = max(m1, m2)
-            x_2RD = x_ND.new_zeros(2, rows, x_ND.shape[1])
+            x_2RD, y_2RF = scratch(x_ND, (2, rows, x_ND.shape[1]), (2, rows, out_NF.shape[1]), pool="pairs")
             x_2RD[0, :m1], x_2RD[1, :m2] = x_ND[s1:t1], x_ND[s2:t2]
-            y_2RF = torch.bmm(x_2RD, w_2DF)
+            x_2RD[0, m1:].zero_()  # the shorter group's padding rows (their outputs are not used)
+            x_2RD[1, m2:].zero_()
+            torch.bmm(x_2RD, w_2DF, out=y_2RF)
             out_NF[s1:t1], out_NF[s2:t2] = y_2RF[0, :m1], y_2RF[1, :m2]
         else:
             left += [(e1, s1, t1), (e2, s2, t2)]

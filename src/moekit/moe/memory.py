@@ -109,9 +109,10 @@ def zero_new_buffer(t: Tensor, start: int = 0, end: int | None = None) -> None:
 _local = threading.local()
 
 
-def scratch(like: Tensor, *shapes: tuple[int, ...]) -> list[Tensor]:
-    """Scratch buffers of the given shapes (like's dtype and device), kept per thread, device and
-    dtype (the i-th shape reuses the i-th buffer, grown as needed).
+def scratch(like: Tensor, *shapes: tuple[int, ...], pool: str = "experts") -> list[Tensor]:
+    """Scratch buffers of the given shapes (like's dtype and device), kept per thread, pool, device
+    and dtype (the i-th shape reuses the i-th buffer of the pool, grown as needed). A function that
+    runs inside another one's use of a pool takes its own pool.
 
     The row-block buffers of the fused experts are rewritten on every call; fresh allocations of a
     few MiB each come from the heap or from new mappings depending on glibc's state (its trim and
@@ -122,7 +123,7 @@ def scratch(like: Tensor, *shapes: tuple[int, ...]) -> list[Tensor]:
     cache = getattr(_local, "workspaces", None)
     if cache is None:
         cache = _local.workspaces = {}
-    bufs = cache.setdefault((like.device, like.dtype), [])
+    bufs = cache.setdefault((pool, like.device, like.dtype), [])
     out = []
     for i, shape in enumerate(shapes):
         size = math.prod(shape)
