@@ -46,8 +46,8 @@ def linear(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
     A batch-1 decode step multiplies one row by weights that the experts' stream has pushed out of
     the caches, and MKL runs a one-row product on one thread. For a large weight (the LM head) the
     two halves of the output rows go to the two threads as one bmm over a view of the weight: the
-    4096x256 head took 358-369 us per decode step instead of 517-568 us here, with the same numbers
-    (each output is still one dot product). Smaller weights (attention projections) gained nothing
+    4096x256 head took 358-369 us per decode step instead of 517-568 us here (each output is still
+    one dot product of a row of the weight with x; the test checks the result against float64). Smaller weights (attention projections) gained nothing
     measurable and stay `lin(x)`, as does anything else (a LoRA or quantized replacement, several
     rows, autograd, other devices). The model's forward and its decode step both come here, so the
     two agree bit for bit.
@@ -422,11 +422,9 @@ class Attention(nn.Module):
                 scale=self.scale,
                 enable_gqa=self.n_kv_heads != self.n_heads,  # each of G kv heads serves H/G query heads
             )
-        if S == 1:  # [B, H, 1, K] is laid out as [B, 1, H * K] already
-            return linear(self.wo, out_BHSK.reshape(B, 1, self.n_heads * self.head_dim))
-        return linear(
-            self.wo, out_BHSK.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
-        )  # [B, S, D]
+        # [B, H, S, K] -> [B, S, H * K]; one token's [B, H, 1, K] is laid out that way already
+        out_BSF = out_BHSK if S == 1 else out_BHSK.transpose(1, 2)
+        return linear(self.wo, out_BSF.reshape(B, S, self.n_heads * self.head_dim))  # [B, S, D]
 
     def decode_ready(self) -> bool:
         """Whether `decode_one` computes what `forward` does: plain grouped-query attention (no q/k
@@ -494,12 +492,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         if self.w3 is None:
-            return linear(
-                self.w2, ffn_activation(self.activation, linear(self.w1, x_BSD))
-            )  # [B, S, F] -> [B, S, D]
-        return linear(
-            self.w2, glu_activation(self.activation, linear(self.w1, x_BSD), linear(self.w3, x_BSD))
-        )
+            h_BSF = ffn_activation(self.activation, linear(self.w1, x_BSD))
+        else:
+            h_BSF = glu_activation(self.activation, linear(self.w1, x_BSD), linear(self.w3, x_BSD))
+        return linear(self.w2, h_BSF)  # [B, S, F] -> [B, S, D]
 
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:

@@ -107,9 +107,8 @@ class ExpertBank(nn.Module):
             weight_K = weight_K[order]
             experts = [experts[k] for k in order]
         step = 2 if torch.get_num_threads() >= 2 else 1
-        only_pair = (
-            num_chosen == 2 and step == 2 and experts[0] != experts[1]
-        )  # top-2: y is the pair's output
+        # top-2 on two threads: the pair's output is y itself, no buffer to write it into
+        only_pair = num_chosen == 2 and step == 2 and experts[0] != experts[1]
         y_KD = None if only_pair else x_1D.new_empty(num_chosen, dim)
         for i in range(0, num_chosen, step):
             if i + 1 < num_chosen and step == 2 and experts[i] != experts[i + 1]:

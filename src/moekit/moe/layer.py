@@ -39,10 +39,10 @@ class MoEStats:
 
     def __init__(
         self,
-        tokens_per_expert: Tensor
-        | Callable[[], Tensor],  # [E] assignments each expert computed (after capacity)
-        routed_per_expert: Tensor
-        | Callable[[], Tensor],  # [E] assignments routed to each expert (before capacity): the load
+        # [E] assignments each expert computed (after capacity)
+        tokens_per_expert: Tensor | Callable[[], Tensor],
+        # [E] assignments routed to each expert (before capacity): the load
+        routed_per_expert: Tensor | Callable[[], Tensor],
         dropped_fraction: Tensor | None = None,  # share of routed assignments dropped by capacity
         router_entropy: Tensor | None = None,  # mean entropy (nats) of the router over real tokens
         max_load_violation: Tensor | None = None,  # max load / mean load - 1 (0 = perfectly balanced)
