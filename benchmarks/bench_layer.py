@@ -275,13 +275,14 @@ def _run_fn(
 def peak_memory_bytes(fn: Callable[[], Any]) -> int:
     """Peak of live torch CPU tensor bytes allocated while fn runs, above the level before it.
 
-    moekit's scratch workspace (kept between calls, moe/memory.py) is freed first, so that the
-    run allocates it again and it counts: it is memory the layer holds."""
+    moekit's scratch workspace and kept gradient memory (moe/memory.py) are freed first, so that
+    the run allocates them again and they count: it is memory the layer holds."""
     from torch.profiler import ProfilerActivity, profile
 
-    from moekit.moe.memory import release_scratch
+    from moekit.moe.memory import release_gradient_buffers, release_scratch
 
     release_scratch()
+    release_gradient_buffers()
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()

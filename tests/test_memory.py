@@ -71,3 +71,64 @@ def test_scratch_reuses_per_slot_and_thread():
     worker.join()
     assert ptrs[0] != big.data_ptr()  # another thread never shares a workspace
     memory.release_scratch()
+
+
+def test_gradient_buffers_are_reused_only_when_nothing_holds_them():
+    """A backward after `zero_grad(set_to_none=True)` writes the experts' gradients into the memory
+    of the previous ones; while anything holds that memory (.grad, a reference, a view) it gets new
+    memory. Gradients are the same either way (checked against a fresh layer with the same weights)."""
+    from moekit.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(dim=16, hidden_dim=24, num_experts=8, top_k=2)
+    twin = MoE(dim=16, hidden_dim=24, num_experts=8, top_k=2)
+    twin.load_state_dict(moe.state_dict())
+    w = moe.experts.w_in_EDF
+    held = []  # the twin's old gradients stay referenced, so it always computes into new memory
+
+    def step(seed):
+        g = torch.Generator().manual_seed(seed)
+        x, grad = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)
+        moe(x).output.backward(grad)
+        held.append([p.grad for p in twin.parameters()])
+        twin.zero_grad(set_to_none=True)
+        twin(x).output.backward(grad)
+        for (name, p), q in zip(moe.named_parameters(), twin.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+        return w.grad
+
+    first = step(0)
+    ptr = first.data_ptr()
+    kept = first  # a reference of the caller's: the next step must not write there
+    before = kept.clone()
+    moe.zero_grad(set_to_none=True)
+    second = step(1)
+    assert second.data_ptr() != ptr and torch.equal(kept, before)
+    del kept, first, before
+    moe.zero_grad(set_to_none=True)
+    ptr = second.data_ptr()
+    del second
+    third = step(2)  # nothing holds the last buffer: its memory again, exact zeros where untouched
+    assert third.data_ptr() == ptr
+    view = third.view(-1)
+    moe.zero_grad(set_to_none=True)
+    del third
+    assert step(3).data_ptr() != ptr and view.data_ptr() == ptr  # a view holds it
+    del view
+    moe.experts.zero_grad(set_to_none=False)  # accumulation: .grad stays, gradients add up
+    acc_before = w.grad.clone()
+    g = torch.Generator().manual_seed(4)
+    x, grad = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)
+    moe(x).output.backward(grad)
+    twin.zero_grad(set_to_none=True)
+    twin(x).output.backward(grad)
+    torch.testing.assert_close(w.grad, acc_before + twin.experts.w_in_EDF.grad)
+
+
+def test_gradient_buffer_entries_go_with_their_weight():
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    buf, reused = memory.gradient_buffer(weight)
+    assert not reused and id(weight) in memory._grad_storages
+    key = id(weight)
+    del weight, buf
+    assert key not in memory._grad_storages

@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from moekit.moe.activations import activation_backward, activation_into
 from moekit.moe.grouped import GroupPlan, mm_groups, weight_grad_groups, zero_untouched
-from moekit.moe.memory import new_buffer, scratch
+from moekit.moe.memory import gradient_buffer, scratch
 
 # Hidden activations per block: large enough for GEMMs at full speed, small enough for the caches.
 DEFAULT_BLOCK_BYTES = 8 << 20
@@ -141,8 +141,8 @@ class FusedExperts(torch.autograd.Function):
         if need_x:  # rows past the last group and tokens without rows get zeros
             grad_x = x.new_zeros(x.shape) if tokens or plan.num_rows < x.shape[0] else x.new_empty(x.shape)
         grad_weight = x.new_empty(weight_N.shape) if tokens and need_weight else None
-        grad_w_in = new_buffer(w_in_EDH.shape, w_in_EDH) if need_w_in else None
-        grad_w_out = new_buffer(w_out_EFD.shape, w_out_EFD) if need_w_out else None
+        grad_w_in, reused_in = gradient_buffer(w_in_EDH) if need_w_in else (None, False)
+        grad_w_out, reused_out = gradient_buffer(w_out_EFD) if need_w_out else (None, False)
         grad_b_in = h_NH.new_zeros(num_experts, hidden_in) if need_b_in else None
         grad_b_out = grad_out.new_zeros(num_experts, dim_out) if need_b_out else None
         touched_in, touched_out = [False] * num_experts, [False] * num_experts
@@ -193,9 +193,9 @@ class FusedExperts(torch.autograd.Function):
                 else:
                     mm_groups(grad_h_RH, w_in_EDH.transpose(1, 2), block, grad_x[start:end], spec.strategy)
         if need_w_in:
-            zero_untouched(grad_w_in, touched_in)
+            zero_untouched(grad_w_in, touched_in, reused_in)
         if need_w_out:
-            zero_untouched(grad_w_out, touched_out)
+            zero_untouched(grad_w_out, touched_out, reused_out)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_N.dtype)
         return grad_x, grad_weight, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None, None

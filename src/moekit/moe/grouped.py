@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moekit.moe.memory import new_buffer, scratch, zero_new_buffer
+from moekit.moe.memory import gradient_buffer, scratch, zero_new_buffer
 
 STRATEGIES = ("auto", "loop", "bmm", "pairs", "grouped_mm")
 SMALL_GROUPS_MIN, SMALL_ROWS = 2, 64  # "auto" pairs (or _grouped_mm) >= 2 groups of <= 64 rows on average
@@ -251,10 +251,12 @@ def weight_grad_groups(
                 touched[e] = True
 
 
-def zero_untouched(grad_E: Tensor, touched: Sequence[bool]) -> None:
+def zero_untouched(grad_E: Tensor, touched: Sequence[bool], reused: bool = False) -> None:
     """Exact zeros for the experts that received no rows: each run of neighbouring ones at once.
 
-    `grad_E` must be a buffer the caller has just allocated (see `memory.zero_new_buffer`).
+    `grad_E` must be a buffer the caller has just allocated (see `memory.zero_new_buffer`), or, with
+    `reused`, memory kept from an earlier gradient (`memory.gradient_buffer`): its pages are mapped
+    and warm, so they are written (dropping them would only make the next step fault them again).
     """
     e, num_experts = 0, len(touched)
     while e < num_experts:
@@ -264,7 +266,10 @@ def zero_untouched(grad_E: Tensor, touched: Sequence[bool]) -> None:
         end = e + 1
         while end < num_experts and not touched[end]:
             end += 1
-        zero_new_buffer(grad_E, e, end)
+        if reused:
+            grad_E[e:end].zero_()
+        else:
+            zero_new_buffer(grad_E, e, end)
         e = end
 
 
@@ -291,10 +296,10 @@ class _GroupedMM(torch.autograd.Function):
                 grad_x[plan.num_rows :].zero_()
             mm_groups(grad_NF, w_EDF.transpose(1, 2), plan, grad_x, ctx.strategy)
         if ctx.needs_input_grad[1]:
-            grad_w = new_buffer(w_EDF.shape, w_EDF)
+            grad_w, reused = gradient_buffer(w_EDF)
             touched = [c > 0 for c in plan.counts]
             weight_grad_groups(x_ND, grad_NF, plan, grad_w)
-            zero_untouched(grad_w, touched)
+            zero_untouched(grad_w, touched, reused)
         return grad_x, grad_w, None, None
 
 

@@ -20,7 +20,8 @@ memory this process allocated itself, which for torch's CPU allocator is private
 Elsewhere (other systems, other devices, small tensors, a failing call) both fall back to the
 plain torch behaviour. MOEKIT_HUGE_PAGES=0 in the environment turns the huge-page advice off.
 
-`scratch` keeps the fused experts' row-block buffers between calls, for the same reason.
+`scratch` keeps the fused experts' row-block buffers between calls, and `gradient_buffer` the
+experts' weight-gradient memory between steps, for the same reason.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import mmap
 import os
 import sys
 import threading
+import weakref
 
 import torch
 from torch import Tensor
@@ -138,3 +140,39 @@ def scratch(like: Tensor, *shapes: tuple[int, ...], pool: str = "experts") -> li
 def release_scratch() -> None:
     """Free this thread's scratch workspaces (they are kept between calls otherwise)."""
     _local.workspaces = {}
+
+
+# ---------------------------------------------------------------------- gradient buffers
+# id(weight) -> (weak reference to the weight, the storage of the last gradient buffer given for it)
+_grad_storages: dict[int, tuple[weakref.ref, torch.UntypedStorage]] = {}
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def gradient_buffer(weight: Tensor) -> tuple[Tensor, bool]:
+    """An uninitialized buffer for `weight`'s gradient, and whether it is the memory of the buffer
+    given for `weight` last time (True) or new memory (`new_buffer`, False).
+
+    An optimizer's `zero_grad()` (set_to_none) drops every gradient after each step, so each backward
+    would write its expert gradients into new memory, page faults and all (after a pause, on a VM that
+    reports free memory to its host, even on huge pages). Instead the storage of the buffer handed out
+    last time is kept, and reused once nothing else holds it: not `.grad`, not a view, not a tensor of
+    the caller's. The buffer is a fresh tensor on that storage, so autograd still takes it as `.grad`
+    without a copy. The kept storage goes with the weight (a weak reference), or with
+    `release_gradient_buffers()`.
+    """
+    entry = _grad_storages.get(id(weight))
+    nbytes = weight.numel() * weight.element_size()
+    if entry is not None and entry[0]() is weight and _storage_use_count is not None:
+        storage = entry[1]
+        if _storage_use_count(storage._cdata) == 1 and storage.nbytes() == nbytes:  # only this entry
+            return weight.new_empty(0).set_(storage, 0, weight.shape), True
+    buf = new_buffer(weight.shape, weight)
+    key = id(weight)
+    forget = weakref.ref(weight, lambda _, key=key: _grad_storages.pop(key, None))
+    _grad_storages[key] = (forget, buf.untyped_storage())
+    return buf, False
+
+
+def release_gradient_buffers() -> None:
+    """Drop the kept gradient storages (memory not held by a `.grad` is freed)."""
+    _grad_storages.clear()
