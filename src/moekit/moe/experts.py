@@ -95,7 +95,7 @@ class ExpertBank(nn.Module):
         more threads the experts go two at a time, one bmm per projection over a strided view of
         the pair's weights (each thread streams one expert: matrix-vector products run on one
         thread in MKL); an odd one out, or every expert on one thread, takes `mv(w^T, x)`. The K
-        outputs land in one [K, D] buffer, summed with their weights by a single product.
+        outputs [K, D] are summed with their weights by a single product.
         """
         w_in_EDH, w_out_EFD, b_in, b_out = self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED
         if weight_K.dtype != x_1D.dtype:
@@ -107,9 +107,7 @@ class ExpertBank(nn.Module):
             weight_K = weight_K[order]
             experts = [experts[k] for k in order]
         step = 2 if torch.get_num_threads() >= 2 else 1
-        # top-2 on two threads: the pair's output is y itself, no buffer to write it into
-        only_pair = num_chosen == 2 and step == 2 and experts[0] != experts[1]
-        y_KD = None if only_pair else x_1D.new_empty(num_chosen, dim)
+        y_parts = []  # the experts' outputs in the order of `experts`: [2, D] per pair, [1, D] alone
         for i in range(0, num_chosen, step):
             if i + 1 < num_chosen and step == 2 and experts[i] != experts[i + 1]:
                 e1, e2 = experts[i], experts[i + 1]
@@ -117,21 +115,20 @@ class ExpertBank(nn.Module):
                 if b_in is not None:
                     h_21H += expert_pair(b_in, e1, e2)[:, None]
                 a_21F = apply_activation(self.activation, h_21H, self.is_glu)
-                out_21D = None if y_KD is None else y_KD[i : i + 2].view(2, 1, dim)
-                y_21D = torch.bmm(a_21F, expert_pair(w_out_EFD, e1, e2), out=out_21D)
+                y_21D = torch.bmm(a_21F, expert_pair(w_out_EFD, e1, e2))
                 if b_out is not None:
                     y_21D += expert_pair(b_out, e1, e2)[:, None]
-                if y_KD is None:
-                    y_KD = y_21D.view(2, dim)
+                y_parts.append(y_21D.view(2, dim))
                 continue
-            for k in range(i, min(i + step, num_chosen)):  # one at a time: [H] = x W_in[e], [D] = a W_out[e]
-                e = experts[k]
+            for e in experts[i : i + step]:  # one at a time: [H] = x W_in[e], [D] = a W_out[e]
                 h_H = torch.mv(w_in_EDH[e].t(), x_1D[0])
                 if b_in is not None:
                     h_H += b_in[e]
-                torch.mv(w_out_EFD[e].t(), apply_activation(self.activation, h_H, self.is_glu), out=y_KD[k])
+                y_D = torch.mv(w_out_EFD[e].t(), apply_activation(self.activation, h_H, self.is_glu))
                 if b_out is not None:
-                    y_KD[k] += b_out[e]
+                    y_D += b_out[e]
+                y_parts.append(y_D[None])
+        y_KD = y_parts[0] if len(y_parts) == 1 else torch.cat(y_parts)  # top-2: the pair's output as it is
         return torch.mm(weight_K[None], y_KD)  # [1, D] = sum_k w_k y_k
 
     def _fused(self, x: Tensor, token_N: Tensor | None, weight_N: Tensor | None, plan: GroupPlan) -> Tensor:
