@@ -3,7 +3,7 @@
 Both models get the same architecture (moekit's default.toml: 4 layers, dim 256, 8 heads with 4 KV
 heads, 8 SwiGLU experts of hidden 512, top-2 in every layer, vocabulary 4096, tied embeddings),
 the same batch and sequence length, float32 on the CPU, AdamW. Measured in one process, medians
-after warm-up:
+after warm-up, the three implementations in turns (one run of each per round):
   - training tokens/s: forward + backward (with each library's load-balancing loss) + AdamW step;
   - greedy generation tokens/s at batch 1 with the KV cache (a fixed number of new tokens).
 transformers is measured with both its `eager` and `grouped_mm` experts and the faster one is the
@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,20 +55,24 @@ def hf_model(arch: dict[str, int], experts_implementation: str) -> torch.nn.Modu
     return MixtralForCausalLM(cfg)
 
 
-def _median_time(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_medians(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, run in turns (one run of each per round).
+
+    Timing the libraries one after another would let a change in the host's load (a noisy neighbour
+    on a shared VM) land on one of them only; in turns, every implementation sees the same conditions.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def train_tokens_per_s(
-    model: torch.nn.Module, kind: str, batch: int, seq: int, warmup: int, repeats: int
-) -> float:
+def train_step_fn(model: torch.nn.Module, kind: str, batch: int, seq: int) -> Callable[[], None]:
+    """One training step (forward with the load-balancing loss, backward, AdamW) on a fixed batch."""
     torch.manual_seed(0)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -75,7 +80,7 @@ def train_tokens_per_s(
     x = torch.randint(0, vocab, (batch, seq))
     y = torch.randint(0, vocab, (batch, seq))
 
-    def step():
+    def step() -> None:
         if kind == "moekit":
             loss = model(x, targets=y).loss
         else:
@@ -84,18 +89,17 @@ def train_tokens_per_s(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return batch * seq / _median_time(step, warmup, repeats)
+    return step
 
 
-@torch.no_grad()
-def generate_tokens_per_s(
-    model: torch.nn.Module, kind: str, prompt_len: int, new_tokens: int, warmup: int, repeats: int
-) -> float:
+def generate_fn(model: torch.nn.Module, kind: str, prompt_len: int, new_tokens: int) -> Callable[[], None]:
+    """Greedy generation of exactly `new_tokens` tokens at batch 1 with the KV cache."""
     torch.manual_seed(0)
-    model.eval()
     prompt = torch.randint(0, ARCH["vocab"], (1, prompt_len))
 
-    def run():
+    @torch.no_grad()
+    def run() -> None:
+        model.eval()
         if kind == "moekit":
             out = model.generate(prompt, max_new_tokens=new_tokens, temperature=0.0)
         else:
@@ -105,13 +109,13 @@ def generate_tokens_per_s(
             )  # fmt: skip
         assert out.shape[1] == prompt_len + new_tokens
 
-    return new_tokens / _median_time(run, warmup, repeats)
+    return run
 
 
 def run_e2e(quick: bool = False) -> dict[str, Any]:
-    """Measure both libraries; returns the numbers and the two ratios with their targets."""
+    """Measure both libraries, in turns; returns the numbers and the two ratios with their targets."""
     batch, seq = (2, 64) if quick else (8, 256)
-    warmup, repeats = (1, 2) if quick else (2, 5)
+    warmup, repeats = (1, 2) if quick else (2, 7)
     prompt_len, new_tokens = (8, 8) if quick else (32, 64)
     arch = dict(ARCH)
     if quick:
@@ -122,22 +126,25 @@ def run_e2e(quick: bool = False) -> dict[str, Any]:
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "arch": arch,
+        "timing": "the three implementations interleaved run by run, medians",
     }
+    models: dict[str, tuple[torch.nn.Module, str]] = {}
     torch.manual_seed(0)
-    mk = moekit_model(arch)
-    results["moekit_train_tokens_per_s"] = train_tokens_per_s(mk, "moekit", batch, seq, warmup, repeats)
-    results["moekit_generate_tokens_per_s"] = generate_tokens_per_s(
-        mk, "moekit", prompt_len, new_tokens, warmup, repeats
-    )
-    del mk
+    models["moekit"] = (moekit_model(arch), "moekit")
     for impl in ("eager", "grouped_mm"):
         torch.manual_seed(0)
-        hf = hf_model(arch, impl)
-        results[f"hf_{impl}_train_tokens_per_s"] = train_tokens_per_s(hf, "hf", batch, seq, warmup, repeats)
-        results[f"hf_{impl}_generate_tokens_per_s"] = generate_tokens_per_s(
-            hf, "hf", prompt_len, new_tokens, warmup, repeats
-        )
-        del hf
+        models[f"hf_{impl}"] = (hf_model(arch, impl), "hf")
+    train = interleaved_medians(
+        {name: train_step_fn(m, kind, batch, seq) for name, (m, kind) in models.items()}, warmup, repeats
+    )
+    generate = interleaved_medians(
+        {name: generate_fn(m, kind, prompt_len, new_tokens) for name, (m, kind) in models.items()},
+        warmup,
+        repeats,
+    )
+    for name in models:
+        results[f"{name}_train_tokens_per_s"] = batch * seq / train[name]
+        results[f"{name}_generate_tokens_per_s"] = new_tokens / generate[name]
     best_train = max(results["hf_eager_train_tokens_per_s"], results["hf_grouped_mm_train_tokens_per_s"])
     best_gen = max(results["hf_eager_generate_tokens_per_s"], results["hf_grouped_mm_generate_tokens_per_s"])
     results["train_speedup"] = results["moekit_train_tokens_per_s"] / best_train

@@ -156,3 +156,27 @@ def test_bench_gpu_suite_without_cuda_writes_nothing(tmp_path, capsys):
     assert main(["bench", "--suite", "gpu", "--out", str(out), "--md", str(md)]) == 0
     assert "no CUDA device: nothing measured" in capsys.readouterr().out
     assert not out.exists() and not md.exists()
+
+
+@pytest.mark.slow
+def test_bench_e2e_quick_measures_both_libraries_on_the_same_architecture():
+    """The end-to-end suite's smoke mode: same parameter count on both sides, every number measured."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_e2e.py"
+    spec = importlib.util.spec_from_file_location("bench_e2e_smoke", path)
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+
+    arch = dict(e2e.ARCH, layers=2, dim=64, heads=4, kv_heads=2, expert_hidden=128)
+    ours, theirs = e2e.moekit_model(arch), e2e.hf_model(arch, "eager")
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+    r = e2e.run_e2e(quick=True)
+    for name in ("moekit", "hf_eager", "hf_grouped_mm"):
+        assert r[f"{name}_train_tokens_per_s"] > 0 and r[f"{name}_generate_tokens_per_s"] > 0
+    best = max(r["hf_eager_train_tokens_per_s"], r["hf_grouped_mm_train_tokens_per_s"])
+    assert r["train_speedup"] == pytest.approx(r["moekit_train_tokens_per_s"] / best)
+    assert r["targets"]["train_speedup >= 1.3"] == (r["train_speedup"] >= 1.3)
+    assert "| training |" in e2e.format_e2e(r)
