@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.model.config import ModelConfig
+from moekit.model.cross_entropy import linear_cross_entropy
 from moekit.model.layers import (
     Attention,
     Block,
@@ -48,7 +49,9 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, S, V]
+    # [B, S, V] logits, read as `.logits`. A call with targets computes its cross-entropy without
+    # them (model/cross_entropy.py) and leaves here the function computing them when first read
+    logits_or_fn: torch.Tensor | Callable[[], torch.Tensor]
     loss: torch.Tensor | None  # ce_loss + aux_loss + z_loss; None without targets
     ce_loss: torch.Tensor | None  # mean over targets != -100; None without targets
     # (aux_loss, z_loss), each summed over the MoE layers (0 for a dense model); or, for an
@@ -57,6 +60,12 @@ class ModelOutput:
     router_losses: tuple[torch.Tensor, torch.Tensor] | Callable[[], tuple[torch.Tensor, torch.Tensor]]
     router_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in layer order
     router_logits: list[torch.Tensor] = field(default_factory=list)  # [B*S, E] float32 per MoE layer
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if callable(self.logits_or_fn):
+            self.logits_or_fn = self.logits_or_fn()
+        return self.logits_or_fn
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -177,7 +186,13 @@ def sample_next_token(
 
 
 class MoETransformer(nn.Module):
-    """Decoder-only LM. `forward(input_ids, targets, attention_mask, cache) -> ModelOutput`."""
+    """Decoder-only LM. `forward(input_ids, targets, attention_mask, cache) -> ModelOutput`.
+
+    `fused_loss` (default True): with targets, the LM head and its cross-entropy run together over
+    row chunks (`linear_cross_entropy`) and the logits are only computed if `.logits` is read. Set it
+    False when every call with targets also reads the logits (distillation does)."""
+
+    fused_loss = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -257,7 +272,10 @@ class MoETransformer(nn.Module):
                 moe_outputs.append(moe_out)
         if cache is not None:
             cache.advance(S)
-        logits_BSV = linear(self.output, self.norm(x_BSD))  # [B, S, V]
+        h_BSD = self.norm(x_BSD)
+        # with targets: the head and the loss in one pass, the logits only when read (see fused_loss)
+        fused = targets is not None and self.fused_loss and type(self.output) is nn.Linear
+        logits_BSV = functools.partial(linear, self.output, h_BSD) if fused else linear(self.output, h_BSD)
 
         def router_losses() -> tuple[torch.Tensor, torch.Tensor]:
             aux_loss, z_loss, _ = sum_router_losses(moe_outputs, device)
@@ -269,7 +287,17 @@ class MoETransformer(nn.Module):
         losses = router_losses() if targets is not None or torch.is_grad_enabled() else router_losses
         if targets is not None:
             aux_loss, z_loss = losses
-            ce_loss = lm_loss(logits_BSV, targets)
+            if fused:
+                head = self.output
+                ce_loss = linear_cross_entropy(
+                    h_BSD.reshape(-1, h_BSD.shape[-1]),
+                    head.weight,
+                    head.bias,
+                    targets.reshape(-1),
+                    IGNORE_INDEX,
+                )
+            else:
+                ce_loss = lm_loss(logits_BSV, targets)
             loss = ce_loss + aux_loss + z_loss
         stats = [out.stats for out in moe_outputs]
         router_logits = [out.router_logits for out in moe_outputs]
