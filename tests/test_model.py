@@ -137,6 +137,36 @@ def test_linear_one_row_split_over_threads(bias, monkeypatch):
     assert torch.equal(linear(lin, x), lin(x)) and not calls  # autograd: the module itself
 
 
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_rms_norm_training_path_matches_float64_and_inference_bit_for_bit(needs):
+    """RMSNorm with autograd (hand-written backward): the output equals the no-grad path bit for bit,
+    and the gradients of x and of the weight equal float64 autograd of x / rms(x) * w."""
+    from moekit.model.layers import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(24))
+    norm.weight.requires_grad_(needs[1])
+    x = torch.randn(3, 5, 24, requires_grad=needs[0])
+    g = torch.randn(3, 5, 24)
+    y = norm(x)
+    with torch.no_grad():
+        assert torch.equal(y, norm(x))
+    y.backward(g)
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = norm.weight.detach().double().requires_grad_(True)
+    ref = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    ref.backward(g.double())
+    assert torch.allclose(y.double(), ref, atol=1e-6)
+    if needs[0]:
+        assert torch.allclose(x.grad.double(), x64.grad, atol=1e-5)
+    if needs[1]:
+        assert torch.allclose(norm.weight.grad.double(), w64.grad, atol=1e-5)
+    else:
+        assert norm.weight.grad is None
+
+
 def test_rope_full_tables_give_the_half_split_rotation_bit_for_bit():
     """Rotary's full-width tables (one roll instead of chunk/cat) must equal the textbook
     half-split formula exactly, so that switching between them changes no logits."""
