@@ -173,3 +173,20 @@ def test_model_trains_twice_with_reused_gradient_memory():
         losses[fused] = seq
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     assert losses[True][2] < losses[True][0]
+
+
+def test_under_autocast_matches_the_plain_loss_under_autocast():
+    """Mixed precision as the trainer runs it (bf16 autocast): the head's product in bf16, the loss
+    and the gradients in float32, as F.cross_entropy(F.linear(h, w).float()) under the same autocast."""
+    h, w, _, t = inputs(n=48, d=32, v=80, bias=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy(h, w, None, t)
+    fused.backward()
+    grads = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = F.cross_entropy(F.linear(h, w).float(), t, ignore_index=-100)
+    plain.backward()
+    assert fused.dtype == torch.float32 and grads[0].dtype == grads[1].dtype == torch.float32
+    assert torch.allclose(fused, plain, rtol=1e-3)
+    assert torch.allclose(grads[0], h.grad, atol=2e-3) and torch.allclose(grads[1], w.grad, atol=2e-3)
