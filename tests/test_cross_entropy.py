@@ -113,6 +113,8 @@ def test_bad_input_is_named():
         linear_cross_entropy(h, w, b, torch.where(t == -100, 50, t))
     with pytest.raises(ValueError, match="targets of shape"):
         linear_cross_entropy(h, w, b, t[:-1])
+    with pytest.raises(ValueError, match="integer class ids, got dtype torch.float32"):
+        linear_cross_entropy(h, w, b, t.float())
     with pytest.raises(ValueError, match=r"expected h \[N, D\]"):
         linear_cross_entropy(h, w[:, :-1], b, t)
 

@@ -135,6 +135,10 @@ def linear_cross_entropy(
             f"linear_cross_entropy: expected h [N, D] and weight [V, D], got {tuple(h_ND.shape)} and "
             f"{tuple(weight_VD.shape)}"
         )
+    if targets_N.dtype.is_floating_point or targets_N.dtype.is_complex or targets_N.dtype == torch.bool:
+        raise ValueError(
+            f"linear_cross_entropy: targets must be integer class ids, got dtype {targets_N.dtype}"
+        )
     if targets_N.shape != h_ND.shape[:1]:
         raise ValueError(
             f"linear_cross_entropy: targets of shape {tuple(targets_N.shape)} for {h_ND.shape[0]} rows"
