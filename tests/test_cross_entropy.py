@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import moekit.model.cross_entropy as ce
-from moekit.model import ModelConfig, MoETransformer
+from moekit.model import ModelConfig, MoEEncoderDecoder, MoETransformer
 from moekit.model.cross_entropy import linear_cross_entropy
 from moekit.moe import MoEConfig
 
@@ -129,13 +129,25 @@ def tiny_model(tie: bool) -> MoETransformer:
     return MoETransformer(cfg)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_model_loss_gradients_and_logits_equal_the_plain_path(monkeypatch, tie):
+def tiny_encdec() -> MoEEncoderDecoder:
+    """Switch-like: tied head rescaled by dim**-0.5, MoE every other layer in both stacks."""
+    torch.manual_seed(0)
+    moe = MoEConfig(dim=32, hidden_dim=48, num_experts=4, top_k=1, router="switch")
+    cfg = ModelConfig(
+        vocab_size=97, dim=32, n_layers=2, n_heads=4, ffn_hidden_dim=48, max_seq_len=64, moe=moe,
+        moe_every=2, tie_embeddings=True, output_scale=32**-0.5,
+    )  # fmt: skip
+    return MoEEncoderDecoder(cfg)
+
+
+@pytest.mark.parametrize("kind", ["untied", "tied", "encdec"])
+def test_model_loss_gradients_and_logits_equal_the_plain_path(monkeypatch, kind):
     """fused_loss on and off: the same loss, the same gradients for every parameter (the tied
-    embedding gets both of its contributions), the same logits when read; over several chunks."""
+    embedding gets both of its contributions), the same logits when read; over several chunks.
+    The encoder-decoder's head sees the rescaled decoder states."""
     monkeypatch.setattr(ce, "CHUNK_BYTES", 16 * 97 * 4)
     monkeypatch.setattr(ce, "MIN_CHUNK_ROWS", 1)
-    model = tiny_model(tie)
+    model = tiny_encdec() if kind == "encdec" else tiny_model(kind == "tied")
     x = torch.randint(0, 97, (3, 20))
     y = torch.randint(0, 97, (3, 20))
     y[:, :4] = -100
@@ -143,7 +155,8 @@ def test_model_loss_gradients_and_logits_equal_the_plain_path(monkeypatch, tie):
     for fused in (False, True):
         model.fused_loss = fused
         model.zero_grad(set_to_none=True)
-        out = model(x, targets=y)
+        torch.manual_seed(5)  # the same router jitter / dropout draws in both calls
+        out = model(x, x.roll(1, dims=1), labels=y) if kind == "encdec" else model(x, targets=y)
         out.loss.backward()
         results.append((out.loss.detach(), out.ce_loss.detach(), out.logits.detach(), {
             n: p.grad.clone() for n, p in model.named_parameters()

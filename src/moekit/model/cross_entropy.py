@@ -19,11 +19,19 @@ Shape legend: N rows (tokens), D model dim, V vocabulary, C rows of a chunk.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from moekit.model.layers import linear
 from moekit.moe.memory import gradient_buffer
+
+IGNORE_INDEX = -100
 
 # A chunk's float32 logits: small enough to stay in cache between their product and their use,
 # and at least MIN_CHUNK_ROWS rows so that the products keep their speed with large vocabularies.
@@ -156,3 +164,44 @@ def linear_cross_entropy(
     if wants_grad:
         return _LinearCrossEntropy.apply(h_ND, weight_VD, bias_V, targets_N, ignore_index)
     return _forward(h_ND, weight_VD, bias_V, targets_N, ignore_index, grads=False)[0]
+
+
+def lm_loss(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
+    """Mean token cross-entropy in float32 of materialized logits; targets equal to -100 are ignored."""
+    return F.cross_entropy(
+        logits_BSV.float().reshape(-1, logits_BSV.shape[-1]),
+        targets_BS.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+@dataclass
+class LogitsOutput:
+    """Base of the models' outputs: `[B, S, V]` logits read as `.logits`. A call with targets that
+    computed its cross-entropy without them (`head_and_loss`) leaves the function computing them
+    when first read."""
+
+    logits_or_fn: Tensor | Callable[[], Tensor]
+
+    @property
+    def logits(self) -> Tensor:
+        if callable(self.logits_or_fn):
+            self.logits_or_fn = self.logits_or_fn()
+        return self.logits_or_fn
+
+
+def head_and_loss(
+    head: nn.Module, h_BSD: Tensor, targets_BS: Tensor | None, fused: bool
+) -> tuple[Tensor | Callable[[], Tensor], Tensor | None]:
+    """(logits or the function computing them, mean cross-entropy or None) of the LM head `head` on
+    the final hidden states. With targets and `fused` (a plain nn.Linear head), the loss comes from
+    `linear_cross_entropy` and the logits are left to be computed when read."""
+    if targets_BS is None:
+        return linear(head, h_BSD), None
+    if fused and type(head) is nn.Linear:
+        ce_loss = linear_cross_entropy(
+            h_BSD.reshape(-1, h_BSD.shape[-1]), head.weight, head.bias, targets_BS.reshape(-1), IGNORE_INDEX
+        )
+        return functools.partial(linear, head, h_BSD), ce_loss
+    logits_BSV = linear(head, h_BSD)
+    return logits_BSV, lm_loss(logits_BSV, targets_BS)

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moekit.model.config import ModelConfig
-from moekit.model.cross_entropy import linear_cross_entropy
+from moekit.model.cross_entropy import IGNORE_INDEX, LogitsOutput, head_and_loss, lm_loss  # noqa: F401 (re-exports)
 from moekit.model.layers import (
     Attention,
     Block,
@@ -44,14 +43,10 @@ from moekit.model.mla import MLAttention
 from moekit.moe import MoE, MoEConfig, MoEOutput, MoEStats
 from moekit.moe.losses import pooled_load_balancing_loss
 
-IGNORE_INDEX = -100
-
 
 @dataclass
-class ModelOutput:
-    # [B, S, V] logits, read as `.logits`. A call with targets computes its cross-entropy without
-    # them (model/cross_entropy.py) and leaves here the function computing them when first read
-    logits_or_fn: torch.Tensor | Callable[[], torch.Tensor]
+class ModelOutput(LogitsOutput):
+    # logits [B, S, V] first, read as `.logits` (see LogitsOutput: with targets, computed when read)
     loss: torch.Tensor | None  # ce_loss + aux_loss + z_loss; None without targets
     ce_loss: torch.Tensor | None  # mean over targets != -100; None without targets
     # (aux_loss, z_loss), each summed over the MoE layers (0 for a dense model); or, for an
@@ -60,12 +55,6 @@ class ModelOutput:
     router_losses: tuple[torch.Tensor, torch.Tensor] | Callable[[], tuple[torch.Tensor, torch.Tensor]]
     router_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in layer order
     router_logits: list[torch.Tensor] = field(default_factory=list)  # [B*S, E] float32 per MoE layer
-
-    @property
-    def logits(self) -> torch.Tensor:
-        if callable(self.logits_or_fn):
-            self.logits_or_fn = self.logits_or_fn()
-        return self.logits_or_fn
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -104,15 +93,6 @@ def pooled_aux_loss(
     mask_T = None if token_mask_BS is None else token_mask_BS.reshape(-1)
     logits = [out.router_logits for out in moe_outputs]
     return others + coef * pooled_load_balancing_loss(logits, moe_cfg.top_k, mask_T)
-
-
-def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy in float32; targets equal to -100 are ignored."""
-    return F.cross_entropy(
-        logits_BSV.float().reshape(-1, logits_BSV.shape[-1]),
-        targets_BS.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-    )
 
 
 def init_weights(model: nn.Module, std: float) -> None:
@@ -272,10 +252,8 @@ class MoETransformer(nn.Module):
                 moe_outputs.append(moe_out)
         if cache is not None:
             cache.advance(S)
-        h_BSD = self.norm(x_BSD)
-        # with targets: the head and the loss in one pass, the logits only when read (see fused_loss)
-        fused = targets is not None and self.fused_loss and type(self.output) is nn.Linear
-        logits_BSV = functools.partial(linear, self.output, h_BSD) if fused else linear(self.output, h_BSD)
+        # with targets the head and the loss run in one pass, the logits only when read (fused_loss)
+        logits_BSV, ce_loss = head_and_loss(self.output, self.norm(x_BSD), targets, self.fused_loss)
 
         def router_losses() -> tuple[torch.Tensor, torch.Tensor]:
             aux_loss, z_loss, _ = sum_router_losses(moe_outputs, device)
@@ -283,21 +261,10 @@ class MoETransformer(nn.Module):
                 aux_loss = pooled_aux_loss(moe_outputs, self.config.moe, token_mask_BS)
             return aux_loss, z_loss
 
-        ce_loss = loss = None
+        loss = None
         losses = router_losses() if targets is not None or torch.is_grad_enabled() else router_losses
         if targets is not None:
             aux_loss, z_loss = losses
-            if fused:
-                head = self.output
-                ce_loss = linear_cross_entropy(
-                    h_BSD.reshape(-1, h_BSD.shape[-1]),
-                    head.weight,
-                    head.bias,
-                    targets.reshape(-1),
-                    IGNORE_INDEX,
-                )
-            else:
-                ce_loss = lm_loss(logits_BSV, targets)
             loss = ce_loss + aux_loss + z_loss
         stats = [out.stats for out in moe_outputs]
         router_logits = [out.router_logits for out in moe_outputs]

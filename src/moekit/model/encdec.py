@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from moekit.model.config import ModelConfig
+from moekit.model.cross_entropy import LogitsOutput, head_and_loss
 from moekit.model.decoder import (
     decoding,
     init_weights,
-    lm_loss,
     moe_layers,
     sample_next_token,
     sum_router_losses,
@@ -50,8 +50,8 @@ from moekit.moe import MoE, MoEOutput, MoEStats
 
 
 @dataclass
-class EncDecOutput:
-    logits: torch.Tensor  # [B, S_dec, V]
+class EncDecOutput(LogitsOutput):
+    # logits [B, S_dec, V] first, read as `.logits` (see LogitsOutput: with labels, computed when read)
     loss: torch.Tensor | None  # ce_loss + aux_loss + z_loss; None without labels
     ce_loss: torch.Tensor | None
     encoder_aux_loss: torch.Tensor  # sums over the encoder's MoE layers
@@ -71,7 +71,12 @@ class EncDecOutput:
 
 
 class MoEEncoderDecoder(nn.Module):
-    """`forward(input_ids, decoder_input_ids, attention_mask, decoder_attention_mask, labels)`."""
+    """`forward(input_ids, decoder_input_ids, attention_mask, decoder_attention_mask, labels)`.
+
+    `fused_loss` as `MoETransformer.fused_loss`: with labels, the LM head and its cross-entropy run
+    together over row chunks and the logits are only computed if `.logits` is read."""
+
+    fused_loss = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -162,13 +167,16 @@ class MoEEncoderDecoder(nn.Module):
         labels: [B, S] target side (labels equal to -100 are ignored). Masks: True = real token."""
         device = input_ids.device
         enc_BTD, enc_moe = self.encode(input_ids, attention_mask)
-        logits_BSV, dec_moe = self.decode(decoder_input_ids, enc_BTD, attention_mask, decoder_attention_mask)
+        h_BSD, dec_moe = self.decode_hidden(
+            decoder_input_ids, enc_BTD, attention_mask, decoder_attention_mask
+        )
+        # with labels the head and the loss run in one pass, the logits only when read (fused_loss)
+        logits_BSV, ce_loss = head_and_loss(self.output, h_BSD, labels, self.fused_loss)
 
         enc_aux, enc_z, enc_stats = sum_router_losses(enc_moe, device)
         dec_aux, dec_z, dec_stats = sum_router_losses(dec_moe, device)
-        ce_loss = loss = None
+        loss = None
         if labels is not None:
-            ce_loss = lm_loss(logits_BSV, labels)
             loss = ce_loss + enc_aux + dec_aux + enc_z + dec_z
         return EncDecOutput(logits_BSV, loss, ce_loss, enc_aux, enc_z, dec_aux, dec_z, enc_stats, dec_stats)
 
@@ -183,6 +191,21 @@ class MoEEncoderDecoder(nn.Module):
         """Target tokens [B, S] over encoder states [B, T, D] -> logits [B, S, V] and the decoder's
         MoE outputs. attention_mask: the source padding [B, T]. With `cache`, the S tokens follow the
         cache's `pos` and decoder_attention_mask covers only them."""
+        h_BSD, dec_moe = self.decode_hidden(
+            decoder_input_ids, enc_BTD, attention_mask, decoder_attention_mask, cache
+        )
+        return linear(self.output, h_BSD), dec_moe  # [B, S, V]
+
+    def decode_hidden(
+        self,
+        decoder_input_ids: torch.Tensor,
+        enc_BTD: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, list[MoEOutput]]:
+        """`decode` up to the LM head: the final hidden states [B, S, D] the head multiplies (after
+        the decoder norm and the output scale), and the decoder's MoE outputs."""
         device = decoder_input_ids.device
         S, T = decoder_input_ids.shape[1], enc_BTD.shape[1]
         start = 0 if cache is None else cache.pos
@@ -213,7 +236,7 @@ class MoEEncoderDecoder(nn.Module):
         h_BSD = self.decoder_norm(x_BSD)
         if self.config.output_scale != 1.0:  # T5 with a tied head rescales by dim**-0.5
             h_BSD = h_BSD * self.config.output_scale
-        return linear(self.output, h_BSD), dec_moe  # [B, S, V]
+        return h_BSD, dec_moe
 
     @decoding
     def generate(
