@@ -73,6 +73,21 @@ def test_scratch_reuses_per_slot_and_thread():
     memory.release_scratch()
 
 
+def test_scratch_first_asked_for_under_inference_mode_is_writable_by_training():
+    """generate runs under inference mode; the fused experts' workspace it creates is used again by
+    the next training step, which writes it in place: it must not be an inference tensor."""
+    memory.release_scratch()
+    like = torch.zeros(3)
+    with torch.inference_mode():
+        (first,) = memory.scratch(like, (4, 5), pool="test")
+        first.fill_(1.0)
+    (again,) = memory.scratch(like, (4, 5), pool="test")
+    assert not again.is_inference() and again.data_ptr() == first.data_ptr()
+    again.fill_(2.0)  # an inference tensor raises here outside inference mode
+    assert bool((again == 2.0).all())
+    memory.release_scratch()
+
+
 def test_gradient_buffers_are_reused_only_when_nothing_holds_them():
     """A backward after `zero_grad(set_to_none=True)` writes the experts' gradients into the memory
     of the previous ones; while anything holds that memory (.grad, a reference, a view) it gets new

@@ -121,6 +121,9 @@ def scratch(like: Tensor, *shapes: tuple[int, ...], pool: str = "experts") -> li
     mmap thresholds move as the process allocates), and when they are new memory every page faults
     again. A kept buffer is touched once. The buffers are valid until the next `scratch` call in
     the same thread: a caller must not return them or keep them past its own return.
+
+    Buffers are always normal tensors, even when first asked for under `torch.inference_mode`
+    (`generate`): an inference tensor kept here could not be written by a later training step.
     """
     cache = getattr(_local, "workspaces", None)
     if cache is None:
@@ -129,10 +132,13 @@ def scratch(like: Tensor, *shapes: tuple[int, ...], pool: str = "experts") -> li
     out = []
     for i, shape in enumerate(shapes):
         size = math.prod(shape)
-        if i == len(bufs):
-            bufs.append(like.new_empty(size))
-        elif bufs[i].numel() < size:
-            bufs[i] = like.new_empty(size)
+        if i == len(bufs) or bufs[i].numel() < size:
+            with torch.inference_mode(False):
+                buf = torch.empty(size, dtype=like.dtype, device=like.device)
+            if i == len(bufs):
+                bufs.append(buf)
+            else:
+                bufs[i] = buf
         out.append(bufs[i][:size].view(shape))
     return out
 
