@@ -167,8 +167,8 @@ class MoEEncoderDecoder(nn.Module):
         labels: [B, S] target side (labels equal to -100 are ignored). Masks: True = real token."""
         device = input_ids.device
         enc_BTD, enc_moe = self.encode(input_ids, attention_mask)
-        h_BSD, dec_moe = self.decode_hidden(
-            decoder_input_ids, enc_BTD, attention_mask, decoder_attention_mask
+        h_BSD, dec_moe = self.decode(
+            decoder_input_ids, enc_BTD, attention_mask, decoder_attention_mask, head=False
         )
         # with labels the head and the loss run in one pass, the logits only when read (fused_loss)
         logits_BSV, ce_loss = head_and_loss(self.output, h_BSD, labels, self.fused_loss)
@@ -187,25 +187,13 @@ class MoEEncoderDecoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        *,
+        head: bool = True,
     ) -> tuple[torch.Tensor, list[MoEOutput]]:
         """Target tokens [B, S] over encoder states [B, T, D] -> logits [B, S, V] and the decoder's
         MoE outputs. attention_mask: the source padding [B, T]. With `cache`, the S tokens follow the
-        cache's `pos` and decoder_attention_mask covers only them."""
-        h_BSD, dec_moe = self.decode_hidden(
-            decoder_input_ids, enc_BTD, attention_mask, decoder_attention_mask, cache
-        )
-        return linear(self.output, h_BSD), dec_moe  # [B, S, V]
-
-    def decode_hidden(
-        self,
-        decoder_input_ids: torch.Tensor,
-        enc_BTD: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        decoder_attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, list[MoEOutput]]:
-        """`decode` up to the LM head: the final hidden states [B, S, D] the head multiplies (after
-        the decoder norm and the output scale), and the decoder's MoE outputs."""
+        cache's `pos` and decoder_attention_mask covers only them. With head=False, the final hidden
+        states [B, S, D] that the LM head multiplies (after the decoder norm and the output scale)."""
         device = decoder_input_ids.device
         S, T = decoder_input_ids.shape[1], enc_BTD.shape[1]
         start = 0 if cache is None else cache.pos
@@ -236,7 +224,7 @@ class MoEEncoderDecoder(nn.Module):
         h_BSD = self.decoder_norm(x_BSD)
         if self.config.output_scale != 1.0:  # T5 with a tied head rescales by dim**-0.5
             h_BSD = h_BSD * self.config.output_scale
-        return h_BSD, dec_moe
+        return (linear(self.output, h_BSD) if head else h_BSD), dec_moe  # [B, S, V] or [B, S, D]
 
     @decoding
     def generate(
