@@ -159,7 +159,9 @@ class DistillTrainer(Trainer):
         self.alpha, self.temperature = alpha, temperature
         self.record = dict(record or {})
         self.teacher = teacher.eval().requires_grad_(False)
-        model.fused_loss = False  # every training step reads the student's logits (a decoder's own flag)
+        model.fused_loss = (
+            False  # every training step reads the student's logits (see MoETransformer.fused_loss)
+        )
         super().__init__(cfg, model=model)
         self.teacher.to(self.device)
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from moekit.model.config import ModelConfig
-from moekit.model.cross_entropy import IGNORE_INDEX, LogitsOutput, head_and_loss, lm_loss  # noqa: F401 (re-exports)
+from moekit.model.cross_entropy import LogitsOutput, head_and_loss
 from moekit.model.layers import (
     Attention,
     Block,
