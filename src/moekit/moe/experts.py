@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from moekit.moe import native
 from moekit.moe.activations import (  # noqa: F401  (re-exported: the dense FFN uses them)
     GPT_OSS_ALPHA,
     GPT_OSS_LIMIT,
@@ -90,12 +91,13 @@ class ExpertBank(nn.Module):
         """Inference for a single token (a decode step at batch 1) -> [1, D].
 
         The token goes straight through its K experts and their weighted outputs are summed: the
-        same math as `forward_tokens`, without the sort, the group plan, the row blocks and their
-        buffers, whose dozens of small calls cost more than the products at this size. With two or
-        more threads the experts go two at a time, one bmm per projection over a strided view of
-        the pair's weights (each thread streams one expert: matrix-vector products run on one
-        thread in MKL); an odd one out, or every expert on one thread, takes `mv(w^T, x)`. The K
-        outputs [K, D] are summed with their weights by a single product.
+        same math as `forward_tokens`, without the sort, the row blocks and their buffers, whose
+        dozens of small calls cost more than the products at this size. Where the native kernel
+        applies (native.py) that is one call. Otherwise, with two or more threads the experts go
+        two at a time, one bmm per projection over a strided view of the pair's weights (each
+        thread streams one expert: matrix-vector products run on one thread in MKL); an odd one
+        out, or every expert on one thread, takes `mv(w^T, x)`. The K outputs [K, D] are summed
+        with their weights by a single product.
         """
         w_in_EDH, w_out_EFD, b_in, b_out = self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED
         if weight_K.dtype != x_1D.dtype:
@@ -106,6 +108,34 @@ class ExpertBank(nn.Module):
         if order != list(range(num_chosen)):
             weight_K = weight_K[order]
             experts = [experts[k] for k in order]
+        if native.applies(
+            x_1D,
+            w_in_EDH,
+            w_out_EFD,
+            b_in,
+            b_out,
+            num_chosen,
+            len(set(experts)),
+            self.activation,
+            self.is_glu,
+            self.strategy,
+        ):
+            counts = [0] * self.num_experts
+            for e in experts:
+                counts[e] += 1
+            token_K = torch.zeros(num_chosen, dtype=torch.int64, device=x_1D.device)
+            return native.few_rows(
+                x_1D,
+                token_K,
+                weight_K,
+                w_in_EDH,
+                w_out_EFD,
+                b_in,
+                b_out,
+                GroupPlan.from_counts(counts),
+                self.activation,
+                self.is_glu,
+            )
         step = 2 if torch.get_num_threads() >= 2 else 1
         y_parts = []  # the experts' outputs in the order of `experts`: [2, D] per pair, [1, D] alone
         for i in range(0, num_chosen, step):

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from moekit.moe import native
 from moekit.moe.activations import activation_backward, activation_into
 from moekit.moe.grouped import GroupPlan, mm_groups, weight_grad_groups, zero_untouched
 from moekit.moe.memory import gradient_buffer, scratch
@@ -78,7 +79,29 @@ def experts_forward(
 ) -> tuple[Tensor, Tensor | None]:
     """No autograd. Rows mode (token_N None): x [N, D] -> y [N, D]; tokens mode: x [T, D] -> out
     [T, D] with out[t] = sum over t's rows n of weight_N[n] * y_n. Also returns the pre-activation
-    hidden [N, H] when save_hidden (else None)."""
+    hidden [N, H] when save_hidden (else None).
+
+    Tokens mode at a few rows per expert (decode-size batches, strategy "auto") runs the native
+    kernel instead (native.py): every expert in one call, streaming the weights once."""
+    if (
+        token_N is not None
+        and not save_hidden
+        and native.applies(
+            x,
+            w_in_EDH,
+            w_out_EFD,
+            b_in_EH,
+            b_out_ED,
+            plan.num_rows,
+            len(plan.bounds),
+            spec.activation,
+            spec.is_glu,
+            spec.strategy,
+        )
+    ):
+        return native.few_rows(
+            x, token_N, weight_N, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, plan, spec.activation, spec.is_glu
+        ), None
     hidden_in, dim_out = w_in_EDH.shape[-1], w_out_EFD.shape[-1]
     num_rows = x.shape[0] if token_N is None else token_N.shape[0]
     out = x.new_zeros(x.shape[0], dim_out) if token_N is not None or plan.num_rows < num_rows else None

@@ -1,0 +1,207 @@
+"""The native few-row expert kernel (moe/native.py, moe/csrc/few_rows.c) against a float64 loop,
+inside the MoE layer against the torch path, and its build: caching, failure, fallback."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from moekit.moe import MoE, MoEConfig, native
+from moekit.moe.grouped import GroupPlan
+
+needs_kernel = pytest.mark.skipif(
+    native.library() is None, reason="no C compiler, or not Linux x86-64 with AVX2 and FMA"
+)
+
+
+def _act64(name: str, gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+    """The activations written out from their formulas, float64."""
+    sig = lambda v: 1 / (1 + torch.exp(-v))
+    if name == "swiglu":
+        return gate * sig(gate) * up
+    if name == "geglu":
+        return 0.5 * gate * (1 + torch.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3))) * up
+    if name == "gpt_oss":
+        g, u = gate.clamp(max=7.0), up.clamp(-7.0, 7.0)
+        return (u + 1) * g * sig(1.702 * g)
+    if name == "relu":
+        return gate.clamp(min=0)
+    if name == "gelu":
+        return 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2)))
+    return gate * sig(gate)  # silu
+
+
+def _reference(x, token, weight, counts, w_in, w_out, b_in, b_out, act, glu):
+    """out[token[n]] += weight[n] * expert_e(x[token[n]]), one row at a time in float64."""
+    x, w_in, w_out = x.double(), w_in.double(), w_out.double()
+    out = torch.zeros_like(x)
+    hidden = w_out.shape[1]
+    n = 0
+    for e, count in enumerate(counts):
+        for _ in range(count):
+            h = x[token[n]] @ w_in[e] + (0 if b_in is None else b_in[e].double())
+            a = _act64(act, h[:hidden], h[hidden:]) if glu else _act64(act, h, None)
+            y = a @ w_out[e] + (0 if b_out is None else b_out[e].double())
+            out[token[n]] += float(weight[n]) * y
+            n += 1
+    return out
+
+
+def _problem(dim, hidden, counts, tokens, glu, bias, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    experts, rows = len(counts), sum(counts)
+    w_in = torch.randn(experts, dim, (2 if glu else 1) * hidden, generator=gen) / dim**0.5
+    w_out = torch.randn(experts, hidden, dim, generator=gen) / hidden**0.5
+    b_in = torch.randn(experts, w_in.shape[-1], generator=gen) if bias else None
+    b_out = torch.randn(experts, dim, generator=gen) if bias else None
+    x = torch.randn(tokens, dim, generator=gen)
+    token = torch.randint(0, tokens, (rows,), generator=gen)  # tokens repeat across groups
+    weight = torch.rand(rows, generator=gen)
+    return x, token, weight, w_in, w_out, b_in, b_out
+
+
+@needs_kernel
+@pytest.mark.parametrize(("act", "glu"), list(native.ACTIVATIONS))
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kernel_matches_float64_loop(act, glu, bias, threads):
+    # dims off the kernel's 8-wide vectors and 8-row blocks; a group of 19 rows takes three passes
+    # of at most 8; an empty expert; 3 threads split 21 hidden units unevenly (8, 8, 5)
+    counts = [2, 0, 19, 1, 5]
+    x, token, weight, w_in, w_out, b_in, b_out = _problem(37, 21, counts, 6, glu, bias)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = native.few_rows(
+            x, token, weight, w_in, w_out, b_in, b_out, GroupPlan.from_counts(counts), act, glu
+        )
+    finally:
+        torch.set_num_threads(old)
+    ref = _reference(x, token, weight, counts, w_in, w_out, b_in, b_out, act, glu)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_at_layer_size():
+    # full 8 x 256 blocks plus tails in both products: dim 520, hidden 300
+    counts = [3, 1, 0, 4]
+    x, token, weight, w_in, w_out, _, _ = _problem(520, 300, counts, 4, True, False, seed=1)
+    out = native.few_rows(x, token, weight, w_in, w_out, None, None, GroupPlan.from_counts(counts), "swiglu", True)
+    ref = _reference(x, token, weight, counts, w_in, w_out, None, None, "swiglu", True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def _count_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = native.few_rows
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native, "few_rows", counted)
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize(("activation", "expert_bias"), [("swiglu", False), ("gelu", True), ("gpt_oss", True)])
+def test_layer_takes_kernel_at_few_tokens_and_matches_torch(monkeypatch, tokens, activation, expert_bias):
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=48, hidden_dim=40, num_experts=6, top_k=2, activation=activation, expert_bias=expert_bias)
+    layer = MoE(cfg).eval()
+    if expert_bias:
+        with torch.no_grad():
+            layer.experts.b_in_EF.normal_()
+            layer.experts.b_out_ED.normal_()
+    x = torch.randn(2, tokens, 48)[:1]  # [1, T, D]
+    calls = _count_calls(monkeypatch)
+    with torch.no_grad():
+        fast = layer(x).output
+        assert len(calls) == 1
+        monkeypatch.setattr(native, "ENABLED", False)
+        slow = layer(x).output
+    assert len(calls) == 1  # the second call took the torch path
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_not_used_with_autograd_large_groups_other_dtypes_or_pinned_strategy(monkeypatch):
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2))
+    calls = _count_calls(monkeypatch)
+    layer(torch.randn(5, 32)).output.sum().backward()  # training: the autograd function
+    with torch.no_grad():
+        layer(torch.randn(200, 32))  # 100 rows per expert on average: the GEMMs
+        layer.experts.strategy = "loop"
+        layer(torch.randn(5, 32))
+        layer.experts.strategy = "auto"
+        layer.to(torch.float64)(torch.randn(5, 32, dtype=torch.float64))
+    assert calls == []
+    with torch.no_grad():
+        layer.to(torch.float32)(torch.randn(5, 32))
+    assert calls == [1]
+
+
+@needs_kernel
+def test_generation_logits_match_torch_path(monkeypatch):
+    from moekit.model import ModelConfig, MoETransformer
+
+    torch.manual_seed(0)
+    moe = MoEConfig(dim=64, hidden_dim=48, num_experts=8, top_k=2)
+    cfg = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=96, max_seq_len=64, moe=moe)
+    model = MoETransformer(cfg).eval()
+    prompt = torch.randint(0, 97, (1, 5))
+    calls = _count_calls(monkeypatch)
+    fast = model.generate(prompt, max_new_tokens=6, temperature=0.0)
+    assert len(calls) >= 2 * 6  # every decode step's MoE layers
+    monkeypatch.setattr(native, "ENABLED", False)
+    slow = model.generate(prompt, max_new_tokens=6, temperature=0.0)
+    assert torch.equal(fast, slow)
+
+
+def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_supported_machine", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="moekit.moe.native"):
+        assert native.library() is None
+    assert "no-such-compiler" in caplog.text
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2)).eval()
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        out = layer(x).output
+        monkeypatch.setattr(native, "ENABLED", False)
+        torch.testing.assert_close(out, layer(x).output)
+    assert not list((tmp_path / "cache").rglob("*.so*"))  # nothing half-written left behind
+
+
+def test_compiler_error_is_reported(tmp_path):
+    broken = tmp_path / "broken.c"
+    broken.write_text("int f( {\n")
+    with pytest.raises(RuntimeError, match="failed to build broken.c"):
+        native.build(broken, tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir())
+
+
+@needs_kernel
+def test_build_is_cached(tmp_path):
+    first = native.build(folder=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native.build(folder=tmp_path) == first
+    assert first.stat().st_mtime_ns == stamp  # not compiled again
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_unsupported_machine_uses_torch(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_supported_machine", lambda: False)
+    assert native.library() is None
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2)).eval()
+    with torch.no_grad():
+        assert layer(torch.randn(3, 32)).output.shape == (3, 32)
