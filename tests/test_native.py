@@ -89,7 +89,9 @@ def test_kernel_at_layer_size():
     # full 8 x 256 blocks plus tails in both products: dim 520, hidden 300
     counts = [3, 1, 0, 4]
     x, token, weight, w_in, w_out, _, _ = _problem(520, 300, counts, 4, True, False, seed=1)
-    out = native.few_rows(x, token, weight, w_in, w_out, None, None, GroupPlan.from_counts(counts), "swiglu", True)
+    out = native.few_rows(
+        x, token, weight, w_in, w_out, None, None, GroupPlan.from_counts(counts), "swiglu", True
+    )
     ref = _reference(x, token, weight, counts, w_in, w_out, None, None, "swiglu", True)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -108,10 +110,14 @@ def _count_calls(monkeypatch) -> list[int]:
 
 @needs_kernel
 @pytest.mark.parametrize("tokens", [1, 3, 8])
-@pytest.mark.parametrize(("activation", "expert_bias"), [("swiglu", False), ("gelu", True), ("gpt_oss", True)])
+@pytest.mark.parametrize(
+    ("activation", "expert_bias"), [("swiglu", False), ("gelu", True), ("gpt_oss", True)]
+)
 def test_layer_takes_kernel_at_few_tokens_and_matches_torch(monkeypatch, tokens, activation, expert_bias):
     torch.manual_seed(0)
-    cfg = MoEConfig(dim=48, hidden_dim=40, num_experts=6, top_k=2, activation=activation, expert_bias=expert_bias)
+    cfg = MoEConfig(
+        dim=48, hidden_dim=40, num_experts=6, top_k=2, activation=activation, expert_bias=expert_bias
+    )
     layer = MoE(cfg).eval()
     if expert_bias:
         with torch.no_grad():
@@ -152,7 +158,9 @@ def test_generation_logits_match_torch_path(monkeypatch):
 
     torch.manual_seed(0)
     moe = MoEConfig(dim=64, hidden_dim=48, num_experts=8, top_k=2)
-    cfg = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=96, max_seq_len=64, moe=moe)
+    cfg = ModelConfig(
+        vocab_size=97, dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=96, max_seq_len=64, moe=moe
+    )
     model = MoETransformer(cfg).eval()
     prompt = torch.randint(0, 97, (1, 5))
     calls = _count_calls(monkeypatch)
