@@ -68,9 +68,9 @@ def _problem(dim, hidden, counts, tokens, glu, bias, seed=0):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_kernel_matches_float64_loop(act, glu, bias, threads):
-    # dims off the kernel's 8-wide vectors and 8-row blocks; a group of 19 rows takes three passes
-    # of at most 8; an empty expert; 3 threads split 21 hidden units unevenly (8, 8, 5)
-    counts = [2, 0, 19, 1, 5]
+    # dims off the kernel's 16- and 8-wide column steps and 8-row blocks; a group of 35 rows takes
+    # three passes of at most 16; an empty expert; 3 threads split 21 hidden units unevenly (8, 8, 5)
+    counts = [2, 0, 35, 1, 5]
     x, token, weight, w_in, w_out, b_in, b_out = _problem(37, 21, counts, 6, glu, bias)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -96,15 +96,32 @@ def test_kernel_at_layer_size():
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_token_groups_unsorted_and_repeated_experts(bias):
+    # the decode entry sorts and groups the K experts itself: order and repeats must not matter
+    x, _, _, w_in, w_out, b_in, b_out = _problem(40, 24, [1] * 5, 1, True, bias, seed=2)
+    expert_idx = torch.tensor([3, 1, 3, 0, 4, 1])
+    weight = torch.tensor([0.5, -1.0, 0.25, 2.0, 0.125, 1.5])
+    out = native.one_token(x, expert_idx, weight, w_in, w_out, b_in, b_out, "swiglu", True)
+    ref = torch.zeros(1, 40, dtype=torch.float64)
+    for e, w in zip(expert_idx.tolist(), weight.tolist()):
+        one = _reference(x, [0], [w], [0] * e + [1], w_in, w_out, b_in, b_out, "swiglu", True)
+        ref += one
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def _count_calls(monkeypatch) -> list[int]:
+    """Counts the calls of the kernel's two entries (the layer's, and a decode step's one token)."""
     calls: list[int] = []
-    real = native.few_rows
+    for name in ("few_rows", "one_token"):
+        real = getattr(native, name)
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+        def counted(*args, _real=real, **kwargs):
+            calls.append(1)
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(native, "few_rows", counted)
+        monkeypatch.setattr(native, name, counted)
     return calls
 
 

@@ -100,42 +100,29 @@ class ExpertBank(nn.Module):
         with their weights by a single product.
         """
         w_in_EDH, w_out_EFD, b_in, b_out = self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED
-        if weight_K.dtype != x_1D.dtype:
-            weight_K = weight_K.to(x_1D.dtype)
         num_chosen, dim = weight_K.shape[0], x_1D.shape[-1]
-        experts = expert_idx_K.tolist()
-        order = sorted(range(num_chosen), key=experts.__getitem__)  # by expert: pairs are views
-        if order != list(range(num_chosen)):
-            weight_K = weight_K[order]
-            experts = [experts[k] for k in order]
-        if native.applies(
+        if num_chosen <= native.MAX_ONE_TOKEN_K and native.applies(
             x_1D,
             w_in_EDH,
             w_out_EFD,
             b_in,
             b_out,
             num_chosen,
-            len(set(experts)),
+            num_chosen,
             self.activation,
             self.is_glu,
             self.strategy,
         ):
-            counts = [0] * self.num_experts
-            for e in experts:
-                counts[e] += 1
-            token_K = torch.zeros(num_chosen, dtype=torch.int64, device=x_1D.device)
-            return native.few_rows(
-                x_1D,
-                token_K,
-                weight_K,
-                w_in_EDH,
-                w_out_EFD,
-                b_in,
-                b_out,
-                GroupPlan.from_counts(counts),
-                self.activation,
-                self.is_glu,
+            return native.one_token(
+                x_1D, expert_idx_K, weight_K, w_in_EDH, w_out_EFD, b_in, b_out, self.activation, self.is_glu
             )
+        if weight_K.dtype != x_1D.dtype:
+            weight_K = weight_K.to(x_1D.dtype)
+        experts = expert_idx_K.tolist()
+        order = sorted(range(num_chosen), key=experts.__getitem__)  # by expert: pairs are views
+        if order != list(range(num_chosen)):
+            weight_K = weight_K[order]
+            experts = [experts[k] for k in order]
         step = 2 if torch.get_num_threads() >= 2 else 1
         y_parts = []  # the experts' outputs in the order of `experts`: [2, D] per pair, [1, D] alone
         for i in range(0, num_chosen, step):

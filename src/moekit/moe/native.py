@@ -50,10 +50,10 @@ ACTIVATIONS = {
     ("gelu", False): 4,
     ("silu", False): 5,
 }
-# The kernel reads an expert's weights once per 8 rows; MKL's GEMMs win once groups are larger.
-# Measured (cold weights, 2-core EPYC): 16 rows per expert (Mixtral-like, T=64) 11.5 vs 12.5 ms;
-# 128 rows (T=512) go to the GEMMs.
+# The kernel reads an expert's weights once per 16 rows (csrc: MR) and computes at about a third
+# of MKL's large-GEMM rate, which wins while groups are small; larger ones go to the GEMMs.
 MAX_MEAN_ROWS = 16
+MAX_ONE_TOKEN_K = 256  # experts per token that `one_token` takes (csrc: MAX_ONE_TOKEN_K)
 ENABLED = os.environ.get("MOEKIT_NATIVE", "1") != "0"
 
 _lock = threading.Lock()
@@ -125,6 +125,8 @@ def _load() -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.moekit_few_rows.argtypes = [p, p, p, p, i64, p, p, p, p, i64, i64, i32, i32, i64, p, p, i32]
     lib.moekit_few_rows.restype = None
+    lib.moekit_one_token.argtypes = [p, p, p, i64, p, p, p, p, i64, i64, i32, i32, p, p, i32]
+    lib.moekit_one_token.restype = None
     lib.moekit_few_rows_work_floats.argtypes = [i64, i64, i64, i32, i32]
     lib.moekit_few_rows_work_floats.restype = i64
     return lib
@@ -222,3 +224,46 @@ def few_rows(
         threads,
     )
     return out_TD
+
+
+def one_token(
+    x_1D: Tensor,
+    expert_idx_K: Tensor,
+    weight_K: Tensor,
+    w_in_EDH: Tensor,
+    w_out_EFD: Tensor,
+    b_in_EH: Tensor | None,
+    b_out_ED: Tensor | None,
+    activation: str,
+    is_glu: bool,
+) -> Tensor:
+    """`few_rows` for a single token x_1D [1, D] and its K chosen experts (any order) -> [1, D];
+    the grouping by expert happens in the kernel. Call only where `applies(...)` is True and
+    K <= MAX_ONE_TOKEN_K."""
+    lib = library()
+    dim, hidden, num_chosen = x_1D.shape[-1], w_out_EFD.shape[1], expert_idx_K.shape[0]
+    threads = torch.get_num_threads()
+    expert_idx_K = expert_idx_K.to(torch.int64).contiguous()
+    weight_K = weight_K.to(torch.float32).contiguous()
+    (work,) = scratch(
+        x_1D, (lib.moekit_few_rows_work_floats(num_chosen, dim, hidden, int(is_glu), threads),), pool="native"
+    )
+    out_1D = x_1D.new_zeros(1, dim)
+    lib.moekit_one_token(
+        x_1D.data_ptr(),
+        expert_idx_K.data_ptr(),
+        weight_K.data_ptr(),
+        num_chosen,
+        w_in_EDH.data_ptr(),
+        w_out_EFD.data_ptr(),
+        None if b_in_EH is None else b_in_EH.data_ptr(),
+        None if b_out_ED is None else b_out_ED.data_ptr(),
+        dim,
+        hidden,
+        int(is_glu),
+        ACTIVATIONS[(activation, is_glu)],
+        out_1D.data_ptr(),
+        work.data_ptr(),
+        threads,
+    )
+    return out_1D

@@ -29,19 +29,40 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MR 8   /* rows of one expert computed per pass over its weights */
+#define MR 16 /* rows of one expert computed per pass over its weights */
 #define DB 8   /* weight rows per block */
 #define CB 256 /* columns per block: DB x CB floats (8 KiB) stay in L1 while every row uses them */
 
 enum { ACT_SWIGLU = 0, ACT_GEGLU = 1, ACT_GPT_OSS = 2, ACT_RELU = 3, ACT_GELU = 4, ACT_SILU = 5 };
 
 /* h_i[c] += sum_{k < nd} xs_i[k] * W[k * ldw + c] for c < nc, for M rows at once: each weight
-   vector is loaded once and used by all M rows (their accumulators stay in registers). */
+   vector is loaded once and used by all M rows, whose accumulators stay in registers. Two column
+   vectors per step give 2M independent FMA chains (enough to keep both FMA pipes busy at M = 4). */
 #define DEFINE_BLOCK(M)                                                                                 \
     static void block_##M(float *const *h, const float *const *xs, const float *W, int64_t ldw, int nd, \
                           int64_t nc)                                                                   \
     {                                                                                                   \
         int64_t c = 0;                                                                                  \
+        for (; c + 16 <= nc; c += 16) {                                                                 \
+            __m256 lo[M], hi[M];                                                                        \
+            for (int i = 0; i < M; i++) {                                                               \
+                lo[i] = _mm256_loadu_ps(h[i] + c);                                                      \
+                hi[i] = _mm256_loadu_ps(h[i] + c + 8);                                                  \
+            }                                                                                           \
+            for (int k = 0; k < nd; k++) {                                                              \
+                const __m256 w_lo = _mm256_loadu_ps(W + k * ldw + c);                                   \
+                const __m256 w_hi = _mm256_loadu_ps(W + k * ldw + c + 8);                               \
+                for (int i = 0; i < M; i++) {                                                           \
+                    const __m256 xv = _mm256_broadcast_ss(xs[i] + k);                                   \
+                    lo[i] = _mm256_fmadd_ps(xv, w_lo, lo[i]);                                           \
+                    hi[i] = _mm256_fmadd_ps(xv, w_hi, hi[i]);                                           \
+                }                                                                                       \
+            }                                                                                           \
+            for (int i = 0; i < M; i++) {                                                               \
+                _mm256_storeu_ps(h[i] + c, lo[i]);                                                      \
+                _mm256_storeu_ps(h[i] + c + 8, hi[i]);                                                  \
+            }                                                                                           \
+        }                                                                                               \
         for (; c + 8 <= nc; c += 8) {                                                                   \
             __m256 acc[M];                                                                              \
             for (int i = 0; i < M; i++) acc[i] = _mm256_loadu_ps(h[i] + c);                             \
@@ -195,4 +216,42 @@ void moekit_few_rows(const float *x, const int64_t *token, const float *weight, 
             }
         }
     }
+}
+
+#define MAX_ONE_TOKEN_K 256
+
+/* One token (a decode step): its K chosen experts expert_idx [K] (any order, repeats allowed) with
+   combine weights weight [K]; out [1, D] += their weighted outputs. The grouping by expert that
+   the caller would otherwise build in Python is done here. K <= MAX_ONE_TOKEN_K. */
+void moekit_one_token(const float *x, const int64_t *expert_idx, const float *weight, int64_t K,
+                      const float *w_in, const float *w_out, const float *b_in, const float *b_out, int64_t D,
+                      int64_t F, int glu, int act, float *out, float *work, int nthreads)
+{
+    int64_t order[MAX_ONE_TOKEN_K], token[MAX_ONE_TOKEN_K], bounds[3 * MAX_ONE_TOKEN_K];
+    float w_sorted[MAX_ONE_TOKEN_K];
+    if (K > MAX_ONE_TOKEN_K) K = MAX_ONE_TOKEN_K; /* the caller checks; never overrun the stack */
+    for (int64_t k = 0; k < K; k++) { /* insertion sort of k by expert, stable */
+        int64_t j = k;
+        while (j > 0 && expert_idx[order[j - 1]] > expert_idx[k]) {
+            order[j] = order[j - 1];
+            j--;
+        }
+        order[j] = k;
+    }
+    int64_t G = 0;
+    for (int64_t k = 0; k < K; k++) {
+        token[k] = 0;
+        w_sorted[k] = weight[order[k]];
+        const int64_t e = expert_idx[order[k]];
+        if (G > 0 && bounds[3 * (G - 1)] == e) {
+            bounds[3 * (G - 1) + 2] = k + 1;
+        } else {
+            bounds[3 * G] = e;
+            bounds[3 * G + 1] = k;
+            bounds[3 * G + 2] = k + 1;
+            G++;
+        }
+    }
+    moekit_few_rows(x, token, w_sorted, bounds, G, w_in, w_out, b_in, b_out, D, F, glu, act, K, out, work,
+                    nthreads);
 }
