@@ -2,19 +2,21 @@
 
    With a handful of rows per expert the work is reading the chosen experts' weights once: a 1-8
    row GEMM in MKL streams a cold weight matrix at about half the machine's read bandwidth, and
-   every (expert, projection) is a separate call. Here one call runs every expert of the layer:
+   every (expert, projection) is a separate call. Here one call runs every expert of the layer,
+   each of a thread's weight reads a contiguous stream:
 
-     for each expert group g (expert e, rows s..t of the expert-sorted assignments):
-       up    h = x_rows W_in[e] (+ b_in)       thread p reads input rows [k0, k1) of W_in[e]: a
-                                               contiguous slice, summed over threads after a barrier
-       act   a = act(h) (GLU: act(gate) * up)  thread p computes hidden columns [f0, f1)
-       down  y_p = a[:, f0:f1] W_out[e][f0:f1] thread p reads hidden rows [f0, f1) of W_out[e]: a
-                                               contiguous slice; y is summed over threads at the end
-     out[token[n]] += weight[n] * (sum_p y_p[n] + b_out[e])
+     1. whole experts: with nt threads, the first G - G % nt expert groups go round-robin to the
+        threads; thread p runs h = x_rows W_in[e] (+ b_in), a = act(h) (GLU: act(gate) * up) and
+        y = a W_out[e] for its groups on its own, reading each expert's weights front to back;
+     2. the remaining G % nt groups (all of them when G < nt, e.g. one token's experts on more
+        threads than experts) are split: thread p reads input rows [k0, k1) of W_in[e] (a
+        contiguous slice), the partial sums of h meet at a barrier, then thread p computes hidden
+        columns [f0, f1) of a and reads hidden rows [f0, f1) of W_out[e] (contiguous again);
+     3. combine: out[token[n]] += weight[n] * (y[n] + b_out[e]), y summed over threads in (2).
 
-   so each thread streams contiguous memory and every weight byte is read once per pass of up to
-   MR rows. The products are register-blocked: up to 4 rows share every weight vector loaded
-   (accumulators in registers), over blocks of DB weight rows x CB columns that stay in L1.
+   Every weight byte is read once per pass of up to MR rows. The products are register-blocked:
+   up to 4 rows share every weight vector loaded (accumulators in registers), over blocks of DB
+   weight rows x CB columns that stay in L1.
    `nthreads` sizes the work buffer; OpenMP may give fewer (nested in a parallel region: one).
 
    Threads are OpenMP's: compiled with -fopenmp, this library uses the libgomp that torch has
@@ -163,8 +165,36 @@ void moekit_few_rows(const float *x, const int64_t *token, const float *weight, 
         float *y_part = work + (int64_t)tid * N * D;                        /* [N, D] this thread's */
         float *h_part = work + (int64_t)nthreads * N * D;                   /* [2][nt][MR][H] */
         float *a_mine = h_part + 2 * (int64_t)nthreads * MR * H + (int64_t)tid * MR * F; /* [MR][F] */
+        /* 1. whole experts: thread p takes groups p, p + nt, ... of the first G - G % nt, each
+              expert's weights one contiguous stream, no barrier */
+        const int64_t G_whole = G - G % nt;
+        for (int64_t g = tid; g < G_whole; g += nt) {
+            const int64_t e = bounds[3 * g], s = bounds[3 * g + 1], t = bounds[3 * g + 2];
+            for (int64_t r0 = s; r0 < t; r0 += MR) {
+                const int m = t - r0 < MR ? (int)(t - r0) : MR;
+                const float *xr[MR];
+                float *hr[MR], *ar[MR], *yr[MR];
+                for (int i = 0; i < m; i++) {
+                    xr[i] = x + token[r0 + i] * D;
+                    hr[i] = h_part + (int64_t)tid * MR * H + i * H;
+                    ar[i] = a_mine + i * F;
+                    yr[i] = y_part + (r0 + i) * D;
+                    if (b_in)
+                        memcpy(hr[i], b_in + e * H, H * sizeof(float));
+                    else
+                        memset(hr[i], 0, H * sizeof(float));
+                    memset(yr[i], 0, D * sizeof(float));
+                }
+                rows_times_weight(hr, xr, m, w_in + e * D * H, H, D, H);
+                for (int i = 0; i < m; i++)
+                    for (int64_t f = 0; f < F; f++) ar[i][f] = activate(act, hr[i][f], glu ? hr[i][F + f] : 0.0f);
+                rows_times_weight(yr, (const float *const *)ar, m, w_out + e * F * D, D, F, D);
+            }
+        }
+        /* 2. the other G % nt groups together: thread p reads input rows [k0, k1) of W_in and
+              hidden rows [f0, f1) of W_out, partial sums meet at a barrier */
         int64_t pass = 0;
-        for (int64_t g = 0; g < G; g++) {
+        for (int64_t g = G_whole; g < G; g++) {
             const int64_t e = bounds[3 * g], s = bounds[3 * g + 1], t = bounds[3 * g + 2];
             const float *wi = w_in + e * D * H;
             const float *wo = w_out + (e * F + f0) * D;
@@ -208,6 +238,11 @@ void moekit_few_rows(const float *x, const int64_t *token, const float *weight, 
             for (int64_t n = s; n < t; n++) {
                 float *o = out + token[n] * D;
                 const float w = weight[n];
+                if (g < G_whole) { /* one thread's output */
+                    const float *yo = work + (int64_t)(g % nt) * N * D + n * D;
+                    for (int64_t c = c0; c < c1; c++) o[c] += w * (yo[c] + (b_out ? b_out[e * D + c] : 0.0f));
+                    continue;
+                }
                 for (int64_t c = c0; c < c1; c++) {
                     float y = b_out ? b_out[e * D + c] : 0.0f;
                     for (int p = 0; p < nt; p++) y += work[(int64_t)p * N * D + n * D + c];
