@@ -225,6 +225,15 @@ def test_build_is_cached(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
 
 
+@needs_kernel
+def test_unwritable_cache_builds_in_a_private_folder(monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache folder's parent should be: mkdir fails
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(blocked / "cache"))
+    built = native.build()
+    assert built.exists() and not str(built).startswith(str(blocked))
+
+
 def test_unsupported_machine_uses_torch(monkeypatch):
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setattr(native, "_supported_machine", lambda: False)

@@ -3,13 +3,14 @@
 At decode-size batches the experts' cost is reading the chosen experts' weights from memory. With
 1-8 rows per expert MKL's GEMMs stream a cold weight matrix at about half the machine's read
 bandwidth, and the experts take a dozen small calls each. `csrc/few_rows.c` runs every expert of a
-layer in one call with each thread streaming contiguous weight slices (see its header); measured
-on a 2-core EPYC with cold weights, the experts of an 8-token batch took 4.3 vs 7.6 ms
-(Mixtral-like) and 4.8 vs 7.0 ms (64 fine-grained experts). `docs/benchmarks.md` has the layer cells.
+layer in one call, each thread streaming whole experts' weights front to back (see its header).
+`docs/benchmarks.md` ("Native few-row kernel") has what it changed in the layer cells and in
+generation.
 
 The source ships with the package and is compiled by the system's C compiler (`$CC`, else `cc`)
 with `-O3 -march=native -fopenmp` into a cache folder (`$MOEKIT_CACHE_DIR`, else
-`~/.cache/moekit`), once per source, compiler and CPU; a library built elsewhere is never loaded.
+`~/.cache/moekit`; a private temporary folder if that cannot be written), once per source,
+compiler and CPU; a library built elsewhere is never loaded.
 The build writes a temporary file and renames it, so processes starting together (torchrun) cannot
 load a half-written library. Linked against libgomp by soname, the kernel runs on the OpenMP
 runtime torch has already loaded: torch's own thread pool.
@@ -98,7 +99,12 @@ def build(source: Path = SOURCE, folder: Path | None = None) -> Path:
     key = hashlib.sha256(
         b"\0".join([text, compiler.encode(), " ".join(flags).encode(), _cpu_flags().encode()])
     )
-    folder = cache_dir() / "native" if folder is None else folder
+    if folder is None:
+        folder = cache_dir() / "native"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:  # an unwritable home: a private folder for this process (built each time)
+            folder = Path(tempfile.mkdtemp(prefix="moekit-native-"))
     target = folder / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
