@@ -67,10 +67,10 @@ def _problem(dim, hidden, counts, tokens, glu, bias, seed=0):
 @pytest.mark.parametrize(("act", "glu"), list(native.ACTIVATIONS))
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("counts", [[2, 0, 35, 1, 5], [2, 0, 35, 1]])
+@pytest.mark.parametrize("counts", [[2, 0, 70, 1, 5], [2, 0, 70, 1]])
 def test_kernel_matches_float64_loop(act, glu, bias, threads, counts):
-    # dims off the kernel's 16- and 8-wide column steps and 8-row blocks; a group of 35 rows takes
-    # three passes of at most 16; an empty expert. 4 or 3 groups on 1, 2 or 3 threads: whole
+    # dims off the kernel's 16- and 8-wide column steps and 8-row blocks; a group of 70 rows takes
+    # three passes of at most 32; an empty expert. 4 or 3 groups on 1, 2 or 3 threads: whole
     # experts per thread and the split of the groups left over (3 threads split 21 hidden units
     # unevenly, 8, 8, 5)
     x, token, weight, w_in, w_out, b_in, b_out = _problem(37, 21, counts, 6, glu, bias)

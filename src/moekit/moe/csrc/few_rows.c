@@ -31,7 +31,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MR 16 /* rows of one expert computed per pass over its weights */
+#define MR 32 /* rows of one expert computed per pass over its weights */
 #define DB 8   /* weight rows per block */
 #define CB 256 /* columns per block: DB x CB floats (8 KiB) stay in L1 while every row uses them */
 
@@ -40,6 +40,11 @@ enum { ACT_SWIGLU = 0, ACT_GEGLU = 1, ACT_GPT_OSS = 2, ACT_RELU = 3, ACT_GELU = 
 /* h_i[c] += sum_{k < nd} xs_i[k] * W[k * ldw + c] for c < nc, for M rows at once: each weight
    vector is loaded once and used by all M rows, whose accumulators stay in registers. Two column
    vectors per step give 2M independent FMA chains (enough to keep both FMA pipes busy at M = 4). */
+/* Without this, gcc folds the weight loads into every FMA that uses them (one load per FMA): the
+   load ports, not the FMA units, then bound the loop. An empty asm with the vector as an in/out
+   register operand makes the compiler keep the loaded value in a register. */
+#define KEEP_IN_REGISTER(v) __asm__("" : "+x"(v))
+
 #define DEFINE_BLOCK(M)                                                                                 \
     static void block_##M(float *const *h, const float *const *xs, const float *W, int64_t ldw, int nd, \
                           int64_t nc)                                                                   \
@@ -52,8 +57,10 @@ enum { ACT_SWIGLU = 0, ACT_GEGLU = 1, ACT_GPT_OSS = 2, ACT_RELU = 3, ACT_GELU = 
                 hi[i] = _mm256_loadu_ps(h[i] + c + 8);                                                  \
             }                                                                                           \
             for (int k = 0; k < nd; k++) {                                                              \
-                const __m256 w_lo = _mm256_loadu_ps(W + k * ldw + c);                                   \
-                const __m256 w_hi = _mm256_loadu_ps(W + k * ldw + c + 8);                               \
+                __m256 w_lo = _mm256_loadu_ps(W + k * ldw + c);                                         \
+                __m256 w_hi = _mm256_loadu_ps(W + k * ldw + c + 8);                                     \
+                KEEP_IN_REGISTER(w_lo);                                                                 \
+                KEEP_IN_REGISTER(w_hi);                                                                 \
                 for (int i = 0; i < M; i++) {                                                           \
                     const __m256 xv = _mm256_broadcast_ss(xs[i] + k);                                   \
                     lo[i] = _mm256_fmadd_ps(xv, w_lo, lo[i]);                                           \
