@@ -183,6 +183,7 @@ def applies(
         and num_groups > 0
         and num_rows <= MAX_MEAN_ROWS * num_groups
         and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+        and not torch.compiler.is_compiling()  # traced tensors have no memory to hand to C
         and library() is not None
     )
 
