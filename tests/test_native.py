@@ -77,9 +77,8 @@ def test_kernel_matches_float64_loop(act, glu, bias, threads, counts):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = native.few_rows(
-            x, token, weight, w_in, w_out, b_in, b_out, GroupPlan.from_counts(counts), act, glu
-        )
+        bank = native.Experts(w_in, w_out, b_in, b_out, act, glu)
+        out = native.few_rows(x, token, weight, GroupPlan.from_counts(counts), bank)
     finally:
         torch.set_num_threads(old)
     ref = _reference(x, token, weight, counts, w_in, w_out, b_in, b_out, act, glu)
@@ -91,9 +90,8 @@ def test_kernel_at_layer_size():
     # full 8 x 256 blocks plus tails in both products: dim 520, hidden 300
     counts = [3, 1, 0, 4]
     x, token, weight, w_in, w_out, _, _ = _problem(520, 300, counts, 4, True, False, seed=1)
-    out = native.few_rows(
-        x, token, weight, w_in, w_out, None, None, GroupPlan.from_counts(counts), "swiglu", True
-    )
+    bank = native.Experts(w_in, w_out, None, None, "swiglu", True)
+    out = native.few_rows(x, token, weight, GroupPlan.from_counts(counts), bank)
     ref = _reference(x, token, weight, counts, w_in, w_out, None, None, "swiglu", True)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -105,7 +103,7 @@ def test_one_token_groups_unsorted_and_repeated_experts(bias):
     x, _, _, w_in, w_out, b_in, b_out = _problem(40, 24, [1] * 5, 1, True, bias, seed=2)
     expert_idx = torch.tensor([3, 1, 3, 0, 4, 1])
     weight = torch.tensor([0.5, -1.0, 0.25, 2.0, 0.125, 1.5])
-    out = native.one_token(x, expert_idx, weight, w_in, w_out, b_in, b_out, "swiglu", True)
+    out = native.one_token(x, expert_idx, weight, native.Experts(w_in, w_out, b_in, b_out, "swiglu", True))
     ref = torch.zeros(1, 40, dtype=torch.float64)
     for e, w in zip(expert_idx.tolist(), weight.tolist()):
         one = _reference(x, [0], [w], [0] * e + [1], w_in, w_out, b_in, b_out, "swiglu", True)

@@ -101,21 +101,11 @@ class ExpertBank(nn.Module):
         """
         w_in_EDH, w_out_EFD, b_in, b_out = self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED
         num_chosen, dim = weight_K.shape[0], x_1D.shape[-1]
+        bank = native.Experts(w_in_EDH, w_out_EFD, b_in, b_out, self.activation, self.is_glu)
         if num_chosen <= native.MAX_ONE_TOKEN_K and native.applies(
-            x_1D,
-            w_in_EDH,
-            w_out_EFD,
-            b_in,
-            b_out,
-            num_chosen,
-            num_chosen,
-            self.activation,
-            self.is_glu,
-            self.strategy,
+            x_1D, bank, num_chosen, num_chosen, self.strategy
         ):
-            return native.one_token(
-                x_1D, expert_idx_K, weight_K, w_in_EDH, w_out_EFD, b_in, b_out, self.activation, self.is_glu
-            )
+            return native.one_token(x_1D, expert_idx_K, weight_K, bank)
         if weight_K.dtype != x_1D.dtype:
             weight_K = weight_K.to(x_1D.dtype)
         experts = expert_idx_K.tolist()

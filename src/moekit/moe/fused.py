@@ -83,25 +83,10 @@ def experts_forward(
 
     Tokens mode at a few rows per expert (decode-size batches, strategy "auto") runs the native
     kernel instead (native.py): every expert in one call, streaming the weights once."""
-    if (
-        token_N is not None
-        and not save_hidden
-        and native.applies(
-            x,
-            w_in_EDH,
-            w_out_EFD,
-            b_in_EH,
-            b_out_ED,
-            plan.num_rows,
-            len(plan.bounds),
-            spec.activation,
-            spec.is_glu,
-            spec.strategy,
-        )
-    ):
-        return native.few_rows(
-            x, token_N, weight_N, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, plan, spec.activation, spec.is_glu
-        ), None
+    if token_N is not None and not save_hidden:
+        bank = native.Experts(w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, spec.activation, spec.is_glu)
+        if native.applies(x, bank, plan.num_rows, len(plan.bounds), spec.strategy):
+            return native.few_rows(x, token_N, weight_N, plan, bank), None
     hidden_in, dim_out = w_in_EDH.shape[-1], w_out_EFD.shape[-1]
     num_rows = x.shape[0] if token_N is None else token_N.shape[0]
     out = x.new_zeros(x.shape[0], dim_out) if token_N is not None or plan.num_rows < num_rows else None

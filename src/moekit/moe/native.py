@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -58,6 +59,18 @@ ACTIVATIONS = {
 MAX_MEAN_ROWS = 16
 MAX_ONE_TOKEN_K = 256  # experts per token that `one_token` takes (csrc: MAX_ONE_TOKEN_K)
 ENABLED = os.environ.get("MOEKIT_NATIVE", "1") != "0"
+
+
+class Experts(NamedTuple):
+    """An expert bank's tensors and activation, as the kernel takes them."""
+
+    w_in_EDH: Tensor  # [E, D, H]
+    w_out_EFD: Tensor  # [E, F, D]
+    b_in_EH: Tensor | None  # [E, H]
+    b_out_ED: Tensor | None  # [E, D]
+    activation: str
+    is_glu: bool
+
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None once a load was tried
@@ -133,7 +146,7 @@ def _load() -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.moekit_few_rows.argtypes = [p, p, p, p, i64, p, p, p, p, i64, i64, i32, i32, i64, p, p, i32]
     lib.moekit_few_rows.restype = None
-    lib.moekit_one_token.argtypes = [p, p, p, i64, p, p, p, p, i64, i64, i32, i32, p, p, i32]
+    lib.moekit_one_token.argtypes = [p, p, p, p, p, p, p, i64, i64, i32, i32, i64, p, p, i32]
     lib.moekit_one_token.restype = None
     lib.moekit_few_rows_work_floats.argtypes = [i64, i64, i64, i32, i32]
     lib.moekit_few_rows_work_floats.restype = i64
@@ -160,26 +173,15 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
-def applies(
-    x: Tensor,
-    w_in_EDH: Tensor,
-    w_out_EFD: Tensor,
-    b_in_EH: Tensor | None,
-    b_out_ED: Tensor | None,
-    num_rows: int,
-    num_groups: int,
-    activation: str,
-    is_glu: bool,
-    strategy: str = "auto",
-) -> bool:
-    """Whether `few_rows` can run a call with `num_rows` rows in `num_groups` non-empty expert
-    groups (without building anything when it cannot). The kernel stands in for the grouped
-    products' strategy "auto" only: a pinned strategy (tests, benchmarks) runs as asked."""
-    tensors = [t for t in (x, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED) if t is not None]
+def applies(x: Tensor, experts: Experts, num_rows: int, num_groups: int, strategy: str = "auto") -> bool:
+    """Whether the kernel can run a call with `num_rows` rows in `num_groups` non-empty expert
+    groups (without building anything when it cannot). It stands in for the grouped products'
+    strategy "auto" only: a pinned strategy (tests, benchmarks) runs as asked."""
+    tensors = [t for t in (x, *experts[:4]) if t is not None]
     return (
         ENABLED
         and strategy == "auto"
-        and (activation, is_glu) in ACTIVATIONS
+        and (experts.activation, experts.is_glu) in ACTIVATIONS
         and num_groups > 0
         and num_rows <= MAX_MEAN_ROWS * num_groups
         and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
@@ -188,37 +190,39 @@ def applies(
     )
 
 
-def few_rows(
-    x_TD: Tensor,
-    token_N: Tensor,
-    weight_N: Tensor,
-    w_in_EDH: Tensor,
-    w_out_EFD: Tensor,
-    b_in_EH: Tensor | None,
-    b_out_ED: Tensor | None,
-    plan: GroupPlan,
-    activation: str,
-    is_glu: bool,
-) -> Tensor:
+def few_rows(x_TD: Tensor, token_N: Tensor, weight_N: Tensor, plan: GroupPlan, experts: Experts) -> Tensor:
     """out [T, D] = sum over rows n of weight_N[n] * expert_n(x_TD[token_N[n]]), rows sorted by
     expert as `plan` says. No autograd; call only where `applies(...)` is True."""
-    lib = library()
-    num_tokens, dim = x_TD.shape
-    num_rows, hidden = token_N.shape[0], w_out_EFD.shape[1]
-    threads = torch.get_num_threads()
     token_N = token_N.to(torch.int64).contiguous()
     weight_N = weight_N.to(torch.float32).contiguous()
     bounds_G3 = torch.tensor(plan.bounds, dtype=torch.int64)
-    (work,) = scratch(
-        x_TD, (lib.moekit_few_rows_work_floats(num_rows, dim, hidden, int(is_glu), threads),), pool="native"
-    )
-    out_TD = x_TD.new_zeros(num_tokens, dim)
-    lib.moekit_few_rows(
-        x_TD.data_ptr(),
-        token_N.data_ptr(),
-        weight_N.data_ptr(),
-        bounds_G3.data_ptr(),
-        bounds_G3.shape[0],
+    rows = (token_N.data_ptr(), weight_N.data_ptr(), bounds_G3.data_ptr(), bounds_G3.shape[0])
+    return _run("moekit_few_rows", x_TD, rows, token_N.shape[0], experts)
+
+
+def one_token(x_1D: Tensor, expert_idx_K: Tensor, weight_K: Tensor, experts: Experts) -> Tensor:
+    """`few_rows` for a single token x_1D [1, D] and its K chosen experts (any order) -> [1, D];
+    the grouping by expert happens in the kernel. Call only where `applies(...)` is True and
+    K <= MAX_ONE_TOKEN_K."""
+    expert_idx_K = expert_idx_K.to(torch.int64).contiguous()
+    weight_K = weight_K.to(torch.float32).contiguous()
+    rows = (expert_idx_K.data_ptr(), weight_K.data_ptr())
+    return _run("moekit_one_token", x_1D, rows, expert_idx_K.shape[0], experts)
+
+
+def _run(entry: str, x: Tensor, rows: tuple, num_rows: int, experts: Experts) -> Tensor:
+    """Call the kernel's `entry` with its row arguments `rows` (pointers and counts, after x) and the
+    arguments both entries share -> out, x's shape, zeros plus the experts' weighted outputs."""
+    lib = library()
+    w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, activation, is_glu = experts
+    dim, hidden = x.shape[-1], w_out_EFD.shape[1]
+    threads = torch.get_num_threads()
+    floats = lib.moekit_few_rows_work_floats(num_rows, dim, hidden, int(is_glu), threads)
+    (work,) = scratch(x, (floats,), pool="native")
+    out = x.new_zeros(x.shape)
+    getattr(lib, entry)(
+        x.data_ptr(),
+        *rows,
         w_in_EDH.data_ptr(),
         w_out_EFD.data_ptr(),
         None if b_in_EH is None else b_in_EH.data_ptr(),
@@ -228,51 +232,8 @@ def few_rows(
         int(is_glu),
         ACTIVATIONS[(activation, is_glu)],
         num_rows,
-        out_TD.data_ptr(),
+        out.data_ptr(),
         work.data_ptr(),
         threads,
     )
-    return out_TD
-
-
-def one_token(
-    x_1D: Tensor,
-    expert_idx_K: Tensor,
-    weight_K: Tensor,
-    w_in_EDH: Tensor,
-    w_out_EFD: Tensor,
-    b_in_EH: Tensor | None,
-    b_out_ED: Tensor | None,
-    activation: str,
-    is_glu: bool,
-) -> Tensor:
-    """`few_rows` for a single token x_1D [1, D] and its K chosen experts (any order) -> [1, D];
-    the grouping by expert happens in the kernel. Call only where `applies(...)` is True and
-    K <= MAX_ONE_TOKEN_K."""
-    lib = library()
-    dim, hidden, num_chosen = x_1D.shape[-1], w_out_EFD.shape[1], expert_idx_K.shape[0]
-    threads = torch.get_num_threads()
-    expert_idx_K = expert_idx_K.to(torch.int64).contiguous()
-    weight_K = weight_K.to(torch.float32).contiguous()
-    (work,) = scratch(
-        x_1D, (lib.moekit_few_rows_work_floats(num_chosen, dim, hidden, int(is_glu), threads),), pool="native"
-    )
-    out_1D = x_1D.new_zeros(1, dim)
-    lib.moekit_one_token(
-        x_1D.data_ptr(),
-        expert_idx_K.data_ptr(),
-        weight_K.data_ptr(),
-        num_chosen,
-        w_in_EDH.data_ptr(),
-        w_out_EFD.data_ptr(),
-        None if b_in_EH is None else b_in_EH.data_ptr(),
-        None if b_out_ED is None else b_out_ED.data_ptr(),
-        dim,
-        hidden,
-        int(is_glu),
-        ACTIVATIONS[(activation, is_glu)],
-        out_1D.data_ptr(),
-        work.data_ptr(),
-        threads,
-    )
-    return out_1D
+    return out

@@ -265,9 +265,9 @@ void moekit_few_rows(const float *x, const int64_t *token, const float *weight, 
 /* One token (a decode step): its K chosen experts expert_idx [K] (any order, repeats allowed) with
    combine weights weight [K]; out [1, D] += their weighted outputs. The grouping by expert that
    the caller would otherwise build in Python is done here. K <= MAX_ONE_TOKEN_K. */
-void moekit_one_token(const float *x, const int64_t *expert_idx, const float *weight, int64_t K,
-                      const float *w_in, const float *w_out, const float *b_in, const float *b_out, int64_t D,
-                      int64_t F, int glu, int act, float *out, float *work, int nthreads)
+void moekit_one_token(const float *x, const int64_t *expert_idx, const float *weight, const float *w_in,
+                      const float *w_out, const float *b_in, const float *b_out, int64_t D, int64_t F, int glu,
+                      int act, int64_t K, float *out, float *work, int nthreads)
 {
     int64_t order[MAX_ONE_TOKEN_K], token[MAX_ONE_TOKEN_K], bounds[3 * MAX_ONE_TOKEN_K];
     float w_sorted[MAX_ONE_TOKEN_K];
