@@ -576,9 +576,14 @@ def test_inference_losses_and_stats_are_computed_when_read_with_the_same_values(
 @pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gpt_oss", True), ("gelu", True)])
 @pytest.mark.parametrize("threads", [1, 2])  # 2: experts go in pairs (bmm), an odd one alone (mv)
-def test_one_token_inference_matches_reference(case, activation, bias, threads, monkeypatch):
-    """A decode step (one token, no autograd) takes ExpertBank.forward_one_token: same outputs as
-    the per-token reference, and the same routed counts and losses as the general path."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["native", "torch"])
+def test_one_token_inference_matches_reference(case, activation, bias, threads, kernel, monkeypatch):
+    """A decode step (one token, no autograd) takes ExpertBank.forward_routed (the native kernel, or
+    its own torch path): same outputs as the per-token reference, and the same routed counts and
+    losses as the general path."""
+    from moekit.moe import native
+
+    monkeypatch.setattr(native, "ENABLED", kernel and native.ENABLED)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the pairing decision reads
     torch.manual_seed(3)
     cfg = MoEConfig(
@@ -597,8 +602,8 @@ def test_one_token_inference_matches_reference(case, activation, bias, threads, 
         for p in moe.experts.parameters():
             p.normal_(0, 0.5)  # biases non-zero too
     calls = []
-    one_token = moe.experts.forward_one_token
-    moe.experts.forward_one_token = lambda *a: calls.append(1) or one_token(*a)
+    one_token = moe.experts.forward_routed
+    moe.experts.forward_routed = lambda *a: calls.append(1) or one_token(*a)
     for seed in range(4):
         x = torch.randn(1, 1, D, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():

@@ -98,23 +98,35 @@ def test_kernel_at_layer_size():
 
 @needs_kernel
 @pytest.mark.parametrize("bias", [False, True])
-def test_one_token_groups_unsorted_and_repeated_experts(bias):
-    # the decode entry sorts and groups the K experts itself: order and repeats must not matter
-    x, _, _, w_in, w_out, b_in, b_out = _problem(40, 24, [1] * 5, 1, True, bias, seed=2)
+@pytest.mark.parametrize(("tokens", "top_k"), [(1, 6), (3, 2)])
+def test_routed_sorts_unsorted_and_repeated_experts(bias, tokens, top_k):
+    # the routing entry sorts the assignments by expert itself: order and repeats must not matter
+    x, _, _, w_in, w_out, b_in, b_out = _problem(40, 24, [1] * 5, tokens, True, bias, seed=2)
     expert_idx = torch.tensor([3, 1, 3, 0, 4, 1])
     weight = torch.tensor([0.5, -1.0, 0.25, 2.0, 0.125, 1.5])
-    out = native.one_token(x, expert_idx, weight, native.Experts(w_in, w_out, b_in, b_out, "swiglu", True))
-    ref = torch.zeros(1, 40, dtype=torch.float64)
-    for e, w in zip(expert_idx.tolist(), weight.tolist()):
-        one = _reference(x, [0], [w], [0] * e + [1], w_in, w_out, b_in, b_out, "swiglu", True)
-        ref += one
+    bank = native.Experts(w_in, w_out, b_in, b_out, "swiglu", True)
+    out = native.routed(x, expert_idx, weight, top_k, bank)
+    ref = torch.zeros(tokens, 40, dtype=torch.float64)
+    for a, (e, w) in enumerate(zip(expert_idx.tolist(), weight.tolist())):
+        t = a // top_k
+        ref[t] += _reference(x[t : t + 1], [0], [w], [0] * e + [1], w_in, w_out, b_in, b_out, "swiglu", True)[
+            0
+        ]
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+def test_routed_rejects_expert_indices_out_of_range():
+    x, _, _, w_in, w_out, _, _ = _problem(16, 8, [1] * 3, 1, True, False)
+    bank = native.Experts(w_in, w_out, None, None, "swiglu", True)
+    with pytest.raises(ValueError, match=r"expert indices \[3\] are outside \[0, 3\)"):
+        native.routed(x, torch.tensor([0, 3]), torch.ones(2), 2, bank)
+
+
 def _count_calls(monkeypatch) -> list[int]:
-    """Counts the calls of the kernel's two entries (the layer's, and a decode step's one token)."""
+    """Counts the calls of the kernel's two entries (after a dispatcher, and straight from a routing)."""
     calls: list[int] = []
-    for name in ("few_rows", "one_token"):
+    for name in ("few_rows", "routed"):
         real = getattr(native, name)
 
         def counted(*args, _real=real, **kwargs):
@@ -149,6 +161,28 @@ def test_layer_takes_kernel_at_few_tokens_and_matches_torch(monkeypatch, tokens,
         slow = layer(x).output
     assert len(calls) == 1  # the second call took the torch path
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(expert_capacity=1, capacity_group="sequence"),  # per-sequence capacity drops rows
+        dict(capacity_factor=0.5),  # batch-wide capacity
+        dict(router="gshard", random_routing=True),  # training-only drops: none in eval
+    ],
+)
+def test_layer_with_drops_or_masks_keeps_them_at_few_tokens(kw):
+    # the routed kernel path must not ignore capacity, padding masks or dropped assignments
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2, **kw)).eval()
+    x = torch.randn(2, 4, 32)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    for m in (None, mask):
+        with torch.no_grad():
+            fast = layer(x, mask=m).output
+        general = layer(x, mask=m).output.detach()  # autograd on: the dispatch path
+        torch.testing.assert_close(fast, general, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel

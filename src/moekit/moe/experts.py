@@ -87,28 +87,34 @@ class ExpertBank(nn.Module):
             raise RuntimeError("ExpertBank.forward_tokens does not apply expert dropout: use forward")
         return self._fused(x_TD, token_N, weight_N, self._plan(counts, token_N.shape[0]))
 
-    def forward_one_token(self, x_1D: Tensor, expert_idx_K: Tensor, weight_K: Tensor) -> Tensor:
-        """Inference for a single token (a decode step at batch 1) -> [1, D].
+    def forward_routed(
+        self, x_TD: Tensor, expert_idx_A: Tensor, weight_A: Tensor, top_k: int
+    ) -> Tensor | None:
+        """Inference straight from a token-choice routing (no autograd) -> [T, D], or None where the
+        caller must dispatch (the native kernel does not apply and T > 1).
 
-        The token goes straight through its K experts and their weighted outputs are summed: the
-        same math as `forward_tokens`, without the sort, the row blocks and their buffers, whose
-        dozens of small calls cost more than the products at this size. Where the native kernel
-        applies (native.py) that is one call. Otherwise, with two or more threads the experts go
-        two at a time, one bmm per projection over a strided view of the pair's weights (each
-        thread streams one expert: matrix-vector products run on one thread in MKL); an odd one
-        out, or every expert on one thread, takes `mv(w^T, x)`. The K outputs [K, D] are summed
-        with their weights by a single product.
+        Assignment a (token-major, T * top_k of them) sends token a // top_k to expert
+        expert_idx_A[a] with combine weight weight_A[a]. Where the native kernel applies
+        (native.py: decode-size batches) it does sort, experts and combine in one call. Otherwise a
+        single token (a decode step at batch 1) goes straight through its K experts here, without the
+        sort, the row blocks and their buffers, whose dozens of small calls cost more than the
+        products at this size: with two or more threads the experts go two at a time, one bmm per
+        projection over a strided view of the pair's weights (each thread streams one expert:
+        matrix-vector products run on one thread in MKL); an odd one out, or every expert on one
+        thread, takes `mv(w^T, x)`. The K outputs [K, D] are summed with their weights by a single
+        product.
         """
         w_in_EDH, w_out_EFD, b_in, b_out = self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED
-        num_chosen, dim = weight_K.shape[0], x_1D.shape[-1]
+        num_rows = expert_idx_A.shape[0]
         bank = native.Experts(w_in_EDH, w_out_EFD, b_in, b_out, self.activation, self.is_glu)
-        if num_chosen <= native.MAX_ONE_TOKEN_K and native.applies(
-            x_1D, bank, num_chosen, num_chosen, self.strategy
-        ):
-            return native.one_token(x_1D, expert_idx_K, weight_K, bank)
+        if native.applies(x_TD, bank, num_rows, min(num_rows, self.num_experts), self.strategy):
+            return native.routed(x_TD, expert_idx_A, weight_A, top_k, bank)
+        if x_TD.shape[0] != 1:
+            return None
+        x_1D, weight_K, num_chosen, dim = x_TD, weight_A, num_rows, x_TD.shape[-1]
         if weight_K.dtype != x_1D.dtype:
             weight_K = weight_K.to(x_1D.dtype)
-        experts = expert_idx_K.tolist()
+        experts = expert_idx_A.tolist()
         order = sorted(range(num_chosen), key=experts.__getitem__)  # by expert: pairs are views
         if order != list(range(num_chosen)):
             weight_K = weight_K[order]

@@ -232,9 +232,12 @@ class MoE(nn.Module):
                 )
                 capacity, order_A = None, None
         inner_aux = inner_z = None
-        if self._one_token_inference(x_TD, routing, mask_T, capacity):
-            # 2.-4. a decode step: the token's K experts directly (see ExpertBank.forward_one_token)
-            out_TD = self.experts.forward_one_token(x_TD, routing.expert_idx_A, routing.weight_A)
+        out_TD = None
+        if self._routed_inference(routing, valid_A, capacity):
+            # 2.-4. decode-size inference straight from the routing, where it can (a single token, or
+            # the native kernel's batch sizes; see ExpertBank.forward_routed)
+            out_TD = self.experts.forward_routed(x_TD, routing.expert_idx_A, routing.weight_A, routing.top_k)
+        if out_TD is not None:
             routed_E = kept_E = _counts_when_read(routing.expert_idx_A, cfg.num_experts)  # [E]
         elif self._fused_local():
             # 2.-4. on one process, gather, experts and combine run fused block by block (with their
@@ -291,24 +294,21 @@ class MoE(nn.Module):
             return None
         routing = self.router(x_1D)
         capacity = self.config.capacity(routing.top_k, self.training) if routing.top_k > 0 else None
-        if not self._one_token_inference(x_1D, routing, None, capacity):
+        if not self._routed_inference(routing, routing.keep_A, capacity):
             return None
-        out_1D = self.experts.forward_one_token(x_1D, routing.expert_idx_A, routing.weight_A)
+        out_1D = self.experts.forward_routed(x_1D, routing.expert_idx_A, routing.weight_A, routing.top_k)
         return out_1D if self.shared is None else out_1D + self.shared(x_1D)
 
-    def _one_token_inference(
-        self, x_TD: Tensor, routing: Routing, mask_T: Tensor | None, capacity: int | None
-    ) -> bool:
-        """Whether steps 2-4 take the one-token path: no autograd, one real token, a token-choice
-        routing that keeps all its K assignments, and the fused local expert bank."""
+    def _routed_inference(self, routing: Routing, valid_A: Tensor | None, capacity: int | None) -> bool:
+        """Whether steps 2-4 may go straight from the routing (ExpertBank.forward_routed): no
+        autograd, a token-choice routing whose every assignment counts (no padding mask, no random
+        drop, no capacity: `valid_A` None), and the fused local expert bank."""
         return (
-            x_TD.shape[0] == 1
-            and not torch.is_grad_enabled()
-            and mask_T is None
+            not torch.is_grad_enabled()
+            and valid_A is None
             and capacity is None
             and routing.top_k > 0
             and routing.token_idx_A is None
-            and routing.keep_A is None
             and self._fused_local()
         )
 

@@ -57,7 +57,6 @@ ACTIVATIONS = {
 # weights, native vs torch paired: mean 16 rows per expert 1.43x (Mixtral-like T=64) and 1.46x
 # (fine-grained T=128), 32 rows 1.07x / 1.02x, 64 rows 0.94x.
 MAX_MEAN_ROWS = 16
-MAX_ONE_TOKEN_K = 256  # experts per token that `one_token` takes (csrc: MAX_ONE_TOKEN_K)
 ENABLED = os.environ.get("MOEKIT_NATIVE", "1") != "0"
 
 
@@ -146,8 +145,8 @@ def _load() -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.moekit_few_rows.argtypes = [p, p, p, p, i64, p, p, p, p, i64, i64, i32, i32, i64, p, p, i32]
     lib.moekit_few_rows.restype = None
-    lib.moekit_one_token.argtypes = [p, p, p, p, p, p, p, i64, i64, i32, i32, i64, p, p, i32]
-    lib.moekit_one_token.restype = None
+    lib.moekit_routed.argtypes = [p, p, p, i64, i64, p, p, p, p, i64, i64, i32, i32, i64, p, p, i32]
+    lib.moekit_routed.restype = i32
     lib.moekit_few_rows_work_floats.argtypes = [i64, i64, i64, i32, i32]
     lib.moekit_few_rows_work_floats.restype = i64
     return lib
@@ -192,27 +191,34 @@ def applies(x: Tensor, experts: Experts, num_rows: int, num_groups: int, strateg
 
 def few_rows(x_TD: Tensor, token_N: Tensor, weight_N: Tensor, plan: GroupPlan, experts: Experts) -> Tensor:
     """out [T, D] = sum over rows n of weight_N[n] * expert_n(x_TD[token_N[n]]), rows sorted by
-    expert as `plan` says. No autograd; call only where `applies(...)` is True."""
+    expert as `plan` says (what a dispatcher gives). No autograd; call where `applies(...)`."""
     token_N = token_N.to(torch.int64).contiguous()
     weight_N = weight_N.to(torch.float32).contiguous()
     bounds_G3 = torch.tensor(plan.bounds, dtype=torch.int64)
     rows = (token_N.data_ptr(), weight_N.data_ptr(), bounds_G3.data_ptr(), bounds_G3.shape[0])
-    return _run("moekit_few_rows", x_TD, rows, token_N.shape[0], experts)
+    return _run("moekit_few_rows", x_TD, rows, token_N.shape[0], experts)[0]
 
 
-def one_token(x_1D: Tensor, expert_idx_K: Tensor, weight_K: Tensor, experts: Experts) -> Tensor:
-    """`few_rows` for a single token x_1D [1, D] and its K chosen experts (any order) -> [1, D];
-    the grouping by expert happens in the kernel. Call only where `applies(...)` is True and
-    K <= MAX_ONE_TOKEN_K."""
-    expert_idx_K = expert_idx_K.to(torch.int64).contiguous()
-    weight_K = weight_K.to(torch.float32).contiguous()
-    rows = (expert_idx_K.data_ptr(), weight_K.data_ptr())
-    return _run("moekit_one_token", x_1D, rows, expert_idx_K.shape[0], experts)
+def routed(x_TD: Tensor, expert_idx_A: Tensor, weight_A: Tensor, top_k: int, experts: Experts) -> Tensor:
+    """`few_rows` straight from a token-choice routing: assignment a (token-major, T * top_k of them)
+    sends token a // top_k to expert expert_idx_A[a] with weight weight_A[a] -> out [T, D]. The sort
+    by expert happens in the kernel. No autograd; call where `applies(...)`."""
+    expert_idx_A = expert_idx_A.to(torch.int64).contiguous()
+    weight_A = weight_A.to(torch.float32).contiguous()
+    num_experts = experts.w_in_EDH.shape[0]
+    rows = (expert_idx_A.data_ptr(), weight_A.data_ptr(), top_k, num_experts)
+    out, status = _run("moekit_routed", x_TD, rows, expert_idx_A.shape[0], experts)
+    if status == -1:
+        bad = expert_idx_A[(expert_idx_A < 0) | (expert_idx_A >= num_experts)]
+        raise ValueError(f"expert indices {bad.tolist()[:8]} are outside [0, {num_experts})")
+    if status != 0:
+        raise MemoryError(f"the native expert kernel could not allocate its index arrays ({status})")
+    return out
 
 
-def _run(entry: str, x: Tensor, rows: tuple, num_rows: int, experts: Experts) -> Tensor:
-    """Call the kernel's `entry` with its row arguments `rows` (pointers and counts, after x) and the
-    arguments both entries share -> out, x's shape, zeros plus the experts' weighted outputs."""
+def _run(entry: str, x: Tensor, rows: tuple, num_rows: int, experts: Experts) -> tuple[Tensor, int | None]:
+    """Call the kernel's `entry` with its row arguments `rows` (after x) and the arguments both
+    entries share -> (out, x's shape: zeros plus the experts' weighted outputs; the entry's status)."""
     lib = library()
     w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, activation, is_glu = experts
     dim, hidden = x.shape[-1], w_out_EFD.shape[1]
@@ -220,7 +226,7 @@ def _run(entry: str, x: Tensor, rows: tuple, num_rows: int, experts: Experts) ->
     floats = lib.moekit_few_rows_work_floats(num_rows, dim, hidden, int(is_glu), threads)
     (work,) = scratch(x, (floats,), pool="native")
     out = x.new_zeros(x.shape)
-    getattr(lib, entry)(
+    status = getattr(lib, entry)(
         x.data_ptr(),
         *rows,
         w_in_EDH.data_ptr(),
@@ -236,4 +242,4 @@ def _run(entry: str, x: Tensor, rows: tuple, num_rows: int, experts: Experts) ->
         work.data_ptr(),
         threads,
     )
-    return out
+    return out, status

@@ -29,6 +29,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MR 32 /* rows of one expert computed per pass over its weights */
@@ -260,40 +261,46 @@ void moekit_few_rows(const float *x, const int64_t *token, const float *weight, 
     }
 }
 
-#define MAX_ONE_TOKEN_K 256
-
-/* One token (a decode step): its K chosen experts expert_idx [K] (any order, repeats allowed) with
-   combine weights weight [K]; out [1, D] += their weighted outputs. The grouping by expert that
-   the caller would otherwise build in Python is done here. K <= MAX_ONE_TOKEN_K. */
-void moekit_one_token(const float *x, const int64_t *expert_idx, const float *weight, const float *w_in,
-                      const float *w_out, const float *b_in, const float *b_out, int64_t D, int64_t F, int glu,
-                      int act, int64_t K, float *out, float *work, int nthreads)
+/* Straight from a token-choice routing: assignment a (of A = T * top_k, token-major) sends token
+   a / top_k to expert expert_idx[a] with combine weight weight[a]; out [T, D] += the weighted outputs.
+   The sort of the assignments by expert (stable, counting) that a dispatcher would do in torch is
+   done here. Returns 0, -1 if an expert index is outside [0, E), -2 if memory ran out (then out is
+   untouched). */
+int moekit_routed(const float *x, const int64_t *expert_idx, const float *weight, int64_t top_k, int64_t E,
+                  const float *w_in, const float *w_out, const float *b_in, const float *b_out, int64_t D,
+                  int64_t F, int glu, int act, int64_t A, float *out, float *work, int nthreads)
 {
-    int64_t order[MAX_ONE_TOKEN_K], token[MAX_ONE_TOKEN_K], bounds[3 * MAX_ONE_TOKEN_K];
-    float w_sorted[MAX_ONE_TOKEN_K];
-    if (K > MAX_ONE_TOKEN_K) K = MAX_ONE_TOKEN_K; /* the caller checks; never overrun the stack */
-    for (int64_t k = 0; k < K; k++) { /* insertion sort of k by expert, stable */
-        int64_t j = k;
-        while (j > 0 && expert_idx[order[j - 1]] > expert_idx[k]) {
-            order[j] = order[j - 1];
-            j--;
+    for (int64_t a = 0; a < A; a++)
+        if (expert_idx[a] < 0 || expert_idx[a] >= E) return -1;
+    int64_t *start = calloc(E + 1, sizeof(int64_t));
+    int64_t *token = malloc((A > 0 ? A : 1) * sizeof(int64_t));
+    int64_t *bounds = malloc(3 * (E > 0 ? E : 1) * sizeof(int64_t));
+    float *w_sorted = malloc((A > 0 ? A : 1) * sizeof(float));
+    int status = -2;
+    if (start && token && bounds && w_sorted) {
+        for (int64_t a = 0; a < A; a++) start[expert_idx[a] + 1]++;
+        int64_t G = 0;
+        for (int64_t e = 0; e < E; e++) {
+            if (start[e + 1] > 0) {
+                bounds[3 * G] = e;
+                bounds[3 * G + 1] = start[e];
+                bounds[3 * G + 2] = start[e] + start[e + 1];
+                G++;
+            }
+            start[e + 1] += start[e]; /* start[e]: first slot of expert e */
         }
-        order[j] = k;
-    }
-    int64_t G = 0;
-    for (int64_t k = 0; k < K; k++) {
-        token[k] = 0;
-        w_sorted[k] = weight[order[k]];
-        const int64_t e = expert_idx[order[k]];
-        if (G > 0 && bounds[3 * (G - 1)] == e) {
-            bounds[3 * (G - 1) + 2] = k + 1;
-        } else {
-            bounds[3 * G] = e;
-            bounds[3 * G + 1] = k;
-            bounds[3 * G + 2] = k + 1;
-            G++;
+        for (int64_t a = 0; a < A; a++) { /* in order of a: stable within an expert */
+            const int64_t slot = start[expert_idx[a]]++;
+            token[slot] = a / top_k;
+            w_sorted[slot] = weight[a];
         }
+        moekit_few_rows(x, token, w_sorted, bounds, G, w_in, w_out, b_in, b_out, D, F, glu, act, A, out, work,
+                        nthreads);
+        status = 0;
     }
-    moekit_few_rows(x, token, w_sorted, bounds, G, w_in, w_out, b_in, b_out, D, F, glu, act, K, out, work,
-                    nthreads);
+    free(start);
+    free(token);
+    free(bounds);
+    free(w_sorted);
+    return status;
 }
