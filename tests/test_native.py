@@ -249,6 +249,13 @@ def test_compiler_error_is_reported(tmp_path):
 
 
 @needs_kernel
+def test_status_names_the_library(monkeypatch):
+    assert native.status() == f"on ({native.build().name})"
+    monkeypatch.setattr(native, "ENABLED", False)
+    assert native.status() == "off (MOEKIT_NATIVE=0)"
+
+
+@needs_kernel
 def test_build_is_cached(tmp_path):
     first = native.build(folder=tmp_path)
     stamp = first.stat().st_mtime_ns
@@ -270,6 +277,7 @@ def test_unsupported_machine_uses_torch(monkeypatch):
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setattr(native, "_supported_machine", lambda: False)
     assert native.library() is None
+    assert native.status().startswith("off (no compiler")
     layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2)).eval()
     with torch.no_grad():
         assert layer(torch.randn(3, 32)).output.shape == (3, 32)

@@ -172,6 +172,16 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
+def status() -> str:
+    """One line for reports (benchmarks): whether the kernel is in use, and if not, why."""
+    if not ENABLED:
+        return "off (MOEKIT_NATIVE=0)"
+    lib = library()
+    if lib is None:
+        return "off (no compiler, a failed build, or not Linux x86-64 with AVX2 and FMA)"
+    return f"on ({Path(lib._name).name})"
+
+
 def applies(x: Tensor, experts: Experts, num_rows: int, num_groups: int, strategy: str = "auto") -> bool:
     """Whether the kernel can run a call with `num_rows` rows in `num_groups` non-empty expert
     groups (without building anything when it cannot). It stands in for the grouped products'
