@@ -186,7 +186,7 @@ def test_layer_with_drops_or_masks_keeps_them_at_few_tokens(kw):
 
 
 @needs_kernel
-def test_kernel_not_used_with_autograd_large_groups_other_dtypes_or_pinned_strategy(monkeypatch):
+def test_kernel_not_used_with_autograd_large_groups_other_dtypes_pinned_strategy_or_big_work(monkeypatch):
     torch.manual_seed(0)
     layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2))
     calls = _count_calls(monkeypatch)
@@ -197,9 +197,12 @@ def test_kernel_not_used_with_autograd_large_groups_other_dtypes_or_pinned_strat
         layer(torch.randn(5, 32))
         layer.experts.strategy = "auto"
         layer.to(torch.float64)(torch.randn(5, 32, dtype=torch.float64))
-    assert calls == []
-    with torch.no_grad():
+        monkeypatch.setattr(native, "MAX_WORK_BYTES", 1024)  # more work memory than allowed
         layer.to(torch.float32)(torch.randn(5, 32))
+    assert calls == []
+    monkeypatch.setattr(native, "MAX_WORK_BYTES", 64 << 20)
+    with torch.no_grad():
+        layer(torch.randn(5, 32))
     assert calls == [1]
 
 

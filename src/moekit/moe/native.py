@@ -57,6 +57,10 @@ ACTIVATIONS = {
 # weights, native vs torch paired: mean 16 rows per expert 1.43x (Mixtral-like T=64) and 1.46x
 # (fine-grained T=128), 32 rows 1.07x / 1.02x, 64 rows 0.94x.
 MAX_MEAN_ROWS = 16
+# The kernel's work memory (per thread: its [rows, D] outputs and a few rows of hidden activations) is
+# kept between calls (memory.scratch); past this size the torch path, with its fixed-size row blocks,
+# runs instead (the layer's shapes here use 1-4 MiB; a DeepSeek-V3-sized layer at 64 tokens ~30 MiB).
+MAX_WORK_BYTES = 64 << 20
 ENABLED = os.environ.get("MOEKIT_NATIVE", "1") != "0"
 
 
@@ -196,6 +200,15 @@ def applies(x: Tensor, experts: Experts, num_rows: int, num_groups: int, strateg
         and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
         and not torch.compiler.is_compiling()  # traced tensors have no memory to hand to C
         and library() is not None
+        and _work_floats(num_rows, x.shape[-1], experts) * 4 <= MAX_WORK_BYTES
+    )
+
+
+def _work_floats(num_rows: int, dim: int, experts: Experts) -> int:
+    """Floats of work memory a call of `num_rows` rows needs (the kernel's own count)."""
+    hidden = experts.w_out_EFD.shape[1]
+    return library().moekit_few_rows_work_floats(
+        num_rows, dim, hidden, int(experts.is_glu), torch.get_num_threads()
     )
 
 
@@ -233,8 +246,7 @@ def _run(entry: str, x: Tensor, rows: tuple, num_rows: int, experts: Experts) ->
     w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, activation, is_glu = experts
     dim, hidden = x.shape[-1], w_out_EFD.shape[1]
     threads = torch.get_num_threads()
-    floats = lib.moekit_few_rows_work_floats(num_rows, dim, hidden, int(is_glu), threads)
-    (work,) = scratch(x, (floats,), pool="native")
+    (work,) = scratch(x, (_work_floats(num_rows, dim, experts),), pool="native")
     out = x.new_zeros(x.shape)
     status = getattr(lib, entry)(
         x.data_ptr(),
