@@ -4,7 +4,9 @@ At decode-size batches the experts' cost is reading the chosen experts' weights 
 1-8 rows per expert MKL's GEMMs stream a cold weight matrix at about half the machine's read
 bandwidth, and the experts take a dozen small calls each. `csrc/few_rows.c` runs every expert of a
 layer in one call, each thread streaming whole experts' weights front to back (see its header).
-`docs/benchmarks.md` ("Native few-row kernel") has what it changed in the layer cells and in
+Two entries: `few_rows` takes rows already sorted by a dispatcher, `routed` takes a routing's
+assignments as they come and sorts them by expert in C (the MoE layer's inference path at these
+sizes, `ExpertBank.forward_routed`). `docs/benchmarks.md` ("Native few-row kernel") has what it changed in the layer cells and in
 generation.
 
 The source ships with the package and is compiled by the system's C compiler (`$CC`, else `cc`)
