@@ -180,3 +180,39 @@ def test_bench_e2e_quick_measures_both_libraries_on_the_same_architecture():
     assert r["train_speedup"] == pytest.approx(r["moekit_train_tokens_per_s"] / best)
     assert r["targets"]["train_speedup >= 1.3"] == (r["train_speedup"] >= 1.3)
     assert "| training |" in e2e.format_e2e(r)
+
+
+def test_bench_native_quick_compares_kernel_and_torch_path(monkeypatch):
+    """The native-kernel benchmark's smoke mode: both paths timed, the kernel really ran in its
+    turns, and the module switch is restored afterwards."""
+    import importlib.util
+    from pathlib import Path
+
+    from moekit.moe import native
+
+    if native.library() is None:
+        pytest.skip("no native kernel on this machine (no C compiler, or not x86-64 with AVX2)")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_native.py"
+    spec = importlib.util.spec_from_file_location("bench_native_smoke", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    threshold = native.MAX_MEAN_ROWS
+    calls = {True: 0, False: 0}
+    real = native.routed
+
+    def counted(*args, **kwargs):
+        calls[native.ENABLED] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native, "routed", counted)
+    r = mod.run(quick=True, tokens=(1, 8))
+    assert calls[True] > 0 and calls[False] == 0  # the kernel ran in its turns only
+    assert native.ENABLED and native.MAX_MEAN_ROWS == threshold
+    assert [(c["shape"], c["tokens"]) for c in r["layer"]] == [
+        (s, t) for s in ("mixtral", "fine_grained") for t in (1, 8)
+    ]
+    for c in r["layer"]:
+        assert c["native_ms"] > 0 and c["torch_ms"] > 0 and c["torch_over_native"] > 0
+    assert r["generation"]["tokens_per_s_native"] > 0 and r["generation"]["tokens_per_s_torch"] > 0
+    assert "| mixtral | 8 |" in mod.format_result(r)

@@ -26,6 +26,7 @@ MOEKIT_NATIVE=0 in the environment turns it off.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -54,11 +55,12 @@ ACTIVATIONS = {
     ("gelu", False): 4,
     ("silu", False): 5,
 }
-# Past a few rows per expert the kernel is bound by arithmetic, not memory: one thread computes at
-# ~75 GFLOP/s at 16 rows (weights in L2), MKL's GEMMs at more as groups grow. In the layer with cold
-# weights, native vs torch paired: mean 16 rows per expert 1.43x (Mixtral-like T=64) and 1.46x
-# (fine-grained T=128), 32 rows 1.07x / 1.02x, 64 rows 0.94x.
-MAX_MEAN_ROWS = 16
+# Past a few rows per expert the kernel is bound by arithmetic, not memory (one thread computes at
+# ~75 GFLOP/s at 16 rows), and MKL's GEMMs catch up as groups grow. Layer forward with cold weights,
+# torch path / native in turns (benchmarks/bench_native.py): 16 rows per expert 1.37-1.70x, 24 rows
+# 1.22-1.37x, 32 rows 1.10-1.25x (fine-grained) and 1.17-1.22x (Mixtral-like), 48 rows 0.99-1.01x,
+# 64 rows 0.86-0.93x.
+MAX_MEAN_ROWS = 32
 # The kernel's work memory (per thread: its [rows, D] outputs and a few rows of hidden activations) is
 # kept between calls (memory.scratch); past this size the torch path, with its fixed-size row blocks,
 # runs instead (the layer's shapes here use 1-4 MiB; a DeepSeek-V3-sized layer at 64 tokens ~30 MiB).
@@ -208,10 +210,15 @@ def applies(x: Tensor, experts: Experts, num_rows: int, num_groups: int, strateg
 
 def _work_floats(num_rows: int, dim: int, experts: Experts) -> int:
     """Floats of work memory a call of `num_rows` rows needs (the kernel's own count)."""
-    hidden = experts.w_out_EFD.shape[1]
-    return library().moekit_few_rows_work_floats(
-        num_rows, dim, hidden, int(experts.is_glu), torch.get_num_threads()
+    return _kernel_work_floats(
+        num_rows, dim, experts.w_out_EFD.shape[1], experts.is_glu, torch.get_num_threads()
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _kernel_work_floats(num_rows: int, dim: int, hidden: int, is_glu: bool, threads: int) -> int:
+    # cached: `applies` and the call itself both ask, once per layer call
+    return library().moekit_few_rows_work_floats(num_rows, dim, hidden, int(is_glu), threads)
 
 
 def few_rows(x_TD: Tensor, token_N: Tensor, weight_N: Tensor, plan: GroupPlan, experts: Experts) -> Tensor:
