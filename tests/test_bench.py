@@ -209,7 +209,7 @@ def test_bench_native_quick_compares_kernel_and_torch_path(monkeypatch):
     r = mod.run(quick=True, tokens=(1, 8))
     assert calls[True] > 0 and calls[False] == 0  # the kernel ran in its turns only
     assert native.ENABLED
-    assert native.MAX_MEAN_ROWS == threshold  # restored after the run
+    assert threshold == native.MAX_MEAN_ROWS  # restored after the run
     assert [(c["shape"], c["tokens"]) for c in r["layer"]] == [
         (s, t) for s in ("mixtral", "fine_grained") for t in (1, 8)
     ]
