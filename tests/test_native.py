@@ -1,8 +1,9 @@
-"""The native few-row expert kernel (moe/native.py, moe/csrc/few_rows.c) against a float64 loop,
+"""The native expert kernels (moe/native.py, moe/csrc/experts.c) against a float64 loop,
 inside the MoE layer against the torch path, and its build: caching, failure, fallback."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 
@@ -15,6 +16,18 @@ from moekit.moe.grouped import GroupPlan
 needs_kernel = pytest.mark.skipif(
     native.library() is None, reason="no C compiler, or not Linux x86-64 with AVX2 and FMA"
 )
+
+
+@pytest.fixture(params=["few", "many"])
+def regime(request, monkeypatch):
+    """Both regimes of the kernel: few rows (the default at these sizes), or many rows (per-thread
+    sgemm, taken here for every call, in blocks of at most 16 rows so that groups span blocks)."""
+    if request.param == "many":
+        if native.blas_sgemm() is None:
+            pytest.skip("no usable BLAS sgemm: the many-row regime is off")
+        monkeypatch.setattr(native, "MAX_MEAN_ROWS", 0)
+        monkeypatch.setattr(native, "BLOCK_HIDDEN_BYTES", 1)
+    return request.param
 
 
 def _act64(name: str, gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
@@ -68,17 +81,18 @@ def _problem(dim, hidden, counts, tokens, glu, bias, seed=0):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("counts", [[2, 0, 70, 1, 5], [2, 0, 70, 1]])
-def test_kernel_matches_float64_loop(act, glu, bias, threads, counts):
+def test_kernel_matches_float64_loop(act, glu, bias, threads, counts, regime):
     # dims off the kernel's 16- and 8-wide column steps and 8-row blocks; a group of 70 rows takes
     # three passes of at most 32; an empty expert. 4 or 3 groups on 1, 2 or 3 threads: whole
     # experts per thread and the split of the groups left over (3 threads split 21 hidden units
-    # unevenly, 8, 8, 5)
+    # unevenly, 8, 8, 5). Many rows: 78 rows cut into 1-3 ranges mid-group, blocks of 16 rows,
+    # tokens repeated across threads' accumulators
     x, token, weight, w_in, w_out, b_in, b_out = _problem(37, 21, counts, 6, glu, bias)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         bank = native.Experts(w_in, w_out, b_in, b_out, act, glu)
-        out = native.few_rows(x, token, weight, GroupPlan.from_counts(counts), bank)
+        out = native.sorted_rows(x, token, weight, GroupPlan.from_counts(counts), bank)
     finally:
         torch.set_num_threads(old)
     ref = _reference(x, token, weight, counts, w_in, w_out, b_in, b_out, act, glu)
@@ -86,12 +100,12 @@ def test_kernel_matches_float64_loop(act, glu, bias, threads, counts):
 
 
 @needs_kernel
-def test_kernel_at_layer_size():
+def test_kernel_at_layer_size(regime):
     # full 8 x 256 blocks plus tails in both products: dim 520, hidden 300
     counts = [3, 1, 0, 4]
     x, token, weight, w_in, w_out, _, _ = _problem(520, 300, counts, 4, True, False, seed=1)
     bank = native.Experts(w_in, w_out, None, None, "swiglu", True)
-    out = native.few_rows(x, token, weight, GroupPlan.from_counts(counts), bank)
+    out = native.sorted_rows(x, token, weight, GroupPlan.from_counts(counts), bank)
     ref = _reference(x, token, weight, counts, w_in, w_out, None, None, "swiglu", True)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -99,7 +113,7 @@ def test_kernel_at_layer_size():
 @needs_kernel
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(("tokens", "top_k"), [(1, 6), (3, 2)])
-def test_routed_sorts_unsorted_and_repeated_experts(bias, tokens, top_k):
+def test_routed_sorts_unsorted_and_repeated_experts(bias, tokens, top_k, regime):
     # the routing entry sorts the assignments by expert itself: order and repeats must not matter
     x, _, _, w_in, w_out, b_in, b_out = _problem(40, 24, [1] * 5, tokens, True, bias, seed=2)
     expert_idx = torch.tensor([3, 1, 3, 0, 4, 1])
@@ -126,7 +140,7 @@ def test_routed_rejects_expert_indices_out_of_range():
 def _count_calls(monkeypatch) -> list[int]:
     """Counts the calls of the kernel's two entries (after a dispatcher, and straight from a routing)."""
     calls: list[int] = []
-    for name in ("few_rows", "routed"):
+    for name in ("sorted_rows", "routed"):
         real = getattr(native, name)
 
         def counted(*args, _real=real, **kwargs):
@@ -192,7 +206,9 @@ def test_kernel_not_used_with_autograd_large_groups_other_dtypes_pinned_strategy
     calls = _count_calls(monkeypatch)
     layer(torch.randn(5, 32)).output.sum().backward()  # training: the autograd function
     with torch.no_grad():
-        layer(torch.randn(200, 32))  # 100 rows per expert on average: the GEMMs
+        monkeypatch.setattr(native, "MANY_ROWS", False)
+        layer(torch.randn(200, 32))  # 100 rows per expert on average, many-row regime off: torch
+        monkeypatch.setattr(native, "MANY_ROWS", True)
         layer.experts.strategy = "loop"
         layer(torch.randn(5, 32))
         layer.experts.strategy = "auto"
@@ -203,6 +219,72 @@ def test_kernel_not_used_with_autograd_large_groups_other_dtypes_pinned_strategy
     monkeypatch.setattr(native, "MAX_WORK_BYTES", 64 << 20)
     with torch.no_grad():
         layer(torch.randn(5, 32))
+    assert calls == [1]
+
+
+needs_sgemm = pytest.mark.skipif(
+    native.library() is None or native.blas_sgemm() is None, reason="no native kernel or no usable BLAS sgemm"
+)
+
+
+@needs_sgemm
+@pytest.mark.parametrize("tokens", [40, 300])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("activation", "expert_bias"), [("swiglu", False), ("geglu", True), ("relu", True)])
+def test_layer_takes_many_row_kernel_for_batches_and_matches_torch(
+    monkeypatch, tokens, threads, activation, expert_bias
+):
+    # 40 tokens x top-2 over 2 experts: 40 rows per expert (past MAX_MEAN_ROWS); 300 tokens: blocks
+    # of 16 rows (BLOCK_HIDDEN_BYTES lowered), groups cut between the threads
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        dim=48,
+        hidden_dim=40,
+        num_experts=2 if tokens == 40 else 6,
+        top_k=2,
+        activation=activation,
+        expert_bias=expert_bias,
+    )
+    layer = MoE(cfg).eval()
+    if expert_bias:
+        with torch.no_grad():
+            layer.experts.b_in_EF.normal_()
+            layer.experts.b_out_ED.normal_()
+    monkeypatch.setattr(native, "BLOCK_HIDDEN_BYTES", 1)
+    x = torch.randn(tokens, 48)
+    entries = []
+    real = native._run
+    monkeypatch.setattr(native, "_run", lambda *a: entries.append(a[-1] is not None) or real(*a))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            fast = layer(x).output
+            monkeypatch.setattr(native, "ENABLED", False)
+            slow = layer(x).output
+    finally:
+        torch.set_num_threads(old)
+    assert entries == [True]  # one call, in the many-row regime
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@needs_sgemm
+def test_sgemm_check_rejects_a_wrong_blas():
+    assert native.sgemm_works(native.blas_sgemm())
+    # an "sgemm" that writes nothing: the kernel's products are wrong, so the regime must be off
+    noop = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 13)(lambda *args: None)
+    assert not native.sgemm_works(ctypes.cast(noop, ctypes.c_void_p).value)
+
+
+@needs_kernel
+def test_many_rows_without_sgemm_takes_torch(monkeypatch):
+    monkeypatch.setitem(native._state, "sgemm", None)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2)).eval()
+    calls = _count_calls(monkeypatch)
+    with torch.no_grad():
+        layer(torch.randn(200, 32))  # 100 rows per expert: past the few-row regime
+        assert calls == []
+        layer(torch.randn(4, 32))  # 2 rows per expert: the few-row regime still runs
     assert calls == [1]
 
 
@@ -253,7 +335,10 @@ def test_compiler_error_is_reported(tmp_path):
 
 @needs_kernel
 def test_status_names_the_library(monkeypatch):
-    assert native.status() == f"on ({native.build().name})"
+    many = "both regimes" if native.blas_sgemm() is not None else "many-row regime off (no usable BLAS sgemm)"
+    assert native.status() == f"on ({native.build().name}, {many})"
+    monkeypatch.setattr(native, "MANY_ROWS", False)
+    assert native.status() == f"on ({native.build().name}, many-row regime off (MOEKIT_NATIVE_MANY=0))"
     monkeypatch.setattr(native, "ENABLED", False)
     assert native.status() == "off (MOEKIT_NATIVE=0)"
 

@@ -86,7 +86,7 @@ def experts_forward(
     if token_N is not None and not save_hidden:
         bank = native.Experts(w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, spec.activation, spec.is_glu)
         if native.applies(x, bank, plan.num_rows, len(plan.bounds), spec.strategy):
-            return native.few_rows(x, token_N, weight_N, plan, bank), None
+            return native.sorted_rows(x, token_N, weight_N, plan, bank), None
     hidden_in, dim_out = w_in_EDH.shape[-1], w_out_EFD.shape[-1]
     num_rows = x.shape[0] if token_N is None else token_N.shape[0]
     out = x.new_zeros(x.shape[0], dim_out) if token_N is not None or plan.num_rows < num_rows else None

@@ -1,24 +1,36 @@
-/* The experts of an MoE layer for a few tokens (decode and small batches), CPU float32, no autograd.
+/* The experts of an MoE layer at inference (no autograd), CPU float32, in one call per layer: sort
+   by expert (moekit_routed), the experts' products, activation and the weighted combine. Two regimes:
 
-   With a handful of rows per expert the work is reading the chosen experts' weights once: a 1-8
-   row GEMM in MKL streams a cold weight matrix at about half the machine's read bandwidth, and
-   every (expert, projection) is a separate call. Here one call runs every expert of the layer,
-   each of a thread's weight reads a contiguous stream:
+   A. A few rows per expert (decode and small batches: moekit_few_rows). The work is reading the
+      chosen experts' weights once: a 1-8 row GEMM in MKL streams a cold weight matrix at about half
+      the machine's read bandwidth, and every (expert, projection) is a separate call. Here each of a
+      thread's weight reads is a contiguous stream:
 
-     1. whole experts: with nt threads, the first G - G % nt expert groups go round-robin to the
-        threads; thread p runs h = x_rows W_in[e] (+ b_in), a = act(h) (GLU: act(gate) * up) and
-        y = a W_out[e] for its groups on its own, reading each expert's weights front to back;
-     2. the remaining G % nt groups (all of them when G < nt, e.g. one token's experts on more
-        threads than experts) are split: thread p reads input rows [k0, k1) of W_in[e] (a
-        contiguous slice), the partial sums of h meet at a barrier, then thread p computes hidden
-        columns [f0, f1) of a and reads hidden rows [f0, f1) of W_out[e] (contiguous again);
-     3. combine: out[token[n]] += weight[n] * (y[n] + b_out[e]), y summed over threads in (2).
+        1. whole experts: with nt threads, the first G - G % nt expert groups go round-robin to the
+           threads; thread p runs h = x_rows W_in[e] (+ b_in), a = act(h) (GLU: act(gate) * up) and
+           y = a W_out[e] for its groups on its own, reading each expert's weights front to back;
+        2. the remaining G % nt groups (all of them when G < nt, e.g. one token's experts on more
+           threads than experts) are split: thread p reads input rows [k0, k1) of W_in[e] (a
+           contiguous slice), the partial sums of h meet at a barrier, then thread p computes hidden
+           columns [f0, f1) of a and reads hidden rows [f0, f1) of W_out[e] (contiguous again);
+        3. combine: out[token[n]] += weight[n] * (y[n] + b_out[e]), y summed over threads in (2).
 
-   Every weight byte is read once per pass of up to MR rows. The products are register-blocked:
-   up to 4 rows share every weight vector loaded (accumulators in registers), over blocks of DB
-   weight rows x CB columns that stay in L1.
+      Every weight byte is read once per pass of up to MR rows. The products are register-blocked:
+      up to 4 rows share every weight vector loaded (accumulators in registers), over blocks of DB
+      weight rows x CB columns that stay in L1.
+
+   B. Many rows per expert (prefill and batches: moekit_many_rows). The work is arithmetic, and the
+      BLAS's GEMM (the sgemm torch links, passed in as a function pointer) runs it near its best when
+      each call has a whole thread to itself: a multi-threaded GEMM per expert and projection pays a
+      fork/join and splits small products thinly, and the gathers, activation and combine around it
+      are separate passes over memory in torch. Here the sorted rows are cut into nt contiguous
+      ranges of equal size (equal FLOPs), and thread p, on its own, for blocks of up to `block_rows`
+      rows of one expert in its range: gathers the rows' inputs, h = x W_in[e] (+ b_in) by sgemm,
+      a = act(h) in place while h is in cache, y = a W_out[e] by sgemm, and adds weight * (y + b_out)
+      into its own [T, D] accumulator (thread 0's is `out`); the accumulators are summed at the end.
+      Called inside the parallel region, the BLAS runs each product on the calling thread.
+
    `nthreads` sizes the work buffer; OpenMP may give fewer (nested in a parallel region: one).
-
    Threads are OpenMP's: compiled with -fopenmp, this library uses the libgomp that torch has
    already loaded (same soname), so it runs on torch's own thread pool.
 
@@ -31,6 +43,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* ------------------------------------------------- A. few rows: register-blocked streaming */
 
 #define MR 32 /* rows of one expert computed per pass over its weights */
 #define DB 8   /* weight rows per block */
@@ -145,6 +159,67 @@ static inline float activate(int act, float g, float u)
     }
 }
 
+/* e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact), e^r by a
+   degree-7 polynomial (Cephes' expf coefficients: within 2 ulp), times 2^n built in the exponent
+   bits. Inputs are clamped to [-87, 88] (e^-87 is still a normal float). */
+static inline __m256 exp8(__m256 x)
+{
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+/* 1 / (1 + e^-z) for 8 floats */
+static inline __m256 sigmoid8(__m256 z)
+{
+    const __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), z))));
+}
+
+/* out[i] = act(gate[i], up[i]) for i < n (up unused without GLU); out may be gate (in place). The
+   activations other than GELU with erf run 8 at a time; a tail and GELU take `activate`. */
+static void activate_row(int act, const float *gate, const float *up, float *out, int64_t n)
+{
+    int64_t i = 0;
+    if (act != ACT_GELU)
+        for (; i + 8 <= n; i += 8) {
+            __m256 g = _mm256_loadu_ps(gate + i), y;
+            switch (act) {
+            case ACT_SWIGLU: y = _mm256_mul_ps(_mm256_mul_ps(g, sigmoid8(g)), _mm256_loadu_ps(up + i)); break;
+            case ACT_GEGLU: { /* 0.5 g (1 + tanh(z)) = g sigmoid(2z), z = sqrt(2 / pi) (g + 0.044715 g^3) */
+                const __m256 g3 = _mm256_mul_ps(_mm256_mul_ps(g, g), g);
+                const __m256 z = _mm256_mul_ps(_mm256_set1_ps(2.0f * 0.7978845608028654f),
+                                               _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), g3, g));
+                y = _mm256_mul_ps(_mm256_mul_ps(g, sigmoid8(z)), _mm256_loadu_ps(up + i));
+                break;
+            }
+            case ACT_GPT_OSS: {
+                const __m256 seven = _mm256_set1_ps(7.0f);
+                g = _mm256_min_ps(g, seven);
+                const __m256 u = _mm256_max_ps(_mm256_min_ps(_mm256_loadu_ps(up + i), seven), _mm256_set1_ps(-7.0f));
+                const __m256 gs = _mm256_mul_ps(g, sigmoid8(_mm256_mul_ps(_mm256_set1_ps(1.702f), g)));
+                y = _mm256_mul_ps(_mm256_add_ps(u, _mm256_set1_ps(1.0f)), gs);
+                break;
+            }
+            case ACT_RELU: y = _mm256_max_ps(g, _mm256_setzero_ps()); break;
+            default: y = _mm256_mul_ps(g, sigmoid8(g)); break; /* ACT_SILU */
+            }
+            _mm256_storeu_ps(out + i, y);
+        }
+    for (; i < n; i++) out[i] = activate(act, gate[i], up ? up[i] : 0.0f);
+}
+
 /* Floats of `work` a call needs: per thread its [N, D] outputs, two [MR, H] partial sums and
    [MR, F] activations. */
 int64_t moekit_few_rows_work_floats(int64_t N, int64_t D, int64_t F, int glu, int nthreads)
@@ -194,8 +269,7 @@ void moekit_few_rows(const float *x, const int64_t *token, const float *weight, 
                     memset(yr[i], 0, D * sizeof(float));
                 }
                 rows_times_weight(hr, xr, m, w_in + e * D * H, H, D, H);
-                for (int i = 0; i < m; i++)
-                    for (int64_t f = 0; f < F; f++) ar[i][f] = activate(act, hr[i][f], glu ? hr[i][F + f] : 0.0f);
+                for (int i = 0; i < m; i++) activate_row(act, hr[i], glu ? hr[i] + F : NULL, ar[i], F);
                 rows_times_weight(yr, (const float *const *)ar, m, w_out + e * F * D, D, F, D);
             }
         }
@@ -261,14 +335,98 @@ void moekit_few_rows(const float *x, const int64_t *token, const float *weight, 
     }
 }
 
+/* ---------------------------------------------------------------- B. many rows: per-thread GEMMs */
+
+/* The BLAS's Fortran sgemm (column-major). Its integer arguments are read from int64 variables: on
+   a little-endian machine an LP64 BLAS (32-bit integers) reads their low halves and an ILP64 one the
+   whole, both the right value. */
+typedef void (*sgemm_fn)(const char *, const char *, const void *, const void *, const void *, const float *,
+                         const float *, const void *, const float *, const void *, const float *, float *,
+                         const void *);
+
+/* C [m, n] = A [m, k] B [k, n] + beta C, row-major with leading dimensions lda, ldb, ldc: in
+   column-major terms C^T = B^T A^T. */
+static void gemm_rows(sgemm_fn sgemm, int64_t m, int64_t n, int64_t k, const float *A, int64_t lda, const float *B,
+                      int64_t ldb, float beta, float *C, int64_t ldc)
+{
+    const float one = 1.0f;
+    sgemm("N", "N", &n, &m, &k, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+/* Floats of `work` a call needs: per thread a block's [rows, D] inputs, [rows, H] hidden and
+   [rows, D] outputs, and a [T, D] accumulator for every thread but the first. */
+int64_t moekit_many_rows_work_floats(int64_t T, int64_t D, int64_t F, int glu, int nthreads, int64_t block_rows)
+{
+    const int64_t H = glu ? 2 * F : F;
+    return (int64_t)nthreads * block_rows * (2 * D + H) + (int64_t)(nthreads - 1) * T * D;
+}
+
+/* out [T, D] += the experts' weighted outputs (out is not cleared here), the arguments as
+   moekit_few_rows's plus T (rows of x and out), the BLAS's sgemm and the rows per block. */
+void moekit_many_rows(const float *x, const int64_t *token, const float *weight, const int64_t *bounds, int64_t G,
+                      const float *w_in, const float *w_out, const float *b_in, const float *b_out, int64_t D,
+                      int64_t F, int glu, int act, int64_t N, int64_t T, float *out, float *work, int nthreads,
+                      void *sgemm_ptr, int64_t block_rows)
+{
+    const sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
+    const int64_t H = glu ? 2 * F : F, BM = block_rows;
+    float *const accs = work + (int64_t)nthreads * BM * (2 * D + H); /* [nthreads - 1][T, D] */
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        float *x_b = work + (int64_t)tid * BM * (2 * D + H); /* [BM, D] gathered inputs */
+        float *h_b = x_b + BM * D;                           /* [BM, H] hidden, then activations */
+        float *y_b = h_b + BM * H;                           /* [BM, D] expert outputs */
+        float *acc = tid == 0 ? out : accs + (int64_t)(tid - 1) * T * D;
+        if (tid > 0) memset(acc, 0, T * D * sizeof(float));
+        const int64_t lo = N * tid / nt, hi = N * (tid + 1) / nt; /* this thread's sorted rows */
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t e = bounds[3 * g];
+            const int64_t s = bounds[3 * g + 1] > lo ? bounds[3 * g + 1] : lo;
+            const int64_t t = bounds[3 * g + 2] < hi ? bounds[3 * g + 2] : hi;
+            for (int64_t r0 = s; r0 < t; r0 += BM) {
+                const int64_t m = t - r0 < BM ? t - r0 : BM;
+                for (int64_t i = 0; i < m; i++) {
+                    memcpy(x_b + i * D, x + token[r0 + i] * D, D * sizeof(float));
+                    if (b_in) memcpy(h_b + i * H, b_in + e * H, H * sizeof(float));
+                }
+                gemm_rows(sgemm, m, H, D, x_b, D, w_in + e * D * H, H, b_in ? 1.0f : 0.0f, h_b, H);
+                for (int64_t i = 0; i < m; i++) /* a = act(h) into h's first F columns */
+                    activate_row(act, h_b + i * H, glu ? h_b + i * H + F : NULL, h_b + i * H, F);
+                gemm_rows(sgemm, m, D, F, h_b, H, w_out + e * F * D, D, 0.0f, y_b, D);
+                for (int64_t i = 0; i < m; i++) {
+                    float *o = acc + token[r0 + i] * D;
+                    const float *y = y_b + i * D, w = weight[r0 + i];
+                    if (b_out)
+                        for (int64_t c = 0; c < D; c++) o[c] += w * (y[c] + b_out[e * D + c]);
+                    else
+                        for (int64_t c = 0; c < D; c++) o[c] += w * y[c];
+                }
+            }
+        }
+        if (nt > 1) {
+#pragma omp barrier
+            /* out += the other threads' accumulators, thread p summing token rows [t0, t1) */
+            const int64_t t0 = T * tid / nt, t1 = T * (tid + 1) / nt;
+            for (int p = 1; p < nt; p++) {
+                const float *a = accs + (int64_t)(p - 1) * T * D;
+                for (int64_t i = t0 * D; i < t1 * D; i++) out[i] += a[i];
+            }
+        }
+    }
+}
+
+/* -------------------------------------------------------------------------- from a routing */
+
 /* Straight from a token-choice routing: assignment a (of A = T * top_k, token-major) sends token
-   a / top_k to expert expert_idx[a] with combine weight weight[a]; out [T, D] += the weighted outputs.
-   The sort of the assignments by expert (stable, counting) that a dispatcher would do in torch is
-   done here. Returns 0, -1 if an expert index is outside [0, E), -2 if memory ran out (then out is
+   a / top_k to expert expert_idx[a] with combine weight weight[a]; out [T, D] += the weighted outputs,
+   by moekit_many_rows when `sgemm` is given (with `block_rows`), else by moekit_few_rows. The sort
+   of the assignments by expert (stable, counting) that a dispatcher would do in torch is done here. Returns 0, -1 if an expert index is outside [0, E), -2 if memory ran out (then out is
    untouched). */
 int moekit_routed(const float *x, const int64_t *expert_idx, const float *weight, int64_t top_k, int64_t E,
                   const float *w_in, const float *w_out, const float *b_in, const float *b_out, int64_t D,
-                  int64_t F, int glu, int act, int64_t A, float *out, float *work, int nthreads)
+                  int64_t F, int glu, int act, int64_t A, float *out, float *work, int nthreads, void *sgemm,
+                  int64_t block_rows)
 {
     for (int64_t a = 0; a < A; a++)
         if (expert_idx[a] < 0 || expert_idx[a] >= E) return -1;
@@ -294,8 +452,12 @@ int moekit_routed(const float *x, const int64_t *expert_idx, const float *weight
             token[slot] = a / top_k;
             w_sorted[slot] = weight[a];
         }
-        moekit_few_rows(x, token, w_sorted, bounds, G, w_in, w_out, b_in, b_out, D, F, glu, act, A, out, work,
-                        nthreads);
+        if (sgemm)
+            moekit_many_rows(x, token, w_sorted, bounds, G, w_in, w_out, b_in, b_out, D, F, glu, act, A, A / top_k,
+                             out, work, nthreads, sgemm, block_rows);
+        else
+            moekit_few_rows(x, token, w_sorted, bounds, G, w_in, w_out, b_in, b_out, D, F, glu, act, A, out, work,
+                            nthreads);
         status = 0;
     }
     free(start);
