@@ -26,7 +26,7 @@ def regime(request, monkeypatch):
         if native.blas_sgemm() is None:
             pytest.skip("no usable BLAS sgemm: the many-row regime is off")
         monkeypatch.setattr(native, "MAX_MEAN_ROWS", 0)
-        monkeypatch.setattr(native, "BLOCK_HIDDEN_BYTES", 1)
+        monkeypatch.setattr(native, "BLOCK_BYTES", 1)
     return request.param
 
 
@@ -235,7 +235,7 @@ def test_layer_takes_many_row_kernel_for_batches_and_matches_torch(
     monkeypatch, tokens, threads, activation, expert_bias
 ):
     # 40 tokens x top-2 over 2 experts: 40 rows per expert (past MAX_MEAN_ROWS); 300 tokens: blocks
-    # of 16 rows (BLOCK_HIDDEN_BYTES lowered), groups cut between the threads
+    # of 16 rows (BLOCK_BYTES lowered), groups cut between the threads
     torch.manual_seed(0)
     cfg = MoEConfig(
         dim=48,
@@ -250,11 +250,11 @@ def test_layer_takes_many_row_kernel_for_batches_and_matches_torch(
         with torch.no_grad():
             layer.experts.b_in_EF.normal_()
             layer.experts.b_out_ED.normal_()
-    monkeypatch.setattr(native, "BLOCK_HIDDEN_BYTES", 1)
+    monkeypatch.setattr(native, "BLOCK_BYTES", 1)
     x = torch.randn(tokens, 48)
-    entries = []
-    real = native._run
-    monkeypatch.setattr(native, "_run", lambda *a: entries.append(a[-1] is not None) or real(*a))
+    entries = []  # the sgemm each routed call got: None in the few-row regime
+    real = native._routed
+    monkeypatch.setattr(native, "_routed", lambda *a: entries.append(a[5]) or real(*a))
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -264,8 +264,108 @@ def test_layer_takes_many_row_kernel_for_batches_and_matches_torch(
             slow = layer(x).output
     finally:
         torch.set_num_threads(old)
-    assert entries == [True]  # one call, in the many-row regime
+    assert entries == [native.blas_sgemm()]  # one call, in the many-row regime
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def _act64_autograd(name, h, glu):
+    hidden = h.shape[-1] // 2 if glu else h.shape[-1]
+    return _act64(name, h[..., :hidden], h[..., hidden:]) if glu else _act64(name, h, None)
+
+
+@needs_sgemm
+@pytest.mark.parametrize(("act", "glu"), list(native.TRAINING_ACTIVATIONS))
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_training_kernel_gradients_match_float64_autograd(monkeypatch, act, glu, bias, threads):
+    # 3 non-empty groups of 70, 41 and 37 rows (an empty expert between), blocks of 16 rows, cut
+    # between 1-3 threads mid-group: the shared experts' weight gradients go through the partials;
+    # tokens repeat within and across groups
+    monkeypatch.setattr(native, "BLOCK_BYTES", 1)
+    counts = [70, 0, 41, 37]
+    x, token, weight, w_in, w_out, b_in, b_out = _problem(37, 21, counts, 50, glu, bias, seed=3)
+    bank = native.Experts(w_in, w_out, b_in, b_out, act, glu)
+    plan = GroupPlan.from_counts(counts)
+    grad_out = torch.randn(50, 37, generator=torch.Generator().manual_seed(4))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert native.applies_training(x, bank, plan.num_rows, len(plan.bounds))
+        out, h = native.sorted_rows_saving(x, token, weight, plan, bank)
+        grads = {
+            "x": torch.zeros_like(x),
+            "weight": torch.empty(len(token)),
+            "w_in": torch.full_like(w_in, float("nan")),  # written for experts with rows only
+            "w_out": torch.full_like(w_out, float("nan")),
+            "b_in": torch.zeros_like(b_in) if bias else None,
+            "b_out": torch.zeros_like(b_out) if bias else None,
+        }
+        native.sorted_rows_backward(x, token, weight, plan, bank, h, grad_out, grads)
+    finally:
+        torch.set_num_threads(old)
+    # float64 autograd through the formula, one row at a time
+    leaves = {
+        k: v.double().requires_grad_(True)
+        for k, v in dict(x=x, weight=weight, w_in=w_in, w_out=w_out).items()
+    }
+    if bias:
+        leaves.update(b_in=b_in.double().requires_grad_(True), b_out=b_out.double().requires_grad_(True))
+    ref = torch.zeros(50, 37, dtype=torch.float64)
+    hs = []
+    n = 0
+    for e, count in enumerate(counts):
+        for _ in range(count):
+            hn = leaves["x"][token[n]] @ leaves["w_in"][e] + (leaves["b_in"][e] if bias else 0)
+            hs.append(hn)
+            y = _act64_autograd(act, hn, glu) @ leaves["w_out"][e] + (leaves["b_out"][e] if bias else 0)
+            ref = ref.index_add(0, token[n : n + 1], (leaves["weight"][n] * y)[None])
+            n += 1
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.double(), torch.stack(hs).detach(), rtol=1e-5, atol=1e-5)
+    ref.backward(grad_out.double())
+    for name, leaf in leaves.items():
+        got = grads[name].clone()
+        if name in ("w_in", "w_out"):
+            assert torch.isnan(got[1]).all()  # the empty expert's is left to the caller
+            got[1] = 0
+        torch.testing.assert_close(got.double(), leaf.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@needs_sgemm
+@pytest.mark.parametrize(
+    ("activation", "expert_bias"), [("swiglu", False), ("gelu", True), ("gpt_oss", True)]
+)
+def test_layer_training_with_kernel_matches_torch_path(monkeypatch, activation, expert_bias):
+    # forward + backward of the layer at 200 tokens (100 rows per expert): every gradient, the
+    # router's included, equals the torch path's; GPT-OSS's activation takes torch's path
+    def grads_of(native_on: bool):
+        monkeypatch.setattr(native, "ENABLED", native_on)
+        torch.manual_seed(0)
+        layer = MoE(
+            MoEConfig(
+                dim=48, hidden_dim=40, num_experts=4, top_k=2, activation=activation, expert_bias=expert_bias
+            )
+        )
+        if expert_bias:
+            with torch.no_grad():
+                layer.experts.b_in_EF.normal_()
+                layer.experts.b_out_ED.normal_()
+        x = torch.randn(2, 100, 48, requires_grad=True)
+        out = layer(x)
+        (out.output.square().sum() + out.aux_loss).backward()
+        return out.output.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()}
+
+    calls = []
+    real = native.sorted_rows_backward
+    monkeypatch.setattr(native, "sorted_rows_backward", lambda *a: calls.append(1) or real(*a))
+    fast_out, fast_x, fast = grads_of(True)
+    assert len(calls) == (0 if activation == "gpt_oss" else 1)
+    slow_out, slow_x, slow = grads_of(False)
+    torch.testing.assert_close(fast_out, slow_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_x, slow_x, rtol=1e-4, atol=1e-5)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
 @needs_sgemm

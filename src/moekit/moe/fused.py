@@ -81,12 +81,14 @@ def experts_forward(
     [T, D] with out[t] = sum over t's rows n of weight_N[n] * y_n. Also returns the pre-activation
     hidden [N, H] when save_hidden (else None).
 
-    Tokens mode at a few rows per expert (decode-size batches, strategy "auto") runs the native
-    kernel instead (native.py): every expert in one call, streaming the weights once."""
-    if token_N is not None and not save_hidden:
+    Tokens mode with strategy "auto" runs the native kernels instead where they apply (native.py):
+    every expert in one call; under autograd (save_hidden) the many-row regime only."""
+    if token_N is not None:
         bank = native.Experts(w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, spec.activation, spec.is_glu)
-        if native.applies(x, bank, plan.num_rows, len(plan.bounds), spec.strategy):
+        if not save_hidden and native.applies(x, bank, plan.num_rows, len(plan.bounds), spec.strategy):
             return native.sorted_rows(x, token_N, weight_N, plan, bank), None
+        if save_hidden and native.applies_training(x, bank, plan.num_rows, len(plan.bounds), spec.strategy):
+            return native.sorted_rows_saving(x, token_N, weight_N, plan, bank)
     hidden_in, dim_out = w_in_EDH.shape[-1], w_out_EFD.shape[-1]
     num_rows = x.shape[0] if token_N is None else token_N.shape[0]
     out = x.new_zeros(x.shape[0], dim_out) if token_N is not None or plan.num_rows < num_rows else None
@@ -155,51 +157,74 @@ class FusedExperts(torch.autograd.Function):
         grad_b_out = grad_out.new_zeros(num_experts, dim_out) if need_b_out else None
         touched_in, touched_out = [False] * num_experts, [False] * num_experts
 
-        blocks, rows = _blocks(plan, spec, hidden_in, x.element_size())
-        shapes = [(rows, hidden)] * 3 + [(rows, hidden_in)]
-        if tokens:
-            shapes += [(rows, dim_in), (rows, dim_out), (rows, dim_in)]
-            weight_R1 = weight_N.to(x.dtype)[:, None]
-        grad_a_buf, a_buf, work_buf, grad_h_buf, *more = scratch(x, *shapes)
-        x_buf, g_buf, dx_buf = more if tokens else (None, None, None)
-        for start, end, block in blocks:
-            r = end - start
-            h_RH, grad_a_RF, a_RF = h_NH[start:end], grad_a_buf[:r], a_buf[:r]
-            if tokens:  # dL/dy_n = w_n * dL/dout_t: gather dL/dout_t now, weight it after its use below
-                tok_R = token_N[start:end]
-                g_RD = torch.index_select(grad_out, 0, tok_R, out=g_buf[:r])
-            else:
-                g_RD = grad_out[start:end]
-            # u = g W_out^T; in tokens mode g is dL/dout_t, not yet weighted: dL/da = w_n u, and the
-            # activation's backward is linear in dL/da, so it runs on u and its result is weighted after
-            mm_groups(g_RD, w_out_EFD.transpose(1, 2), block, grad_a_RF, spec.strategy)  # [R, F]
-            grad_h_RH = grad_h_buf[:r]
-            activation_backward(spec.activation, spec.is_glu, h_RH, grad_a_RF, a_RF, grad_h_RH, work_buf[:r])
+        bank = native.Experts(w_in_EDH, w_out_EFD, None, b_out_ED, spec.activation, spec.is_glu)
+        if tokens and native.applies_training(x, bank, plan.num_rows, len(plan.bounds), spec.strategy):
+            # the many-row kernel's backward: the same products, per-thread GEMMs (native.py)
+            grads = dict(
+                x=grad_x,
+                weight=grad_weight,
+                w_in=grad_w_in,
+                w_out=grad_w_out,
+                b_in=grad_b_in,
+                b_out=grad_b_out,
+            )
+            native.sorted_rows_backward(x, token_N, weight_N, plan, bank, h_NH, grad_out, grads)
+            for e, s, t in plan.bounds:
+                touched_in[e] = touched_out[e] = touched_in[e] or t > s
+        else:
+            blocks, rows = _blocks(plan, spec, hidden_in, x.element_size())
+            shapes = [(rows, hidden)] * 3 + [(rows, hidden_in)]
             if tokens:
-                if grad_weight is not None:  # dL/dw_n = <dL/dout_t, y_n> = <u, a_n> (+ <dL/dout_t, b_out>)
-                    product_RF = torch.mul(grad_a_RF, a_RF, out=work_buf[:r])
-                    torch.sum(product_RF, dim=1, out=grad_weight[start:end])
-                    if b_out_ED is not None:
-                        for e, s, t in block.bounds:
-                            grad_weight[start + s : start + t] += g_RD[s:t] @ b_out_ED[e]
-                g_RD.mul_(weight_R1[start:end])
-                grad_h_RH.mul_(weight_R1[start:end])
-            if need_w_out:
-                weight_grad_groups(a_RF, g_RD, block, grad_w_out, touched_out)
-            for e, s, t in block.bounds:
-                if need_b_in:
-                    grad_b_in[e] += grad_h_RH[s:t].sum(0)
-                if need_b_out:
-                    grad_b_out[e] += g_RD[s:t].sum(0)
-            if need_w_in:
-                x_RD = torch.index_select(x, 0, tok_R, out=x_buf[:r]) if tokens else x[start:end]
-                weight_grad_groups(x_RD, grad_h_RH, block, grad_w_in, touched_in)
-            if need_x:
-                if tokens:
-                    dx_RD = mm_groups(grad_h_RH, w_in_EDH.transpose(1, 2), block, dx_buf[:r], spec.strategy)
-                    grad_x.index_add_(0, tok_R, dx_RD)
+                shapes += [(rows, dim_in), (rows, dim_out), (rows, dim_in)]
+                weight_R1 = weight_N.to(x.dtype)[:, None]
+            grad_a_buf, a_buf, work_buf, grad_h_buf, *more = scratch(x, *shapes)
+            x_buf, g_buf, dx_buf = more if tokens else (None, None, None)
+            for start, end, block in blocks:
+                r = end - start
+                h_RH, grad_a_RF, a_RF = h_NH[start:end], grad_a_buf[:r], a_buf[:r]
+                if tokens:  # dL/dy_n = w_n * dL/dout_t: gather dL/dout_t now, weight it after its use below
+                    tok_R = token_N[start:end]
+                    g_RD = torch.index_select(grad_out, 0, tok_R, out=g_buf[:r])
                 else:
-                    mm_groups(grad_h_RH, w_in_EDH.transpose(1, 2), block, grad_x[start:end], spec.strategy)
+                    g_RD = grad_out[start:end]
+                # u = g W_out^T; in tokens mode g is dL/dout_t, not yet weighted: dL/da = w_n u, and the
+                # activation's backward is linear in dL/da, so it runs on u and its result is weighted after
+                mm_groups(g_RD, w_out_EFD.transpose(1, 2), block, grad_a_RF, spec.strategy)  # [R, F]
+                grad_h_RH = grad_h_buf[:r]
+                activation_backward(
+                    spec.activation, spec.is_glu, h_RH, grad_a_RF, a_RF, grad_h_RH, work_buf[:r]
+                )
+                if tokens:
+                    if (
+                        grad_weight is not None
+                    ):  # dL/dw_n = <dL/dout_t, y_n> = <u, a_n> (+ <dL/dout_t, b_out>)
+                        product_RF = torch.mul(grad_a_RF, a_RF, out=work_buf[:r])
+                        torch.sum(product_RF, dim=1, out=grad_weight[start:end])
+                        if b_out_ED is not None:
+                            for e, s, t in block.bounds:
+                                grad_weight[start + s : start + t] += g_RD[s:t] @ b_out_ED[e]
+                    g_RD.mul_(weight_R1[start:end])
+                    grad_h_RH.mul_(weight_R1[start:end])
+                if need_w_out:
+                    weight_grad_groups(a_RF, g_RD, block, grad_w_out, touched_out)
+                for e, s, t in block.bounds:
+                    if need_b_in:
+                        grad_b_in[e] += grad_h_RH[s:t].sum(0)
+                    if need_b_out:
+                        grad_b_out[e] += g_RD[s:t].sum(0)
+                if need_w_in:
+                    x_RD = torch.index_select(x, 0, tok_R, out=x_buf[:r]) if tokens else x[start:end]
+                    weight_grad_groups(x_RD, grad_h_RH, block, grad_w_in, touched_in)
+                if need_x:
+                    if tokens:
+                        dx_RD = mm_groups(
+                            grad_h_RH, w_in_EDH.transpose(1, 2), block, dx_buf[:r], spec.strategy
+                        )
+                        grad_x.index_add_(0, tok_R, dx_RD)
+                    else:
+                        mm_groups(
+                            grad_h_RH, w_in_EDH.transpose(1, 2), block, grad_x[start:end], spec.strategy
+                        )
         if need_w_in:
             zero_untouched(grad_w_in, touched_in, reused_in)
         if need_w_out:

@@ -69,15 +69,20 @@ ACTIVATIONS = {
 # 1.22-1.37x, 32 rows 1.10-1.25x (fine-grained) and 1.17-1.22x (Mixtral-like), 48 rows 0.99-1.01x,
 # 64 rows 0.86-0.93x. Past it the many-row regime (per-thread sgemm) runs.
 MAX_MEAN_ROWS = 32
-# The many-row regime's blocks: rows of one expert per pair of sgemm calls, sized so that a block's
-# [rows, H] hidden activations take about this many bytes (between 16 and 1024 rows).
-BLOCK_HIDDEN_BYTES = 16 << 20
+# The many-row regime's blocks: rows of one expert per round of sgemm calls, as many as fit a
+# thread's block buffers in about this many bytes (forward: inputs, hidden, activations, outputs;
+# backward: twice as many), between 16 and 1024 rows: the Mixtral-like layer's forward takes 799
+# rows, its backward 585, the fine-grained one 1024 both ways.
+BLOCK_BYTES = 16 << 20
 # The kernel's work memory (per thread: its [rows, D] outputs and a few rows of hidden activations) is
 # kept between calls (memory.scratch); past this size the torch path, with its fixed-size row blocks,
 # runs instead (the layer's shapes here use 1-4 MiB; a DeepSeek-V3-sized layer at 64 tokens ~30 MiB).
 # The many-row regime keeps a [T, D] accumulator per thread but the first, and its blocks' buffers:
-# 39 MiB for the Mixtral-like layer at 4096 tokens on two threads (1024-row blocks).
+# 40 MiB for the Mixtral-like layer at 4096 tokens on two threads; its backward adds one expert's
+# partial weight gradients per thread but the first: 51 MiB.
 MAX_WORK_BYTES = 64 << 20
+# The activations whose derivative the backward has (GPT-OSS's clamped GLU takes torch's path).
+TRAINING_ACTIVATIONS = {k: v for k, v in ACTIVATIONS.items() if k[0] != "gpt_oss"}
 ENABLED = os.environ.get("MOEKIT_NATIVE", "1") != "0"
 MANY_ROWS = os.environ.get("MOEKIT_NATIVE_MANY", "1") != "0"
 
@@ -165,37 +170,31 @@ def build(source: Path = SOURCE, folder: Path | None = None) -> Path:
 def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build()))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.moekit_few_rows.argtypes = [p, p, p, p, i64, p, p, p, p, i64, i64, i32, i32, i64, p, p, i32]
+    sorted_rows = [p, p, p, p, i64]  # x, token, weight, bounds, G
+    bank = [p, p, p, p, i64, i64, i32, i32, i64]  # w_in, w_out, b_in, b_out, D, F, glu, act, N
+    lib.moekit_few_rows.argtypes = [*sorted_rows, *bank, p, p, i32]  # out, work, threads
     lib.moekit_few_rows.restype = None
-    lib.moekit_many_rows.argtypes = [
-        p,
-        p,
-        p,
-        p,
-        i64,
-        p,
-        p,
-        p,
-        p,
-        i64,
-        i64,
-        i32,
-        i32,
-        i64,
-        i64,
-        p,
-        p,
-        i32,
-        p,
-        i64,
-    ]
+    # T, out, work, threads, sgemm, block rows, h_save
+    lib.moekit_many_rows.argtypes = [*sorted_rows, *bank, i64, p, p, i32, p, i64, p]
     lib.moekit_many_rows.restype = None
-    lib.moekit_routed.argtypes = [p, p, p, i64, i64, p, p, p, p, i64, i64, i32, i32, i64, p, p, i32, p, i64]
+    # x, expert_idx, weight, top_k, E, ..., out, work, threads, sgemm, block rows
+    lib.moekit_routed.argtypes = [p, p, p, i64, i64, *bank, p, p, i32, p, i64]
     lib.moekit_routed.restype = i32
-    lib.moekit_few_rows_work_floats.argtypes = [i64, i64, i64, i32, i32]
-    lib.moekit_few_rows_work_floats.restype = i64
-    lib.moekit_many_rows_work_floats.argtypes = [i64, i64, i64, i32, i32, i64]
-    lib.moekit_many_rows_work_floats.restype = i64
+    lib.moekit_many_rows_backward.argtypes = [
+        *sorted_rows,
+        *[p] * 5,  # w_in, w_out, b_out, h_save, grad_out
+        *[i64, i64, i32, i32, i64, i64],  # D, F, glu, act, N, T
+        *[p] * 6,  # grad_x, grad_weight, grad_w_in, grad_w_out, grad_b_in, grad_b_out
+        *[p, i32, p, i64],  # work, threads, sgemm, block rows
+    ]
+    lib.moekit_many_rows_backward.restype = i32
+    for name in (
+        "moekit_few_rows_work_floats",
+        "moekit_many_rows_work_floats",
+        "moekit_many_rows_backward_work_floats",
+    ):
+        getattr(lib, name).argtypes = [i64, i64, i64, i32, i32] + ([] if "few" in name else [i64])
+        getattr(lib, name).restype = i64
     return lib
 
 
@@ -269,8 +268,8 @@ def sgemm_works(address: int) -> bool:
             weight[a] * (torch.nn.functional.silu(h[:hidden]) * h[hidden:]) @ w_out[e].double()
         )
     bank = Experts(w_in, w_out, None, None, "swiglu", True)
-    rows = _routed_rows(expert_idx, weight, top_k, num_experts)
-    out, status = _run("moekit_routed", x, rows, len(expert_idx), bank, (address, 2))
+    floats = library().moekit_many_rows_work_floats(tokens, dim, hidden, 1, torch.get_num_threads(), 2)
+    out, status = _routed(x, expert_idx, weight, top_k, bank, address, 2, floats)
     return status == 0 and torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -291,75 +290,124 @@ def status() -> str:
 
 
 def applies(x: Tensor, experts: Experts, num_rows: int, num_groups: int, strategy: str = "auto") -> bool:
-    """Whether a kernel can run a call with `num_rows` rows in `num_groups` non-empty expert
-    groups (without building anything when it cannot). It stands in for the grouped products'
+    """Whether a kernel can run an inference call with `num_rows` rows in `num_groups` non-empty
+    expert groups (without building anything when it cannot). It stands in for the grouped products'
     strategy "auto" only: a pinned strategy (tests, benchmarks) runs as asked."""
-    tensors = [t for t in (x, *experts[:4]) if t is not None]
-    if not (
-        ENABLED
-        and strategy == "auto"
-        and (experts.activation, experts.is_glu) in ACTIVATIONS
-        and num_groups > 0
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-        and not torch.compiler.is_compiling()  # traced tensors have no memory to hand to C
-        and library() is not None
-    ):
+    if not _usable(x, experts, num_groups, strategy, ACTIVATIONS):
         return False
     many = _many(num_rows, num_groups)
     if many is False:
         return False
-    return _work_floats(x, num_rows, experts, many) * 4 <= MAX_WORK_BYTES
+    return _work_floats("forward", x, num_rows, experts, many is not None) * 4 <= MAX_WORK_BYTES
 
 
-def _many(num_rows: int, num_groups: int) -> tuple[int, int] | None | bool:
-    """The regime of a call: None for few rows, (sgemm, block rows) for many, False for neither
+def applies_training(
+    x: Tensor, experts: Experts, num_rows: int, num_groups: int, strategy: str = "auto"
+) -> bool:
+    """Whether the many-row kernel's forward (saving the pre-activation hidden) and its backward can
+    run a call under autograd: past `MAX_MEAN_ROWS` rows per expert, with a usable sgemm and an
+    activation whose derivative the kernel has (TRAINING_ACTIVATIONS)."""
+    return (
+        _usable(x, experts, num_groups, strategy, TRAINING_ACTIVATIONS)
+        and _many(num_rows, num_groups) not in (None, False)
+        and _work_floats("backward", x, num_rows, experts, True) * 4 <= MAX_WORK_BYTES
+    )
+
+
+def _usable(x: Tensor, experts: Experts, num_groups: int, strategy: str, activations) -> bool:
+    tensors = [t for t in (x, *experts[:4]) if t is not None]
+    return (
+        ENABLED
+        and strategy == "auto"
+        and (experts.activation, experts.is_glu) in activations
+        and num_groups > 0
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+        and not torch.compiler.is_compiling()  # traced tensors have no memory to hand to C
+        and library() is not None
+    )
+
+
+def _many(num_rows: int, num_groups: int) -> int | None | bool:
+    """The regime of a call: None for few rows, the sgemm's address for many, False for neither
     (many rows and no usable sgemm)."""
     if num_rows <= MAX_MEAN_ROWS * num_groups:
         return None
     address = blas_sgemm() if MANY_ROWS else None
-    return False if address is None else (address, 0)
+    return False if address is None else address
 
 
-def _work_floats(x: Tensor, num_rows: int, experts: Experts, many: tuple[int, int] | None) -> int:
-    """Floats of work memory a call of `num_rows` rows needs (the kernel's own count)."""
-    return _kernel_work_floats(
+def _block_rows(num_rows: int, floats_per_row: int, threads: int) -> int:
+    per_thread = -(-num_rows // max(threads, 1))
+    return max(1, min(per_thread, max(16, min(1024, BLOCK_BYTES // (4 * floats_per_row)))))
+
+
+def _work_floats(kind: str, x: Tensor, num_rows: int, experts: Experts, many: bool) -> int:
+    """Floats of work memory a call needs (the kernel's own count) and, for many rows, its block
+    rows; `kind` "forward" or "backward"."""
+    hidden = experts.w_out_EFD.shape[1]
+    return _kernel_work(
+        kind, x.shape[0], num_rows, x.shape[-1], hidden, experts.is_glu, torch.get_num_threads(), many
+    )[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _kernel_work(
+    kind: str, tokens: int, num_rows: int, dim: int, hidden: int, is_glu: bool, threads: int, many: bool
+) -> tuple[int, int]:
+    # cached: `applies` and the call itself both ask, once per layer call
+    lib = library()
+    if not many:
+        return lib.moekit_few_rows_work_floats(num_rows, dim, hidden, int(is_glu), threads), 0
+    hidden_in = 2 * hidden if is_glu else hidden
+    per_row = 2 * dim + hidden_in + hidden if kind == "forward" else 3 * dim + 2 * hidden + hidden_in
+    rows = _block_rows(num_rows, per_row, threads)
+    entry = (
+        lib.moekit_many_rows_work_floats if kind == "forward" else lib.moekit_many_rows_backward_work_floats
+    )
+    return entry(tokens, dim, hidden, int(is_glu), threads, rows), rows
+
+
+def sorted_rows(x_TD: Tensor, token_N: Tensor, weight_N: Tensor, plan: GroupPlan, experts: Experts) -> Tensor:
+    """out [T, D] = sum over rows n of weight_N[n] * expert_n(x_TD[token_N[n]]), rows sorted by
+    expert as `plan` says (what a dispatcher gives). No autograd; call where `applies(...)`."""
+    return _sorted(x_TD, token_N, weight_N, plan, experts, None)
+
+
+def sorted_rows_saving(
+    x_TD: Tensor, token_N: Tensor, weight_N: Tensor, plan: GroupPlan, experts: Experts
+) -> tuple[Tensor, Tensor]:
+    """`sorted_rows` in the many-row regime that also returns the pre-activation hidden h [N, H] of
+    the sorted rows (zeros past the plan's rows), what `sorted_rows_backward` and the torch path's
+    backward take. Call where `applies_training(...)`."""
+    num_rows = token_N.shape[0]
+    h_NH = x_TD.new_empty(num_rows, experts.w_in_EDH.shape[-1])
+    h_NH[plan.num_rows :].zero_()
+    return _sorted(x_TD, token_N, weight_N, plan, experts, h_NH), h_NH
+
+
+def _sorted(x_TD, token_N, weight_N, plan, experts, h_NH) -> Tensor:
+    token_N = token_N.to(torch.int64).contiguous()
+    weight_N = weight_N.to(torch.float32).contiguous()
+    bounds_G3 = torch.tensor(plan.bounds, dtype=torch.int64).reshape(-1, 3)
+    rows = (token_N.data_ptr(), weight_N.data_ptr(), bounds_G3.data_ptr(), bounds_G3.shape[0])
+    num_rows = token_N.shape[0]
+    many = _many(num_rows, bounds_G3.shape[0]) if h_NH is None else blas_sgemm()
+    if many is None:
+        return _run("moekit_few_rows", x_TD, rows, num_rows, experts, ())[0]
+    floats, block_rows = _kernel_work("forward", *_shape_key(x_TD, num_rows, experts), True)
+    extra = (x_TD.shape[0], many, block_rows, None if h_NH is None else h_NH.data_ptr())
+    return _run("moekit_many_rows", x_TD, rows, num_rows, experts, extra, floats)[0]
+
+
+def _shape_key(x: Tensor, num_rows: int, experts: Experts) -> tuple:
+    return (
         x.shape[0],
         num_rows,
         x.shape[-1],
         experts.w_out_EFD.shape[1],
         experts.is_glu,
         torch.get_num_threads(),
-        many is not None,
     )
-
-
-def _block_rows(num_rows: int, hidden_in: int, threads: int) -> int:
-    per_thread = -(-num_rows // max(threads, 1))
-    return max(1, min(per_thread, max(16, min(1024, BLOCK_HIDDEN_BYTES // (4 * hidden_in)))))
-
-
-@functools.lru_cache(maxsize=1024)
-def _kernel_work_floats(
-    tokens: int, num_rows: int, dim: int, hidden: int, is_glu: bool, threads: int, many: bool
-) -> int:
-    # cached: `applies` and the call itself both ask, once per layer call
-    if not many:
-        return library().moekit_few_rows_work_floats(num_rows, dim, hidden, int(is_glu), threads)
-    rows = _block_rows(num_rows, 2 * hidden if is_glu else hidden, threads)
-    return library().moekit_many_rows_work_floats(tokens, dim, hidden, int(is_glu), threads, rows)
-
-
-def sorted_rows(x_TD: Tensor, token_N: Tensor, weight_N: Tensor, plan: GroupPlan, experts: Experts) -> Tensor:
-    """out [T, D] = sum over rows n of weight_N[n] * expert_n(x_TD[token_N[n]]), rows sorted by
-    expert as `plan` says (what a dispatcher gives). No autograd; call where `applies(...)`."""
-    token_N = token_N.to(torch.int64).contiguous()
-    weight_N = weight_N.to(torch.float32).contiguous()
-    bounds_G3 = torch.tensor(plan.bounds, dtype=torch.int64)
-    rows = (token_N.data_ptr(), weight_N.data_ptr(), bounds_G3.data_ptr(), bounds_G3.shape[0])
-    num_rows = token_N.shape[0]
-    many = _many(num_rows, bounds_G3.shape[0])
-    entry = "moekit_few_rows" if many is None else "moekit_many_rows"
-    return _run(entry, x_TD, rows, num_rows, experts, many)[0]
 
 
 def routed(x_TD: Tensor, expert_idx_A: Tensor, weight_A: Tensor, top_k: int, experts: Experts) -> Tensor:
@@ -369,9 +417,9 @@ def routed(x_TD: Tensor, expert_idx_A: Tensor, weight_A: Tensor, top_k: int, exp
     expert_idx_A = expert_idx_A.to(torch.int64).contiguous()
     weight_A = weight_A.to(torch.float32).contiguous()
     num_experts, num_rows = experts.w_in_EDH.shape[0], expert_idx_A.shape[0]
-    rows = _routed_rows(expert_idx_A, weight_A, top_k, num_experts)
     many = _many(num_rows, min(num_rows, num_experts))
-    out, status = _run("moekit_routed", x_TD, rows, num_rows, experts, many)
+    floats, block_rows = _kernel_work("forward", *_shape_key(x_TD, num_rows, experts), many is not None)
+    out, status = _routed(x_TD, expert_idx_A, weight_A, top_k, experts, many, block_rows, floats)
     if status == -1:
         bad = expert_idx_A[(expert_idx_A < 0) | (expert_idx_A >= num_experts)]
         raise ValueError(f"expert indices {bad.tolist()[:8]} are outside [0, {num_experts})")
@@ -380,46 +428,99 @@ def routed(x_TD: Tensor, expert_idx_A: Tensor, weight_A: Tensor, top_k: int, exp
     return out
 
 
-def _routed_rows(expert_idx_A: Tensor, weight_A: Tensor, top_k: int, num_experts: int) -> tuple:
-    return (expert_idx_A.data_ptr(), weight_A.data_ptr(), top_k, num_experts)
+def _routed(x_TD, expert_idx_A, weight_A, top_k, experts, sgemm, block_rows, floats) -> tuple[Tensor, int]:
+    num_experts = experts.w_in_EDH.shape[0]
+    rows = (expert_idx_A.data_ptr(), weight_A.data_ptr(), top_k, num_experts)
+    return _run("moekit_routed", x_TD, rows, expert_idx_A.shape[0], experts, (sgemm, block_rows), floats)
 
 
 def _run(
-    entry: str, x: Tensor, rows: tuple, num_rows: int, experts: Experts, many: tuple[int, int] | None
+    entry: str,
+    x: Tensor,
+    rows: tuple,
+    num_rows: int,
+    experts: Experts,
+    extra: tuple,
+    floats: int | None = None,
 ) -> tuple[Tensor, int | None]:
-    """Call the kernel's `entry` with its row arguments `rows` (after x) and the arguments the
-    entries share; `many`: (sgemm, block rows or 0 for the default) for the many-row regime, None
-    for few rows -> (out, x's shape: zeros plus the experts' weighted outputs; the entry's status)."""
+    """Call the kernel's forward `entry`: x, its row arguments `rows`, the expert bank's, then (some
+    of `extra`) out, work, threads and `extra`'s rest -> (out, x's shape: the experts' weighted
+    outputs; the entry's status). `floats`: work memory (default: the few-row regime's)."""
     lib = library()
     w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, activation, is_glu = experts
-    dim, hidden = x.shape[-1], w_out_EFD.shape[1]
     threads = torch.get_num_threads()
-    extra: tuple = ()
-    if many is not None:
-        sgemm, block_rows = many
-        block_rows = block_rows or _block_rows(num_rows, w_in_EDH.shape[-1], threads)
-        floats = lib.moekit_many_rows_work_floats(x.shape[0], dim, hidden, int(is_glu), threads, block_rows)
-        extra = (sgemm, block_rows)
-    else:
-        floats = _work_floats(x, num_rows, experts, None)
+    if floats is None:
+        floats = _kernel_work("forward", *_shape_key(x, num_rows, experts), False)[0]
     (work,) = scratch(x, (floats,), pool="native")
     out = x.new_zeros(x.shape)
-    shared = (
-        w_in_EDH.data_ptr(),
-        w_out_EFD.data_ptr(),
-        None if b_in_EH is None else b_in_EH.data_ptr(),
-        None if b_out_ED is None else b_out_ED.data_ptr(),
-        dim,
-        hidden,
+    bank = (
+        *_bank_pointers(experts),
+        x.shape[-1],
+        w_out_EFD.shape[1],
         int(is_glu),
         ACTIVATIONS[(activation, is_glu)],
         num_rows,
     )
-    if entry == "moekit_many_rows":
-        shared = (*shared, x.shape[0])  # T: the accumulators' rows
-    elif entry == "moekit_routed":
-        extra = extra or (None, 0)  # no sgemm: few rows
+    before = extra[:1] if entry == "moekit_many_rows" else ()  # T precedes out there
+    after = extra[len(before) :]
     status = getattr(lib, entry)(
-        x.data_ptr(), *rows, *shared, out.data_ptr(), work.data_ptr(), threads, *extra
+        x.data_ptr(), *rows, *bank, *before, out.data_ptr(), work.data_ptr(), threads, *after
     )
     return out, status
+
+
+def _bank_pointers(experts: Experts) -> tuple:
+    return tuple(None if t is None else t.data_ptr() for t in experts[:4])
+
+
+def sorted_rows_backward(
+    x_TD: Tensor,
+    token_N: Tensor,
+    weight_N: Tensor,
+    plan: GroupPlan,
+    experts: Experts,
+    h_NH: Tensor,
+    grad_out_TD: Tensor,
+    grads: dict[str, Tensor | None],
+) -> None:
+    """The backward of `sorted_rows_saving` given dL/dout [T, D], into the tensors of `grads` (None:
+    not needed): "x" [T, D], "b_in" [E, H] and "b_out" [E, D] are added to (zero them first),
+    "w_in" [E, D, H] and "w_out" [E, F, D] are written for the experts with rows only (zero the
+    others), "weight" [N] float32 is written. Call where `applies_training(...)`."""
+    lib = library()
+    w_in_EDH, w_out_EFD, _, b_out_ED, activation, is_glu = experts
+    token_N = token_N.to(torch.int64).contiguous()
+    weight_N = weight_N.to(torch.float32).contiguous()
+    bounds_G3 = torch.tensor(plan.bounds, dtype=torch.int64).reshape(-1, 3)
+    num_rows = token_N.shape[0]
+    floats, block_rows = _kernel_work("backward", *_shape_key(x_TD, num_rows, experts), True)
+    (work,) = scratch(x_TD, (floats,), pool="native")
+    pointers = [
+        None if grads.get(k) is None else grads[k].data_ptr()
+        for k in ("x", "weight", "w_in", "w_out", "b_in", "b_out")
+    ]
+    status = lib.moekit_many_rows_backward(
+        x_TD.data_ptr(),
+        token_N.data_ptr(),
+        weight_N.data_ptr(),
+        bounds_G3.data_ptr(),
+        bounds_G3.shape[0],
+        w_in_EDH.data_ptr(),
+        w_out_EFD.data_ptr(),
+        None if b_out_ED is None else b_out_ED.data_ptr(),
+        h_NH.data_ptr(),
+        grad_out_TD.data_ptr(),
+        x_TD.shape[-1],
+        w_out_EFD.shape[1],
+        int(is_glu),
+        ACTIVATIONS[(activation, is_glu)],
+        num_rows,
+        x_TD.shape[0],
+        *pointers,
+        work.data_ptr(),
+        torch.get_num_threads(),
+        blas_sgemm(),
+        block_rows,
+    )
+    if status != 0:
+        raise MemoryError(f"the native expert backward could not allocate its index array ({status})")

@@ -344,39 +344,50 @@ typedef void (*sgemm_fn)(const char *, const char *, const void *, const void *,
                          const float *, const void *, const float *, const void *, const float *, float *,
                          const void *);
 
-/* C [m, n] = A [m, k] B [k, n] + beta C, row-major with leading dimensions lda, ldb, ldc: in
-   column-major terms C^T = B^T A^T. */
+/* C [m, n] = op(A) [m, k] op(B) [k, n] + beta C, all row-major with leading dimensions lda, ldb,
+   ldc; op(A) = A^T when ta (A stored [k, m]), likewise op(B) when tb (B stored [n, k]). A row-major
+   matrix is its transpose in column-major terms, so this is the column-major C^T = op(B)^T op(A)^T. */
+static void gemm_rm(sgemm_fn sgemm, int ta, int tb, int64_t m, int64_t n, int64_t k, const float *A, int64_t lda,
+                    const float *B, int64_t ldb, float beta, float *C, int64_t ldc)
+{
+    const float one = 1.0f;
+    sgemm(tb ? "T" : "N", ta ? "T" : "N", &n, &m, &k, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+/* C [m, n] = A [m, k] B [k, n] + beta C, row-major */
 static void gemm_rows(sgemm_fn sgemm, int64_t m, int64_t n, int64_t k, const float *A, int64_t lda, const float *B,
                       int64_t ldb, float beta, float *C, int64_t ldc)
 {
-    const float one = 1.0f;
-    sgemm("N", "N", &n, &m, &k, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+    gemm_rm(sgemm, 0, 0, m, n, k, A, lda, B, ldb, beta, C, ldc);
 }
 
-/* Floats of `work` a call needs: per thread a block's [rows, D] inputs, [rows, H] hidden and
-   [rows, D] outputs, and a [T, D] accumulator for every thread but the first. */
+/* Floats of `work` a call needs: per thread a block's [rows, D] inputs, [rows, H] hidden, [rows, F]
+   activations and [rows, D] outputs, and a [T, D] accumulator for every thread but the first. */
 int64_t moekit_many_rows_work_floats(int64_t T, int64_t D, int64_t F, int glu, int nthreads, int64_t block_rows)
 {
     const int64_t H = glu ? 2 * F : F;
-    return (int64_t)nthreads * block_rows * (2 * D + H) + (int64_t)(nthreads - 1) * T * D;
+    return (int64_t)nthreads * block_rows * (2 * D + H + F) + (int64_t)(nthreads - 1) * T * D;
 }
 
 /* out [T, D] += the experts' weighted outputs (out is not cleared here), the arguments as
-   moekit_few_rows's plus T (rows of x and out), the BLAS's sgemm and the rows per block. */
+   moekit_few_rows's plus T (rows of x and out), the BLAS's sgemm and the rows per block. With
+   h_save [N, H] (else NULL), the pre-activation hidden of the sorted rows is written there too (what
+   the backward needs). */
 void moekit_many_rows(const float *x, const int64_t *token, const float *weight, const int64_t *bounds, int64_t G,
                       const float *w_in, const float *w_out, const float *b_in, const float *b_out, int64_t D,
                       int64_t F, int glu, int act, int64_t N, int64_t T, float *out, float *work, int nthreads,
-                      void *sgemm_ptr, int64_t block_rows)
+                      void *sgemm_ptr, int64_t block_rows, float *h_save)
 {
     const sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
     const int64_t H = glu ? 2 * F : F, BM = block_rows;
-    float *const accs = work + (int64_t)nthreads * BM * (2 * D + H); /* [nthreads - 1][T, D] */
+    float *const accs = work + (int64_t)nthreads * BM * (2 * D + H + F); /* [nthreads - 1][T, D] */
 #pragma omp parallel num_threads(nthreads)
     {
         const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-        float *x_b = work + (int64_t)tid * BM * (2 * D + H); /* [BM, D] gathered inputs */
-        float *h_b = x_b + BM * D;                           /* [BM, H] hidden, then activations */
-        float *y_b = h_b + BM * H;                           /* [BM, D] expert outputs */
+        float *x_b = work + (int64_t)tid * BM * (2 * D + H + F); /* [BM, D] gathered inputs */
+        float *h_buf = x_b + BM * D;                             /* [BM, H] hidden (without h_save) */
+        float *a_buf = h_buf + BM * H;                           /* [BM, F] activations (with h_save) */
+        float *y_b = a_buf + BM * F;                             /* [BM, D] expert outputs */
         float *acc = tid == 0 ? out : accs + (int64_t)(tid - 1) * T * D;
         if (tid > 0) memset(acc, 0, T * D * sizeof(float));
         const int64_t lo = N * tid / nt, hi = N * (tid + 1) / nt; /* this thread's sorted rows */
@@ -386,14 +397,18 @@ void moekit_many_rows(const float *x, const int64_t *token, const float *weight,
             const int64_t t = bounds[3 * g + 2] < hi ? bounds[3 * g + 2] : hi;
             for (int64_t r0 = s; r0 < t; r0 += BM) {
                 const int64_t m = t - r0 < BM ? t - r0 : BM;
+                float *h_b = h_save ? h_save + r0 * H : h_buf;
+                /* activations: in place over h's first F columns, or beside a saved h */
+                float *a_b = h_save ? a_buf : h_b;
+                const int64_t lda = h_save ? F : H;
                 for (int64_t i = 0; i < m; i++) {
                     memcpy(x_b + i * D, x + token[r0 + i] * D, D * sizeof(float));
                     if (b_in) memcpy(h_b + i * H, b_in + e * H, H * sizeof(float));
                 }
                 gemm_rows(sgemm, m, H, D, x_b, D, w_in + e * D * H, H, b_in ? 1.0f : 0.0f, h_b, H);
-                for (int64_t i = 0; i < m; i++) /* a = act(h) into h's first F columns */
-                    activate_row(act, h_b + i * H, glu ? h_b + i * H + F : NULL, h_b + i * H, F);
-                gemm_rows(sgemm, m, D, F, h_b, H, w_out + e * F * D, D, 0.0f, y_b, D);
+                for (int64_t i = 0; i < m; i++)
+                    activate_row(act, h_b + i * H, glu ? h_b + i * H + F : NULL, a_b + i * lda, F);
+                gemm_rows(sgemm, m, D, F, a_b, lda, w_out + e * F * D, D, 0.0f, y_b, D);
                 for (int64_t i = 0; i < m; i++) {
                     float *o = acc + token[r0 + i] * D;
                     const float *y = y_b + i * D, w = weight[r0 + i];
@@ -414,6 +429,213 @@ void moekit_many_rows(const float *x, const int64_t *token, const float *weight,
             }
         }
     }
+}
+
+/* f(g) and f'(g) for the activations the backward supports (all but GPT-OSS's clamped one, which
+   takes torch's path: native.TRAINING_ACTIVATIONS). */
+static inline void act_grad(int act, float g, float *value, float *slope)
+{
+    switch (act) {
+    case ACT_SWIGLU:
+    case ACT_SILU: {
+        const float s = sigmoid(g);
+        *value = g * s;
+        *slope = s * (1.0f + g * (1.0f - s));
+        return;
+    }
+    case ACT_GEGLU: {
+        const float k = 0.7978845608028654f, c = 0.044715f, th = tanhf(k * (g + c * g * g * g));
+        *value = 0.5f * g * (1.0f + th);
+        *slope = 0.5f * (1.0f + th) + 0.5f * g * (1.0f - th * th) * k * (1.0f + 3.0f * c * g * g);
+        return;
+    }
+    case ACT_GELU:
+        *value = 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
+        *slope = 0.5f * (1.0f + erff(g * 0.7071067811865476f)) + g * 0.3989422804014327f * expf(-0.5f * g * g);
+        return;
+    default: /* ACT_RELU */
+        *value = g > 0.0f ? g : 0.0f;
+        *slope = g > 0.0f ? 1.0f : 0.0f;
+    }
+}
+
+/* Given dL/da = u for n units, writes a = act(h) and dL/dh. GLU: a = f(gate) * up,
+   dgate = u * up * f'(gate), dup = u * f(gate); else a = f(g), dg = u f'(g). SiLU-based ones run 8
+   at a time. */
+static void activate_backward_row(int act, const float *gate, const float *up, const float *u, float *a,
+                                  float *dgate, float *dup, int64_t n)
+{
+    int64_t i = 0;
+    if (act == ACT_SWIGLU || act == ACT_SILU) {
+        const __m256 one = _mm256_set1_ps(1.0f);
+        for (; i + 8 <= n; i += 8) {
+            const __m256 g = _mm256_loadu_ps(gate + i), s = sigmoid8(g), uv = _mm256_loadu_ps(u + i);
+            const __m256 f = _mm256_mul_ps(g, s);
+            const __m256 slope = _mm256_mul_ps(s, _mm256_fmadd_ps(g, _mm256_sub_ps(one, s), one));
+            if (up) {
+                const __m256 upv = _mm256_loadu_ps(up + i);
+                _mm256_storeu_ps(a + i, _mm256_mul_ps(f, upv));
+                _mm256_storeu_ps(dgate + i, _mm256_mul_ps(_mm256_mul_ps(uv, upv), slope));
+                _mm256_storeu_ps(dup + i, _mm256_mul_ps(uv, f));
+            } else {
+                _mm256_storeu_ps(a + i, f);
+                _mm256_storeu_ps(dgate + i, _mm256_mul_ps(uv, slope));
+            }
+        }
+    }
+    for (; i < n; i++) {
+        float f, slope;
+        act_grad(act, gate[i], &f, &slope);
+        if (up) {
+            const float upv = up[i], uv = u[i];
+            a[i] = f * upv;
+            dgate[i] = uv * upv * slope;
+            dup[i] = uv * f;
+        } else {
+            a[i] = f;
+            dgate[i] = u[i] * slope;
+        }
+    }
+}
+
+/* Floats of `work` the backward needs: per thread a block's gathered inputs, output gradients and
+   input gradients [rows, D] each, dL/da and a [rows, F] each, dL/dh [rows, H]; for every thread but
+   the first a [T, D] accumulator of dL/dx and one expert's partial weight and bias gradients (the
+   expert whose rows it shares with the thread before it). */
+int64_t moekit_many_rows_backward_work_floats(int64_t T, int64_t D, int64_t F, int glu, int nthreads,
+                                              int64_t block_rows)
+{
+    const int64_t H = glu ? 2 * F : F;
+    return (int64_t)nthreads * block_rows * (3 * D + 2 * F + H) + (int64_t)(nthreads - 1) * (T * D + 2 * D * H + H + D);
+}
+
+/* The backward of moekit_many_rows (with h_save) for out[t] = sum over t's rows n of
+   weight[n] * (act(x[t] W_in[e] + b_in[e]) W_out[e] + b_out[e]), given grad_out = dL/dout [T, D]:
+     u = dL/dout[t] W_out[e]^T (unweighted), a = act(h) recomputed from h_save, dL/dh by the activation's
+     derivative; dL/dweight[n] = <u, a> + <dL/dout[t], b_out[e]>; then with g = weight[n] dL/dout[t]
+     and dh = weight[n] dL/dh: dW_out[e] = sum a^T g, db_out[e] = sum g, dW_in[e] = sum x^T dh,
+     db_in[e] = sum dh, dL/dx[t] += dh W_in[e]^T.
+   Outputs may be NULL (not needed). grad_x, grad_b_in, grad_b_out are added to (the caller zeroes
+   them); grad_w_in and grad_w_out are written for the experts with rows only (the caller zeroes the
+   others); grad_weight [N] is written. Threads split the sorted rows as the forward does; an expert
+   whose rows two threads share gets the later thread's part through a partial buffer, added after
+   a barrier. Returns 0, or -2 if memory ran out (nothing written then). */
+int moekit_many_rows_backward(const float *x, const int64_t *token, const float *weight, const int64_t *bounds,
+                              int64_t G, const float *w_in, const float *w_out, const float *b_out,
+                              const float *h_save, const float *grad_out, int64_t D, int64_t F, int glu, int act,
+                              int64_t N, int64_t T, float *grad_x, float *grad_weight, float *grad_w_in,
+                              float *grad_w_out, float *grad_b_in, float *grad_b_out, float *work, int nthreads,
+                              void *sgemm_ptr, int64_t block_rows)
+{
+    const sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
+    const int64_t H = glu ? 2 * F : F, BM = block_rows;
+    const int64_t per_thread = BM * (3 * D + 2 * F + H), shared = T * D + 2 * D * H + H + D;
+    int64_t *part_e = malloc((nthreads > 0 ? nthreads : 1) * sizeof(int64_t)); /* expert of each partial */
+    if (!part_e) return -2;
+    for (int p = 0; p < nthreads; p++) part_e[p] = -1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        float *x_b = work + (int64_t)tid * per_thread; /* [BM, D] */
+        float *g_b = x_b + BM * D;                     /* [BM, D] dL/dout rows, then weighted */
+        float *dx_b = g_b + BM * D;                    /* [BM, D] */
+        float *u_b = dx_b + BM * D;                    /* [BM, F] dL/da, unweighted */
+        float *a_b = u_b + BM * F;                     /* [BM, F] */
+        float *dh_b = a_b + BM * F;                    /* [BM, H] */
+        float *mine = work + (int64_t)nthreads * per_thread + (int64_t)(tid > 0 ? tid - 1 : 0) * shared;
+        float *acc = tid == 0 ? grad_x : mine;               /* [T, D] dL/dx */
+        float *part_w_in = mine + T * D, *part_w_out = part_w_in + D * H;    /* [D, H], [F, D] (D H floats) */
+        float *part_b_in = part_w_in + 2 * D * H, *part_b_out = part_b_in + H; /* [H], [D] */
+        if (tid > 0 && grad_x) memset(acc, 0, T * D * sizeof(float));
+        const int64_t lo = N * tid / nt, hi = N * (tid + 1) / nt;
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t e = bounds[3 * g];
+            const int64_t s = bounds[3 * g + 1] > lo ? bounds[3 * g + 1] : lo;
+            const int64_t t = bounds[3 * g + 2] < hi ? bounds[3 * g + 2] : hi;
+            if (s >= t) continue;
+            const int own = bounds[3 * g + 1] >= lo; /* the group starts here: write its gradients */
+            float *gw_in = grad_w_in ? (own ? grad_w_in + e * D * H : part_w_in) : NULL;
+            float *gw_out = grad_w_out ? (own ? grad_w_out + e * F * D : part_w_out) : NULL;
+            float *gb_in = grad_b_in ? (own ? grad_b_in + e * H : part_b_in) : NULL;
+            float *gb_out = grad_b_out ? (own ? grad_b_out + e * D : part_b_out) : NULL;
+            if (!own) {
+                part_e[tid] = e;
+                memset(part_b_in, 0, H * sizeof(float));
+                memset(part_b_out, 0, D * sizeof(float));
+            }
+            for (int64_t r0 = s; r0 < t; r0 += BM) {
+                const int64_t m = t - r0 < BM ? t - r0 : BM;
+                const float beta = r0 == s ? 0.0f : 1.0f; /* weight gradients: the first block writes */
+                const float *h_b = h_save + r0 * H;
+                for (int64_t i = 0; i < m; i++) memcpy(g_b + i * D, grad_out + token[r0 + i] * D, D * sizeof(float));
+                gemm_rm(sgemm, 0, 1, m, F, D, g_b, D, w_out + e * F * D, D, 0.0f, u_b, F); /* u = g W_out^T */
+                for (int64_t i = 0; i < m; i++)
+                    activate_backward_row(act, h_b + i * H, glu ? h_b + i * H + F : NULL, u_b + i * F, a_b + i * F,
+                                          dh_b + i * H, glu ? dh_b + i * H + F : NULL, F);
+                for (int64_t i = 0; i < m; i++) {
+                    const float w = weight[r0 + i];
+                    float *gi = g_b + i * D, *dhi = dh_b + i * H;
+                    if (grad_weight) {
+                        float dot = 0.0f;
+                        for (int64_t f = 0; f < F; f++) dot += u_b[i * F + f] * a_b[i * F + f];
+                        if (b_out)
+                            for (int64_t c = 0; c < D; c++) dot += gi[c] * b_out[e * D + c];
+                        grad_weight[r0 + i] = dot;
+                    }
+                    for (int64_t c = 0; c < D; c++) gi[c] *= w;
+                    for (int64_t c = 0; c < H; c++) dhi[c] *= w;
+                    if (gb_out)
+                        for (int64_t c = 0; c < D; c++) gb_out[c] += gi[c];
+                    if (gb_in)
+                        for (int64_t c = 0; c < H; c++) gb_in[c] += dhi[c];
+                }
+                if (gw_out) gemm_rm(sgemm, 1, 0, F, D, m, a_b, F, g_b, D, beta, gw_out, D); /* a^T g */
+                if (gw_in) {
+                    for (int64_t i = 0; i < m; i++) memcpy(x_b + i * D, x + token[r0 + i] * D, D * sizeof(float));
+                    gemm_rm(sgemm, 1, 0, D, H, m, x_b, D, dh_b, H, beta, gw_in, H); /* x^T dh */
+                }
+                if (grad_x) {
+                    gemm_rm(sgemm, 0, 1, m, D, H, dh_b, H, w_in + e * D * H, H, 0.0f, dx_b, D); /* dh W_in^T */
+                    for (int64_t i = 0; i < m; i++) {
+                        float *o = acc + token[r0 + i] * D;
+                        const float *d = dx_b + i * D;
+                        for (int64_t c = 0; c < D; c++) o[c] += d[c];
+                    }
+                }
+            }
+        }
+        if (nt > 1) {
+#pragma omp barrier
+            /* the shared experts' partials, thread by thread in order; this thread adds its slice of
+               each (the same slices every time: deterministic) */
+            for (int p = 1; p < nt; p++) {
+                const int64_t e = part_e[p];
+                if (e < 0) continue;
+                const float *pm = work + (int64_t)nthreads * per_thread + (int64_t)(p - 1) * shared + T * D;
+                if (grad_w_in) {
+                    const int64_t n0 = D * H * tid / nt, n1 = D * H * (tid + 1) / nt;
+                    for (int64_t i = n0; i < n1; i++) grad_w_in[e * D * H + i] += pm[i];
+                }
+                if (grad_w_out) {
+                    const int64_t n0 = F * D * tid / nt, n1 = F * D * (tid + 1) / nt;
+                    for (int64_t i = n0; i < n1; i++) grad_w_out[e * F * D + i] += pm[D * H + i];
+                }
+                if (tid == 0 && grad_b_in)
+                    for (int64_t i = 0; i < H; i++) grad_b_in[e * H + i] += pm[2 * D * H + i];
+                if (tid == 0 && grad_b_out)
+                    for (int64_t i = 0; i < D; i++) grad_b_out[e * D + i] += pm[2 * D * H + H + i];
+            }
+            if (grad_x) { /* dL/dx += the other threads' accumulators, thread p summing rows [t0, t1) */
+                const int64_t t0 = T * tid / nt, t1 = T * (tid + 1) / nt;
+                for (int p = 1; p < nt; p++) {
+                    const float *a = work + (int64_t)nthreads * per_thread + (int64_t)(p - 1) * shared;
+                    for (int64_t i = t0 * D; i < t1 * D; i++) grad_x[i] += a[i];
+                }
+            }
+        }
+    }
+    free(part_e);
+    return 0;
 }
 
 /* -------------------------------------------------------------------------- from a routing */
@@ -454,7 +676,7 @@ int moekit_routed(const float *x, const int64_t *expert_idx, const float *weight
         }
         if (sgemm)
             moekit_many_rows(x, token, w_sorted, bounds, G, w_in, w_out, b_in, b_out, D, F, glu, act, A, A / top_k,
-                             out, work, nthreads, sgemm, block_rows);
+                             out, work, nthreads, sgemm, block_rows, NULL);
         else
             moekit_few_rows(x, token, w_sorted, bounds, G, w_in, w_out, b_in, b_out, D, F, glu, act, A, out, work,
                             nthreads);
