@@ -72,10 +72,13 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], warmup: int, repeats:
 
 
 def train_step_fn(model: torch.nn.Module, kind: str, batch: int, seq: int) -> Callable[[], None]:
-    """One training step (forward with the load-balancing loss, backward, AdamW) on a fixed batch."""
+    """One training step (forward with the load-balancing loss, backward, AdamW) on a fixed batch.
+
+    Both get fused AdamW: what transformers' Trainer uses by default (optim="adamw_torch_fused" with
+    torch >= 2.8) and moekit's trainer too (train/trainer.py build_optimizer)."""
     torch.manual_seed(0)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     vocab = ARCH["vocab"]
     x = torch.randint(0, vocab, (batch, seq))
     y = torch.randint(0, vocab, (batch, seq))

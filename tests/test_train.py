@@ -319,3 +319,34 @@ def test_time_limit_plans_the_schedule_into_the_budget(corpus_dir, tmp_path, mon
     last = [r for r in records if "lr" in r][-1]
     assert last["step"] == 29 and last["lr"] == pytest.approx(lr_at(28, cfg, 29))
     assert lr_at(29, cfg, 29) == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)  # the cosine ends there
+
+
+def test_optimizer_is_fused_adamw_with_the_same_steps_as_the_reference():
+    # fused AdamW on CPU float32; its updates equal torch's plain for-loop AdamW with the same
+    # groups (decay on matrices only), over three steps
+    from moekit.train.trainer import build_optimizer
+
+    cfg = RunConfig()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    twin.load_state_dict(model.state_dict())
+    opt = build_optimizer(model, cfg)
+    assert opt.defaults["fused"] is True
+    ref = torch.optim.AdamW(
+        [
+            {"params": [p for p in twin.parameters() if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
+            {"params": [p for p in twin.parameters() if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.train.lr,
+        betas=(cfg.train.beta1, cfg.train.beta2),
+        foreach=False,
+    )
+    for step in range(3):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(step))
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

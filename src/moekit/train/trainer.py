@@ -116,7 +116,11 @@ def lr_at(step: int, cfg: RunConfig, total_steps: int | None = None) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW; matrices (and expert banks) decay, vectors (norms, biases) and embeddings do not."""
+    """AdamW; matrices (and expert banks) decay, vectors (norms, biases) and embeddings do not.
+
+    Fused (one kernel per parameter) where torch has it, on CPU and CUDA: on the 2-core CPU the
+    default model's step took 10 ms against 65 ms with foreach (benchmarks/bench_e2e.py measures with
+    it, as transformers' Trainer uses it by default); foreach elsewhere."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -126,7 +130,10 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), foreach=True)
+    params = decay + no_decay
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    impl = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), **impl)
 
 
 def resolve_device(name: str) -> torch.device:
