@@ -10,7 +10,18 @@ import torch.nn.functional as F
 import moekit.model.cross_entropy as ce
 from moekit.model import ModelConfig, MoEEncoderDecoder, MoETransformer
 from moekit.model.cross_entropy import linear_cross_entropy
-from moekit.moe import MoEConfig
+from moekit.moe import MoEConfig, native
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def path(request, monkeypatch):
+    """Every test on both paths: the native kernel (CPU float32, csrc/cross_entropy.c) and the torch
+    chunk loop."""
+    if request.param == "native" and (native.library() is None or native.blas_sgemm() is None):
+        pytest.skip("no native kernel or no usable BLAS sgemm here")
+    if request.param == "torch":
+        monkeypatch.setattr(native, "ENABLED", False)
+    return request.param
 
 
 def reference(h, w, b, targets, ignore_index=-100):
@@ -52,6 +63,34 @@ def test_loss_and_gradients_match_float64(monkeypatch, chunk_bytes, bias):
     if bias:
         assert torch.allclose(b.grad.double(), ref_b, atol=1e-7)
     assert h.grad[::5].abs().max() == 0  # ignored rows get no gradient
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [2, 37])
+def test_native_kernel_runs_and_matches_float64_on_any_thread_count(monkeypatch, path, threads, rows):
+    # 2 rows on 3 threads: a thread without rows (its dL/dW accumulator unused; thread 0's is
+    # dL/dW itself, zeroed); 37 rows: uneven ranges, chunks of 8 rows with a partial last one
+    if path != "native":
+        pytest.skip("native kernel only")
+    monkeypatch.setattr(ce, "CHUNK_BYTES", 8 * 50 * 4)
+    monkeypatch.setattr(ce, "MIN_CHUNK_ROWS", 1)
+    calls = []
+    real = native.linear_cross_entropy
+    monkeypatch.setattr(native, "linear_cross_entropy", lambda *a: calls.append(1) or real(*a))
+    h, w, b, t = inputs(n=rows)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loss = linear_cross_entropy(h, w, b, t)
+        loss.backward()
+    finally:
+        torch.set_num_threads(old)
+    assert calls == [1]
+    ref_loss, ref_h, ref_w, ref_b = reference(h, w, b, t)
+    assert torch.allclose(loss.double(), ref_loss, rtol=1e-6)
+    assert torch.allclose(h.grad.double(), ref_h, atol=1e-7)
+    assert torch.allclose(w.grad.double(), ref_w, atol=1e-7)
+    assert torch.allclose(b.grad.double(), ref_b, atol=1e-7)
 
 
 def test_chunking_actually_splits(monkeypatch):

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from moekit.model.layers import linear
+from moekit.moe import native
 from moekit.moe.memory import gradient_buffer
 
 IGNORE_INDEX = -100
@@ -62,8 +63,6 @@ def _forward(
     num_rows, vocab = h_ND.shape[0], weight_VD.shape[0]
     valid_N = targets_N != ignore_index
     count = int(valid_N.sum())  # one host read: the mean's denominator
-    safe_N = torch.where(valid_N, targets_N, 0)  # gather-able targets; invalid rows are masked below
-    loss_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
     grad_h = grad_w = grad_b = None
     if grads:
         grad_h = torch.empty_like(h_ND)
@@ -74,6 +73,15 @@ def _forward(
         grad_b = None if bias_V is None else torch.zeros(vocab, dtype=torch.float32, device=h_ND.device)
     rows = chunk_rows(num_rows, vocab)
     scale = 1.0 / count if count else float("nan")  # no target at all: nan, as F.cross_entropy
+    if native.applies_cross_entropy(h_ND, weight_VD, bias_V, rows):
+        # CPU float32: the same chunks, each thread on its own rows with its own dL/dW (native.py)
+        out = dict(h=grad_h, w=grad_w, b=grad_b) if grads else None
+        loss_sum = native.linear_cross_entropy(
+            h_ND, weight_VD, bias_V, targets_N, ignore_index, scale, out, rows
+        )
+        return torch.tensor(loss_sum * scale, dtype=torch.float32), grad_h, grad_w, grad_b
+    safe_N = torch.where(valid_N, targets_N, 0)  # gather-able targets; invalid rows are masked below
+    loss_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
     for start in range(0, num_rows, rows):
         end = min(start + rows, num_rows)
         h_CD = h_ND[start:end]

@@ -42,6 +42,7 @@ import platform
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,7 +54,9 @@ from moekit.moe.memory import scratch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "experts.c"
+CSRC = Path(__file__).with_name("csrc")
+# compiled together into one library, with the headers beside them (common.h)
+SOURCES = (CSRC / "experts.c", CSRC / "cross_entropy.c")
 # (activation, is_glu) -> the kernel's activation code
 ACTIVATIONS = {
     ("swiglu", True): 0,
@@ -130,23 +133,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moekit"
 
 
-def build(source: Path = SOURCE, folder: Path | None = None) -> Path:
-    """Compile `source` into a shared library in the cache (if not there yet) -> its path.
+def build(sources: Path | Sequence[Path] = SOURCES, folder: Path | None = None) -> Path:
+    """Compile `sources` (one or several C files, headers beside them) into a shared library in the
+    cache (if not there yet) -> its path.
 
     Raises RuntimeError with the compiler's message when the build fails."""
+    sources = [sources] if isinstance(sources, Path) else list(sources)
+    names = ", ".join(source.name for source in sources)
+    headers = sorted({h for source in sources for h in source.parent.glob("*.h")})
     compiler = os.environ.get("CC", "cc")
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    text = source.read_bytes()
+    texts = [f.read_bytes() for f in (*sources, *headers)]
     key = hashlib.sha256(
-        b"\0".join([text, compiler.encode(), " ".join(flags).encode(), _cpu_flags().encode()])
+        b"\0".join([*texts, compiler.encode(), " ".join(flags).encode(), _cpu_flags().encode()])
     )
+    stem = sources[0].stem if len(sources) == 1 else "moekit-native"
     if folder is None:
         folder = cache_dir() / "native"
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:  # an unwritable home: a private folder for this process (built each time)
             folder = Path(tempfile.mkdtemp(prefix="moekit-native-"))
-    target = folder / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    target = folder / f"{stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
@@ -154,13 +162,16 @@ def build(source: Path = SOURCE, folder: Path | None = None) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
+            [compiler, *flags, *map(str, sources), "-o", tmp, "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed to build {source.name}:\n{done.stderr.strip()}")
+            raise RuntimeError(f"{compiler} failed to build {names}:\n{done.stderr.strip()}")
         os.replace(tmp, target)
     except (OSError, subprocess.SubprocessError) as err:
-        raise RuntimeError(f"could not run the C compiler {compiler!r} for {source.name}: {err}") from err
+        raise RuntimeError(f"could not run the C compiler {compiler!r} for {names}: {err}") from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -188,6 +199,11 @@ def _load() -> ctypes.CDLL:
         *[p, i32, p, i64],  # work, threads, sgemm, block rows
     ]
     lib.moekit_many_rows_backward.restype = i32
+    lib.moekit_linear_cross_entropy.argtypes = [p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i32]
+    lib.moekit_linear_cross_entropy.argtypes += [p, p, p, p, p, i32, p, i64]  # loss, grads, work, ...
+    lib.moekit_linear_cross_entropy.restype = i32
+    lib.moekit_cross_entropy_work_floats.argtypes = [i64, i64, i32, i64]
+    lib.moekit_cross_entropy_work_floats.restype = i64
     for name in (
         "moekit_few_rows_work_floats",
         "moekit_many_rows_work_floats",
@@ -524,3 +540,77 @@ def sorted_rows_backward(
     )
     if status != 0:
         raise MemoryError(f"the native expert backward could not allocate its index array ({status})")
+
+
+# ------------------------------------------------------------------ LM head and cross-entropy
+
+
+def applies_cross_entropy(h_ND: Tensor, weight_VD: Tensor, bias_V: Tensor | None, chunk_rows: int) -> bool:
+    """Whether `linear_cross_entropy` can run the LM head and loss (model/cross_entropy.py): CPU
+    float32 contiguous tensors, a usable sgemm, work memory (a [chunk_rows, V] chunk per thread and a
+    [V, D] accumulator per thread but the first) within MAX_WORK_BYTES."""
+    tensors = [t for t in (h_ND, weight_VD, bias_V) if t is not None]
+    if not (
+        ENABLED
+        and MANY_ROWS
+        and h_ND.shape[0] > 0
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+        and not torch.compiler.is_compiling()
+        and library() is not None
+        and blas_sgemm() is not None
+    ):
+        return False
+    dim, vocab = weight_VD.shape[1], weight_VD.shape[0]
+    floats = library().moekit_cross_entropy_work_floats(dim, vocab, torch.get_num_threads(), chunk_rows)
+    return floats * 4 <= MAX_WORK_BYTES
+
+
+def linear_cross_entropy(
+    h_ND: Tensor,
+    weight_VD: Tensor,
+    bias_V: Tensor | None,
+    targets_N: Tensor,
+    ignore_index: int,
+    scale: float,
+    grads: dict[str, Tensor | None] | None,
+    chunk_rows: int,
+) -> float:
+    """The summed loss terms of the LM head h W^T (+ b) against `targets_N` (`ignore_index`: none),
+    each thread on its own rows in chunks of `chunk_rows` (csrc/cross_entropy.c). With `grads`, the
+    gradients of `scale` * loss go into its tensors: "h" [N, D] and "w" [V, D] are written, "b" [V]
+    (or None) is added to. Targets must be in [0, V) or `ignore_index` (the caller checks). Call
+    where `applies_cross_entropy(...)`."""
+    lib = library()
+    threads = torch.get_num_threads()
+    dim, vocab = weight_VD.shape[1], weight_VD.shape[0]
+    (work,) = scratch(
+        h_ND, (lib.moekit_cross_entropy_work_floats(dim, vocab, threads, chunk_rows),), pool="native"
+    )
+    targets_N = targets_N.to(torch.int64).contiguous()
+    loss = ctypes.c_double(0.0)
+    pointers = (
+        [None] * 3
+        if grads is None
+        else [None if grads.get(k) is None else grads[k].data_ptr() for k in "hwb"]
+    )
+    status = lib.moekit_linear_cross_entropy(
+        h_ND.data_ptr(),
+        weight_VD.data_ptr(),
+        None if bias_V is None else bias_V.data_ptr(),
+        targets_N.data_ptr(),
+        ignore_index,
+        h_ND.shape[0],
+        dim,
+        vocab,
+        scale,
+        int(grads is not None),
+        ctypes.byref(loss),
+        *pointers,
+        work.data_ptr(),
+        threads,
+        blas_sgemm(),
+        chunk_rows,
+    )
+    if status != 0:
+        raise MemoryError(f"the native cross-entropy could not allocate its per-thread sums ({status})")
+    return loss.value

@@ -1,0 +1,58 @@
+/* What the native kernels share: AVX2 e^x, and row-major GEMMs through the BLAS's sgemm (the one
+   torch links; its address comes from Python, see moekit/moe/native.py). */
+#ifndef MOEKIT_COMMON_H
+#define MOEKIT_COMMON_H
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact), e^r by a
+   degree-7 polynomial (Cephes' expf coefficients: within 2 ulp), times 2^n built in the exponent
+   bits. Inputs are clamped to [-87, 88] (e^-87 is still a normal float). */
+static inline __m256 exp8(__m256 x)
+{
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+/* 1 / (1 + e^-z) for 8 floats */
+static inline __m256 sigmoid8(__m256 z)
+{
+    const __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), z))));
+}
+
+/* The BLAS's Fortran sgemm (column-major). Its integer arguments are read from int64 variables: on
+   a little-endian machine an LP64 BLAS (32-bit integers) reads their low halves and an ILP64 one the
+   whole, both the right value. */
+typedef void (*sgemm_fn)(const char *, const char *, const void *, const void *, const void *, const float *,
+                         const float *, const void *, const float *, const void *, const float *, float *,
+                         const void *);
+
+/* C [m, n] = op(A) [m, k] op(B) [k, n] + beta C, all row-major with leading dimensions lda, ldb,
+   ldc; op(A) = A^T when ta (A stored [k, m]), likewise op(B) when tb (B stored [n, k]). A row-major
+   matrix is its transpose in column-major terms, so this is the column-major C^T = op(B)^T op(A)^T. */
+static inline void gemm_rm(sgemm_fn sgemm, int ta, int tb, int64_t m, int64_t n, int64_t k, const float *A, int64_t lda,
+                    const float *B, int64_t ldb, float beta, float *C, int64_t ldc)
+{
+    const float one = 1.0f;
+    sgemm(tb ? "T" : "N", ta ? "T" : "N", &n, &m, &k, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+#endif
