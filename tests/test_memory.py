@@ -143,7 +143,37 @@ def test_gradient_buffers_are_reused_only_when_nothing_holds_them():
 def test_gradient_buffer_entries_go_with_their_weight():
     weight = torch.nn.Parameter(torch.ones(4, 4))
     buf, reused = memory.gradient_buffer(weight)
-    assert not reused and id(weight) in memory._grad_storages
-    key = id(weight)
+    key = (id(weight), "grad")
+    assert not reused and key in memory._kept_storages
     del weight, buf
-    assert key not in memory._grad_storages
+    assert key not in memory._kept_storages
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_saved_hidden_memory_is_reused_only_once_the_backward_freed_it(monkeypatch, native_on):
+    # 100 tokens x top-2 over 4 experts (50 rows each: the native many-row kernel where it runs):
+    # the pre-activation hidden saved for the backward comes from kept memory; a graph still alive
+    # keeps its own, and its backward gives the gradients of a twin run one step at a time
+    from moekit.moe import MoE, native
+
+    monkeypatch.setattr(native, "ENABLED", native_on)
+    torch.manual_seed(0)
+    moe = MoE(dim=16, hidden_dim=12, num_experts=4, top_k=2)
+    twin = MoE(dim=16, hidden_dim=12, num_experts=4, top_k=2)
+    twin.load_state_dict(moe.state_dict())
+    key = (id(moe.experts.w_in_EDF), "hidden")
+    x1, x2, grad = torch.randn(100, 16), torch.randn(100, 16), torch.randn(100, 16)
+    moe(x1).output.backward(grad)
+    ptr = memory._kept_storages[key][1].data_ptr()
+    moe(x2).output.backward(grad)  # the first step's hidden was freed by its backward: reused
+    assert memory._kept_storages[key][1].data_ptr() == ptr
+    moe.zero_grad(set_to_none=True)
+    out1 = moe(x1).output  # holds the kept hidden until its backward
+    out2 = moe(x2).output  # so this one gets new memory
+    assert memory._kept_storages[key][1].data_ptr() != ptr
+    out1.backward(grad)
+    out2.backward(grad)
+    for xi in (x1, x2):
+        twin(xi).output.backward(grad)
+    for (name, p), q in zip(moe.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from moekit.moe import native
 from moekit.moe.activations import activation_backward, activation_into
 from moekit.moe.grouped import GroupPlan, mm_groups, weight_grad_groups, zero_untouched
-from moekit.moe.memory import gradient_buffer, scratch
+from moekit.moe.memory import gradient_buffer, kept_buffer, scratch
 
 # Hidden activations per block: large enough for GEMMs at full speed, small enough for the caches.
 DEFAULT_BLOCK_BYTES = 8 << 20
@@ -94,7 +94,9 @@ def experts_forward(
     out = x.new_zeros(x.shape[0], dim_out) if token_N is not None or plan.num_rows < num_rows else None
     out = x.new_empty(num_rows, dim_out) if out is None else out
     blocks, rows = _blocks(plan, spec, hidden_in, x.element_size())
-    h_NH = x.new_empty(num_rows, hidden_in) if save_hidden else None
+    h_NH = (
+        kept_buffer(w_in_EDH, "hidden", (num_rows, hidden_in), x)[0] if save_hidden else None
+    )  # see memory.py
     if h_NH is not None and plan.num_rows < num_rows:  # rows past the last group (none normally)
         h_NH[plan.num_rows :].zero_()
     shapes = [(rows, w_out_EFD.shape[1])] + ([] if save_hidden else [(rows, hidden_in)])

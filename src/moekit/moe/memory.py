@@ -149,8 +149,8 @@ def release_scratch() -> None:
 
 
 # ---------------------------------------------------------------------- gradient buffers
-# id(weight) -> (weak reference to the weight, the storage of the last gradient buffer given for it)
-_grad_storages: dict[int, tuple[weakref.ref, torch.UntypedStorage]] = {}
+# (id(owner), slot) -> (weak reference to the owner, the storage of the last buffer given for it, its dtype)
+_kept_storages: dict[tuple[int, str], tuple[weakref.ref, torch.UntypedStorage, torch.dtype]] = {}
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
@@ -166,19 +166,35 @@ def gradient_buffer(weight: Tensor) -> tuple[Tensor, bool]:
     without a copy. The kept storage goes with the weight (a weak reference), or with
     `release_gradient_buffers()`.
     """
-    entry = _grad_storages.get(id(weight))
-    nbytes = weight.numel() * weight.element_size()
-    if entry is not None and entry[0]() is weight and _storage_use_count is not None:
+    return kept_buffer(weight, "grad", weight.shape, weight)
+
+
+def kept_buffer(
+    owner: Tensor, slot: str, shape: tuple[int, ...] | torch.Size, like: Tensor
+) -> tuple[Tensor, bool]:
+    """`gradient_buffer`'s reuse for any buffer tied to `owner`: an uninitialized tensor of `shape`
+    (`like`'s dtype and device) on the storage given for (owner, slot) last time if nothing else holds
+    it any more and its size matches (True), else new memory (False). The fused experts keep the
+    pre-activation hidden they save for the backward this way (slot "hidden"): freed by the backward,
+    reused by the next step's forward."""
+    key = (id(owner), slot)
+    entry = _kept_storages.get(key)
+    nbytes = math.prod(shape) * like.element_size()
+    if entry is not None and entry[0]() is owner and _storage_use_count is not None:
         storage = entry[1]
-        if _storage_use_count(storage._cdata) == 1 and storage.nbytes() == nbytes:  # only this entry
-            return weight.new_empty(0).set_(storage, 0, weight.shape), True
-    buf = new_buffer(weight.shape, weight)
-    key = id(weight)
-    forget = weakref.ref(weight, lambda _, key=key: _grad_storages.pop(key, None))
-    _grad_storages[key] = (forget, buf.untyped_storage())
+        if (
+            _storage_use_count(storage._cdata) == 1  # only this entry
+            and storage.nbytes() == nbytes
+            and storage.device == like.device
+            and entry[2] == like.dtype
+        ):
+            return like.new_empty(0).set_(storage, 0, shape), True
+    buf = new_buffer(shape, like)
+    forget = weakref.ref(owner, lambda _, key=key: _kept_storages.pop(key, None))
+    _kept_storages[key] = (forget, buf.untyped_storage(), like.dtype)
     return buf, False
 
 
 def release_gradient_buffers() -> None:
-    """Drop the kept gradient storages (memory not held by a `.grad` is freed)."""
-    _grad_storages.clear()
+    """Drop the kept gradient (and other `kept_buffer`) storages: memory nothing else holds is freed."""
+    _kept_storages.clear()

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from moekit.moe.grouped import GroupPlan
-from moekit.moe.memory import scratch
+from moekit.moe.memory import kept_buffer, scratch
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +396,7 @@ def sorted_rows_saving(
     the sorted rows (zeros past the plan's rows), what `sorted_rows_backward` and the torch path's
     backward take. Call where `applies_training(...)`."""
     num_rows = token_N.shape[0]
-    h_NH = x_TD.new_empty(num_rows, experts.w_in_EDH.shape[-1])
+    h_NH = kept_buffer(experts.w_in_EDH, "hidden", (num_rows, experts.w_in_EDH.shape[-1]), x_TD)[0]
     h_NH[plan.num_rows :].zero_()
     return _sorted(x_TD, token_N, weight_N, plan, experts, h_NH), h_NH
 
