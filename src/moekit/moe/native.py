@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 # compiled together into one library, with the headers beside them (common.h)
-SOURCES = (CSRC / "experts.c", CSRC / "cross_entropy.c")
+SOURCES = (CSRC / "experts.c", CSRC / "cross_entropy.c", CSRC / "norms.c")
 # (activation, is_glu) -> the kernel's activation code
 ACTIVATIONS = {
     ("swiglu", True): 0,
@@ -204,6 +204,12 @@ def _load() -> ctypes.CDLL:
     lib.moekit_linear_cross_entropy.restype = i32
     lib.moekit_cross_entropy_work_floats.argtypes = [i64, i64, i32, i64]
     lib.moekit_cross_entropy_work_floats.restype = i64
+    lib.moekit_rms_norm.argtypes = [p, p, ctypes.c_float, i64, i64, p, p, i32]
+    lib.moekit_rms_norm.restype = None
+    lib.moekit_rms_norm_backward.argtypes = [p, p, p, p, i64, i64, p, p, p, i32]
+    lib.moekit_rms_norm_backward.restype = None
+    lib.moekit_rms_norm_backward_work_floats.argtypes = [i64, i32]
+    lib.moekit_rms_norm_backward_work_floats.restype = i64
     for name in (
         "moekit_few_rows_work_floats",
         "moekit_many_rows_work_floats",
@@ -614,3 +620,60 @@ def linear_cross_entropy(
     if status != 0:
         raise MemoryError(f"the native cross-entropy could not allocate its per-thread sums ({status})")
     return loss.value
+
+
+# ------------------------------------------------------------------------------------ RMSNorm
+
+
+def applies_rows(*tensors: Tensor) -> bool:
+    """Whether the row kernels (RMSNorm) can take these tensors: CPU float32 contiguous."""
+    return (
+        ENABLED
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+        and not torch.compiler.is_compiling()
+        and library() is not None
+    )
+
+
+def rms_norm(x: Tensor, weight_D: Tensor, eps: float, keep_r: bool) -> tuple[Tensor, Tensor | None]:
+    """y = x / rms(x) * weight over the last dim (csrc/norms.c), and with `keep_r` the [..., 1]
+    reciprocal rms the backward takes. Call where `applies_rows(x, weight_D)`."""
+    dim = x.shape[-1]
+    y = torch.empty_like(x)
+    r = x.new_empty(*x.shape[:-1], 1) if keep_r else None
+    rows = x.numel() // dim if dim else 0
+    library().moekit_rms_norm(
+        x.data_ptr(),
+        weight_D.data_ptr(),
+        eps,
+        rows,
+        dim,
+        y.data_ptr(),
+        None if r is None else r.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return y, r
+
+
+def rms_norm_backward(
+    x: Tensor, weight_D: Tensor, r: Tensor, grad_y: Tensor, need_x: bool, need_w: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """(dL/dx, dL/dweight) of `rms_norm` given dL/dy, each only if needed. Call where
+    `applies_rows(x, weight_D, r, grad_y)`."""
+    lib, dim, threads = library(), x.shape[-1], torch.get_num_threads()
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_w = torch.empty_like(weight_D) if need_w else None
+    (work,) = scratch(x, (lib.moekit_rms_norm_backward_work_floats(dim, threads),), pool="native")
+    lib.moekit_rms_norm_backward(
+        x.data_ptr(),
+        weight_D.data_ptr(),
+        r.data_ptr(),
+        grad_y.data_ptr(),
+        x.numel() // dim,
+        dim,
+        None if grad_x is None else grad_x.data_ptr(),
+        None if grad_w is None else grad_w.data_ptr(),
+        work.data_ptr(),
+        threads,
+    )
+    return grad_x, grad_w
