@@ -180,6 +180,36 @@ def test_rms_norm_training_path_matches_float64_and_inference_bit_for_bit(monkey
     assert len(calls) == (1 if path == "native" else 0)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 8), (4, 8, 64, 32)])  # the second splits over threads
+def test_rope_native_kernel_equals_torch_ops_both_ways(monkeypatch, shape):
+    """apply_rope in C (CPU float32) gives the torch ops' output bit for bit, reading the heads'
+    strided view ([B, S, H, K] transposed), and its backward equals float64 autograd."""
+    from moekit.model.layers import apply_rope
+    from moekit.moe import native
+
+    if native.library() is None:
+        pytest.skip("no native kernel here")
+    B, H, S, K = shape
+    rotary = Rotary(K, 80, 10000.0)
+    cos, sin = rotary(torch.arange(3, 3 + S))
+    base = torch.randn(B, S, H, K)
+    x = base.transpose(1, 2).requires_grad_(True)  # strided, as _split_heads gives
+    assert native.applies_rope(x, cos, sin)
+    g = torch.randn(B, H, S, K)
+    y = apply_rope(x, cos, sin)
+    y.backward(g)
+    monkeypatch.setattr(native, "ENABLED", False)
+    x_t = base.transpose(1, 2).requires_grad_(True)
+    y_t = apply_rope(x_t, cos, sin)
+    y_t.backward(g)
+    assert torch.equal(y, y_t)
+    x64 = base.double().transpose(1, 2).requires_grad_(True)
+    y64 = x64 * cos.double() + x64.roll(K // 2, dims=-1) * sin.double()
+    y64.backward(g.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_t.grad, rtol=1e-6, atol=1e-7)
+
+
 def test_rope_full_tables_give_the_half_split_rotation_bit_for_bit():
     """Rotary's full-width tables (one roll instead of chunk/cat) must equal the textbook
     half-split formula exactly, so that switching between them changes no logits."""

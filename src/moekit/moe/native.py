@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 # compiled together into one library, with the headers beside them (common.h)
-SOURCES = (CSRC / "experts.c", CSRC / "cross_entropy.c", CSRC / "norms.c")
+SOURCES = (CSRC / "experts.c", CSRC / "cross_entropy.c", CSRC / "norms.c", CSRC / "rope.c")
 # (activation, is_glu) -> the kernel's activation code
 ACTIVATIONS = {
     ("swiglu", True): 0,
@@ -210,6 +210,8 @@ def _load() -> ctypes.CDLL:
     lib.moekit_rms_norm_backward.restype = None
     lib.moekit_rms_norm_backward_work_floats.argtypes = [i64, i32]
     lib.moekit_rms_norm_backward_work_floats.restype = i64
+    lib.moekit_rope.argtypes = [p, i64, i64, i64, i64, i64, i64, i64, p, p, i32, p, i32]
+    lib.moekit_rope.restype = None
     for name in (
         "moekit_few_rows_work_floats",
         "moekit_many_rows_work_floats",
@@ -677,3 +679,46 @@ def rms_norm_backward(
         threads,
     )
     return grad_x, grad_w
+
+
+# ------------------------------------------------------------------------------------- rotary
+
+
+def applies_rope(x_BHSK: Tensor, cos_SK: Tensor, sin_SK: Tensor) -> bool:
+    """Whether `rope` can rotate x [B, H, S, K] (any strides but a contiguous K) by full-width tables
+    [S, K]: CPU float32, even K, tables without gradients."""
+    return (
+        ENABLED
+        and x_BHSK.dim() == 4
+        and x_BHSK.stride(-1) == 1
+        and cos_SK.shape == sin_SK.shape == x_BHSK.shape[-2:]
+        and x_BHSK.shape[-1] % 2 == 0
+        and not (cos_SK.requires_grad or sin_SK.requires_grad)
+        and applies_rows(cos_SK, sin_SK)
+        and x_BHSK.device.type == "cpu"
+        and x_BHSK.dtype == torch.float32
+    )
+
+
+def rope(x_BHSK: Tensor, cos_SK: Tensor, sin_SK: Tensor, backward: bool) -> Tensor:
+    """x * cos + rotate_half(x) * sin (csrc/rope.c) -> a contiguous [B, H, S, K]; with `backward`,
+    x is dL/dy and the result dL/dx. Call where `applies_rope(...)`."""
+    B, H, S, K = x_BHSK.shape
+    out = torch.empty(B, H, S, K, dtype=x_BHSK.dtype)
+    sB, sH, sS, _ = x_BHSK.stride()
+    library().moekit_rope(
+        x_BHSK.data_ptr(),
+        sB,
+        sH,
+        sS,
+        B,
+        H,
+        S,
+        K,
+        cos_SK.data_ptr(),
+        sin_SK.data_ptr(),
+        int(backward),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
