@@ -5,9 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.moe import ExpertBank
+from moekit.moe import ExpertBank, native
 
 ACTIVATIONS = ["swiglu", "geglu", "gpt_oss", "relu", "gelu", "silu"]
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def path(request, monkeypatch):
+    """Every test with the native kernels where they apply (CPU float32, tokens mode, strategy
+    "auto") and with the torch row-block loop everywhere."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "ENABLED", False)
+    return request.param
 
 
 def _bank(activation, bias, dtype=torch.float32, num_experts=4, dim=8, hidden=6, seed=0):

@@ -329,11 +329,14 @@ def applies_training(
     x: Tensor, experts: Experts, num_rows: int, num_groups: int, strategy: str = "auto"
 ) -> bool:
     """Whether the many-row kernel's forward (saving the pre-activation hidden) and its backward can
-    run a call under autograd: past `MAX_MEAN_ROWS` rows per expert, with a usable sgemm and an
-    activation whose derivative the kernel has (TRAINING_ACTIVATIONS)."""
+    run a call under autograd: a usable sgemm and an activation whose derivative the kernel has
+    (TRAINING_ACTIVATIONS), at any rows per expert. Layer forward+backward against the torch path
+    (cold, in turns): 1.01-1.15x (Mixtral-like) and 1.15-1.38x (fine-grained) at 1-256 tokens,
+    1.07-1.43x at 512-4096 (docs/benchmarks.md)."""
     return (
         _usable(x, experts, num_groups, strategy, TRAINING_ACTIVATIONS)
-        and _many(num_rows, num_groups) not in (None, False)
+        and MANY_ROWS
+        and blas_sgemm() is not None
         and _work_floats("backward", x, num_rows, experts, True) * 4 <= MAX_WORK_BYTES
     )
 
@@ -400,7 +403,7 @@ def sorted_rows(x_TD: Tensor, token_N: Tensor, weight_N: Tensor, plan: GroupPlan
 def sorted_rows_saving(
     x_TD: Tensor, token_N: Tensor, weight_N: Tensor, plan: GroupPlan, experts: Experts
 ) -> tuple[Tensor, Tensor]:
-    """`sorted_rows` in the many-row regime that also returns the pre-activation hidden h [N, H] of
+    """`sorted_rows` in the many-row regime (at any rows per expert) that also returns the pre-activation hidden h [N, H] of
     the sorted rows (zeros past the plan's rows), what `sorted_rows_backward` and the torch path's
     backward take. Call where `applies_training(...)`."""
     num_rows = token_N.shape[0]
