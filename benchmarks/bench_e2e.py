@@ -55,8 +55,8 @@ def hf_model(arch: dict[str, int], experts_implementation: str) -> torch.nn.Modu
     return MixtralForCausalLM(cfg)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, run in turns (one run of each per round).
+def interleaved_times(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run of each callable, run in turns (one run of each per round).
 
     Timing the libraries one after another would let a change in the host's load (a noisy neighbour
     on a shared VM) land on one of them only; in turns, every implementation sees the same conditions.
@@ -68,7 +68,13 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], warmup: int, repeats:
             fn()
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def paired_speedup(times: dict[str, list[float]]) -> float:
+    """Median over rounds of (the faster transformers model's time / moekit's time) in that round."""
+    rounds = zip(times["moekit"], times["hf_eager"], times["hf_grouped_mm"])
+    return statistics.median(min(eager, grouped) / mine for mine, eager, grouped in rounds)
 
 
 def train_step_fn(model: torch.nn.Module, kind: str, batch: int, seq: int) -> Callable[[], None]:
@@ -115,10 +121,11 @@ def generate_fn(model: torch.nn.Module, kind: str, prompt_len: int, new_tokens: 
     return run
 
 
-def run_e2e(quick: bool = False) -> dict[str, Any]:
-    """Measure both libraries, in turns; returns the numbers and the two ratios with their targets."""
+def run_e2e(quick: bool = False, rounds: int = 7) -> dict[str, Any]:
+    """Measure both libraries, in turns; returns the numbers and the two ratios with their targets
+    (ratios of medians), and the paired medians of the per-round ratios beside them."""
     batch, seq = (2, 64) if quick else (8, 256)
-    warmup, repeats = (1, 2) if quick else (2, 7)
+    warmup, repeats = (1, 2) if quick else (2, rounds)
     prompt_len, new_tokens = (8, 8) if quick else (32, 64)
     arch = dict(ARCH)
     if quick:
@@ -137,14 +144,18 @@ def run_e2e(quick: bool = False) -> dict[str, Any]:
     for impl in ("eager", "grouped_mm"):
         torch.manual_seed(0)
         models[f"hf_{impl}"] = (hf_model(arch, impl), "hf")
-    train = interleaved_medians(
+    train_times = interleaved_times(
         {name: train_step_fn(m, kind, batch, seq) for name, (m, kind) in models.items()}, warmup, repeats
     )
-    generate = interleaved_medians(
+    generate_times = interleaved_times(
         {name: generate_fn(m, kind, prompt_len, new_tokens) for name, (m, kind) in models.items()},
         warmup,
         repeats,
     )
+    train = {name: statistics.median(t) for name, t in train_times.items()}
+    generate = {name: statistics.median(t) for name, t in generate_times.items()}
+    results["train_speedup_paired"] = paired_speedup(train_times)
+    results["generate_speedup_paired"] = paired_speedup(generate_times)
     for name in models:
         results[f"{name}_train_tokens_per_s"] = batch * seq / train[name]
         results[f"{name}_generate_tokens_per_s"] = new_tokens / generate[name]
@@ -173,6 +184,12 @@ def format_e2e(r: dict[str, Any]) -> str:
         f"{r['hf_grouped_mm_generate_tokens_per_s']:.1f} | {r['generate_speedup']:.2f}x | >= 2x: "
         f"{'met' if r['targets']['generate_speedup >= 2'] else 'NOT met'} |",
     ]
+    if "train_speedup_paired" in r:
+        lines += [
+            "",
+            f"Paired (median over rounds of the faster transformers model's time / moekit's): training "
+            f"{r['train_speedup_paired']:.2f}x, generation {r['generate_speedup_paired']:.2f}x.",
+        ]
     return "\n".join(lines)
 
 
@@ -180,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (smoke test)")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    parser.add_argument("--rounds", type=int, default=7, help="measured rounds (each runs all three once)")
     args = parser.parse_args(argv)
-    results = run_e2e(args.quick)
+    results = run_e2e(args.quick, args.rounds)
     print(format_e2e(results))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -179,7 +179,11 @@ def test_bench_e2e_quick_measures_both_libraries_on_the_same_architecture():
     best = max(r["hf_eager_train_tokens_per_s"], r["hf_grouped_mm_train_tokens_per_s"])
     assert r["train_speedup"] == pytest.approx(r["moekit_train_tokens_per_s"] / best)
     assert r["targets"]["train_speedup >= 1.3"] == (r["train_speedup"] >= 1.3)
-    assert "| training |" in e2e.format_e2e(r)
+    assert r["train_speedup_paired"] > 0 and r["generate_speedup_paired"] > 0
+    assert "| training |" in e2e.format_e2e(r) and "Paired" in e2e.format_e2e(r)
+    # the paired ratio is the median of per-round ratios against the faster of the two others
+    times = {"moekit": [1.0, 2.0, 1.0], "hf_eager": [3.0, 2.0, 1.5], "hf_grouped_mm": [2.0, 5.0, 1.2]}
+    assert e2e.paired_speedup(times) == pytest.approx(1.2)  # rounds: 2.0, 1.0, 1.2
 
 
 def test_bench_native_quick_compares_kernels_and_torch_path(monkeypatch):
