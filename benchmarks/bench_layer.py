@@ -595,7 +595,7 @@ def format_layer(r: dict[str, Any]) -> str:
         f"load average {m['loadavg_at_start']} at start, {m.get('loadavg_at_end')} at end; "
         f"other processes used {'?' if others is None else f'{others:.2f}'} cores on average during the run.",
         f"Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, moekit {v['moekit']}; "
-        f"native few-row kernel {v.get('native_kernel', 'not recorded')}.",
+        f"native kernels {v.get('native_kernel', 'not recorded')}.",
         f"Ceilings: sgemm {c['sgemm']['gflops']:.0f} GFLOP/s (n={c['sgemm']['n']}), "
         f"read bandwidth {c['read_bandwidth']['gbs']:.1f} GB/s ({c['read_bandwidth']['bytes'] >> 20} MiB buffer); "
         f"the best of {len(c.get('samples', [])) or 1} measurements along the run (sgemm GFLOP/s: "
