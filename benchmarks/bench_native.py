@@ -8,7 +8,12 @@ and off. It reports medians and the medians of the paired ratios (torch / kernel
 kernel is faster). Each regime is forced at every T for the run (`native.MAX_MEAN_ROWS`); the last
 column says which path the layer takes by default. This is how the threshold was chosen.
 
+The training part times the layer's forward+backward the same way with the kernels on and off, and
+at the default model's sizes the LM head + loss, RMSNorm and rotary (forward+backward) and one AdamW
+step (for-loop, foreach, fused).
+
 Run:  python benchmarks/bench_native.py [--quick] [--tokens 1,8,64,128,256,512,4096]
+                                        [--part inference|training|all]
 """
 
 from __future__ import annotations
@@ -102,6 +107,152 @@ def run(quick: bool = False, tokens: tuple[int, ...] = (1, 8, 64, 128, 256, 512,
     return result
 
 
+def on_off_times(fn: Any, rounds: int, flush: torch.Tensor | None) -> dict[str, float]:
+    """`fn` with the native kernels on and off (native.ENABLED), in turns -> medians in ms and the
+    median of the per-round ratios off / on."""
+    was = native.ENABLED
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for on in (True, False):  # warm-up, both
+            native.ENABLED = on
+            fn()
+        for _ in range(rounds):
+            for on in (True, False):
+                native.ENABLED = on
+                if flush is not None:
+                    flush.sum()
+                start = time.perf_counter()
+                fn()
+                times[on].append(time.perf_counter() - start)
+    finally:
+        native.ENABLED = was
+    return {
+        "native_ms": statistics.median(times[True]) * 1e3,
+        "torch_ms": statistics.median(times[False]) * 1e3,
+        "torch_over_native": statistics.median(b / a for a, b in zip(times[True], times[False])),
+    }
+
+
+def run_training(quick: bool = False, tokens: tuple[int, ...] = (1, 8, 64, 256, 512, 4096)) -> dict[str, Any]:
+    """Training-side kernels against the torch path, in turns: the MoE layer's forward+backward at T
+    tokens on both shapes (caches flushed), then at the default model's sizes (8 x 256 tokens, dim
+    256, vocabulary 4096, bench_e2e.ARCH): the LM head + loss, its 9 RMSNorms, rotary on q and k of
+    its 4 layers (each forward+backward), and one AdamW step of the whole model for loop, foreach and
+    fused."""
+    from moekit.model.cross_entropy import linear_cross_entropy
+    from moekit.model.layers import RMSNorm, Rotary, apply_rope
+
+    result: dict[str, Any] = {"kernel": native.status(), "layer": [], "ops": [], "adamw": None}
+    if native.library() is None:
+        return result
+    rounds = 2 if quick else 11
+    flush = None if quick else torch.ones(FLUSH_BYTES // 4)
+    for shape in QUICK_SHAPES if quick else SHAPES:
+        layer = build_moekit(shape).train()
+        for t in tokens:
+            x = torch.randn(t, shape.dim, generator=torch.Generator().manual_seed(t), requires_grad=True)
+
+            def step(layer=layer, x=x) -> None:
+                out = layer(x).output
+                out.backward(torch.ones_like(out))
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+
+            row = on_off_times(step, rounds if t < 4096 else max(2, rounds // 2), flush)
+            result["layer"].append(dict(shape=shape.name, tokens=t, **row))
+    arch = dict(bench_e2e.ARCH)
+    rows, dim, vocab, heads, kv_heads, layers = (
+        (64, 64, 512, 4, 2, 2) if quick else (2048, 256, 4096, 8, 4, 4)
+    )
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(rows, dim, generator=gen, requires_grad=True)
+    w = (0.05 * torch.randn(vocab, dim, generator=gen)).requires_grad_(True)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+
+    def head_and_loss() -> None:
+        linear_cross_entropy(h, w, None, targets).backward()
+        h.grad = w.grad = None
+
+    norm = RMSNorm(dim)
+    x_norm = torch.randn(rows, dim, generator=gen, requires_grad=True)
+    g_norm = torch.randn(rows, dim, generator=gen)
+
+    def norms() -> None:
+        for _ in range(2 * layers + 1):
+            norm(x_norm).backward(g_norm)
+        x_norm.grad = norm.weight.grad = None
+
+    head_dim, seq = dim // heads, 256 if not quick else 32
+    batch = rows // seq
+    cos, sin = Rotary(head_dim, seq, 10000.0)(torch.arange(seq))
+    q_base = torch.randn(batch, seq, heads, head_dim, generator=gen)
+    k_base = torch.randn(batch, seq, kv_heads, head_dim, generator=gen)
+
+    def rotary() -> None:
+        for _ in range(layers):
+            q = q_base.transpose(1, 2).requires_grad_(True)  # the heads' strided view
+            k = k_base.transpose(1, 2).requires_grad_(True)
+            torch.autograd.backward(
+                [apply_rope(q, cos, sin), apply_rope(k, cos, sin)],
+                [torch.ones(batch, heads, seq, head_dim), torch.ones(batch, kv_heads, seq, head_dim)],
+            )
+
+    for name, fn in (
+        (f"LM head + loss, {rows} x {dim} x {vocab}", head_and_loss),
+        (f"{2 * layers + 1} RMSNorms, [{rows}, {dim}]", norms),
+        (f"rotary on q and k of {layers} layers", rotary),
+    ):
+        result["ops"].append(dict(name=name, **on_off_times(fn, rounds * 2, None)))
+    if quick:
+        arch.update(layers=2, dim=64, heads=4, kv_heads=2, expert_hidden=128)
+    model = bench_e2e.moekit_model(arch)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    optimizers = {
+        impl: torch.optim.AdamW(
+            model.parameters(), lr=1e-4, **{impl: True} if impl != "loop" else {"foreach": False}
+        )
+        for impl in ("loop", "foreach", "fused")
+    }
+    times: dict[str, list[float]] = {impl: [] for impl in optimizers}
+    for i in range(rounds + 1):
+        for impl, opt in optimizers.items():
+            start = time.perf_counter()
+            opt.step()
+            if i:
+                times[impl].append(time.perf_counter() - start)
+    result["adamw"] = {impl: statistics.median(t) * 1e3 for impl, t in times.items()}
+    return result
+
+
+def format_training(r: dict[str, Any]) -> str:
+    if not r["layer"]:
+        return "Training kernels: not available here (nothing to compare)."
+    lines = [
+        "MoE layer forward+backward (caches flushed), ms, native kernels on / off in turns:",
+        "",
+        "| shape | T | native | torch | torch / native (paired) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['shape']} | {c['tokens']} | {c['native_ms']:.3g} | {c['torch_ms']:.3g} | {c['torch_over_native']:.2f}x |"
+        for c in r["layer"]
+    ]
+    lines += ["", "At the default model's sizes, forward+backward, ms:", "", "| | native | torch | paired |"]
+    lines += ["|---|---|---|---|"]
+    lines += [
+        f"| {c['name']} | {c['native_ms']:.3g} | {c['torch_ms']:.3g} | {c['torch_over_native']:.2f}x |"
+        for c in r["ops"]
+    ]
+    a = r["adamw"]
+    lines += [
+        "",
+        f"AdamW step of the default model, ms: for-loop {a['loop']:.3g}, foreach {a['foreach']:.3g}, "
+        f"fused {a['fused']:.3g} (moekit's trainer and bench_e2e use fused).",
+    ]
+    return "\n".join(lines)
+
+
 def format_result(r: dict[str, Any]) -> str:
     lines = [f"Native expert kernels: {r['kernel']}", ""]
     if not r["layer"]:
@@ -141,9 +292,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, two rounds (smoke test)")
     parser.add_argument("--tokens", default="1,8,64,128,256,512,4096", help="comma-separated T list")
+    parser.add_argument(
+        "--part", choices=["inference", "training", "all"], default="all", help="which comparisons"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     tokens = tuple(int(t) for t in args.tokens.split(","))
-    print(format_result(run(args.quick, tokens)))
+    if args.part in ("inference", "all"):
+        print(format_result(run(args.quick, tokens)))
+    if args.part in ("training", "all"):
+        print()
+        print(format_training(run_training(args.quick, tokens)))
     return 0
 
 

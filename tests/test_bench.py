@@ -224,3 +224,19 @@ def test_bench_native_quick_compares_kernels_and_torch_path(monkeypatch):
             assert c[f"{path}_ms"] > 0 and c[f"torch_over_{path}"] > 0
     assert r["generation"]["tokens_per_s_native"] > 0 and r["generation"]["tokens_per_s_torch"] > 0
     assert "| mixtral | 8 |" in mod.format_result(r)
+
+    # the training part: layer forward+backward and the ops, kernels on and off in turns
+    calls = {True: 0, False: 0}
+    real_backward = native.sorted_rows_backward
+
+    def counted_backward(*args, **kwargs):
+        calls[native.ENABLED] += 1
+        return real_backward(*args, **kwargs)
+
+    monkeypatch.setattr(native, "sorted_rows_backward", counted_backward)
+    t = mod.run_training(quick=True, tokens=(8,))
+    assert calls[True] > 0 and calls[False] == 0 and native.ENABLED
+    assert [(c["shape"], c["tokens"]) for c in t["layer"]] == [("mixtral", 8), ("fine_grained", 8)]
+    assert len(t["ops"]) == 3 and all(c["native_ms"] > 0 and c["torch_ms"] > 0 for c in t["ops"])
+    assert set(t["adamw"]) == {"loop", "foreach", "fused"}
+    assert "| mixtral | 8 |" in mod.format_training(t)
