@@ -186,6 +186,19 @@ def test_bench_e2e_quick_measures_both_libraries_on_the_same_architecture():
     assert e2e.paired_speedup(times) == pytest.approx(1.2)  # rounds: 2.0, 1.0, 1.2
 
 
+def _calls_by_switch(monkeypatch, native, name: str) -> dict[bool, int]:
+    """Counts the calls of native.`name`, by the value of native.ENABLED at the time."""
+    calls = {True: 0, False: 0}
+    real = getattr(native, name)
+
+    def counted(*args, **kwargs):
+        calls[native.ENABLED] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native, name, counted)
+    return calls
+
+
 def test_bench_native_quick_compares_kernels_and_torch_path(monkeypatch):
     """The native-kernel benchmark's smoke mode: the kernels' regimes and the torch path timed, the
     kernels really ran in their turns, and the module switches are restored afterwards."""
@@ -202,14 +215,7 @@ def test_bench_native_quick_compares_kernels_and_torch_path(monkeypatch):
     spec.loader.exec_module(mod)
 
     threshold = native.MAX_MEAN_ROWS
-    calls = {True: 0, False: 0}
-    real = native.routed
-
-    def counted(*args, **kwargs):
-        calls[native.ENABLED] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(native, "routed", counted)
+    calls = _calls_by_switch(monkeypatch, native, "routed")
     r = mod.run(quick=True, tokens=(1, 8))
     assert calls[True] > 0 and calls[False] == 0  # the kernel ran in its turns only
     assert native.ENABLED
@@ -226,14 +232,7 @@ def test_bench_native_quick_compares_kernels_and_torch_path(monkeypatch):
     assert "| mixtral | 8 |" in mod.format_result(r)
 
     # the training part: layer forward+backward and the ops, kernels on and off in turns
-    calls = {True: 0, False: 0}
-    real_backward = native.sorted_rows_backward
-
-    def counted_backward(*args, **kwargs):
-        calls[native.ENABLED] += 1
-        return real_backward(*args, **kwargs)
-
-    monkeypatch.setattr(native, "sorted_rows_backward", counted_backward)
+    calls = _calls_by_switch(monkeypatch, native, "sorted_rows_backward")
     t = mod.run_training(quick=True, tokens=(8,))
     assert calls[True] > 0 and calls[False] == 0 and native.ENABLED
     assert [(c["shape"], c["tokens"]) for c in t["layer"]] == [("mixtral", 8), ("fine_grained", 8)]
