@@ -1,34 +1,38 @@
-"""Native CPU kernels for the experts at inference, compiled on first use.
+"""Native CPU float32 kernels (the MoE experts, the LM head + loss, RMSNorm, rotary), compiled on
+first use.
 
 `csrc/experts.c` runs every expert of a layer in one call: the sort by expert, the products, the
-activation and the weighted combine, with no autograd. Two regimes (see its header):
+activation and the weighted combine. Two regimes (see its header):
 
-- a few rows per expert (decode-size batches, up to `MAX_MEAN_ROWS` on average): the work is
-  reading the chosen experts' weights, which MKL's few-row GEMMs stream at about half the machine's
-  read bandwidth; register-blocked loops stream each expert's weights front to back;
-- many rows per expert (prefill, batches): the work is arithmetic; each thread takes an equal share
-  of the sorted rows and runs its experts' products on its own with the BLAS's sgemm (the one torch
-  links, called through a pointer), the gathers, activation and combine fused around them while the
-  blocks are in cache. Taken only where that sgemm is found and passes a check on a small problem
-  (`blas_sgemm`).
+- a few rows per expert (decode-size batches, up to `MAX_MEAN_ROWS` on average, inference): the work
+  is reading the chosen experts' weights, which MKL's few-row GEMMs stream at about half the
+  machine's read bandwidth; register-blocked loops stream each expert's weights front to back;
+- many rows per expert (prefill, batches; and every training call, forward and backward): the work
+  is arithmetic; each thread takes an equal share of the sorted rows and runs its experts' products
+  on its own with the BLAS's sgemm (the one torch links, called through a pointer), the gathers,
+  activation and combine fused around them while the blocks are in cache. Taken only where that
+  sgemm is found and passes a check on a small problem (`blas_sgemm`).
 
-Two entries: `sorted_rows` takes rows already sorted by a dispatcher, `routed` takes a routing's
-assignments as they come and sorts them by expert in C (the MoE layer's inference path,
-`ExpertBank.forward_routed`). `docs/benchmarks.md` ("Native expert kernels") has what they changed in
-the layer cells and in generation.
+Entries: `sorted_rows` (rows already sorted by a dispatcher), `routed` (a routing's assignments as
+they come, sorted by expert in C: the MoE layer's inference path, `ExpertBank.forward_routed`),
+`sorted_rows_saving` and `sorted_rows_backward` (under autograd, `fused.FusedExperts`). The same
+per-thread sgemm scheme runs the LM head and its cross-entropy (`csrc/cross_entropy.c`,
+`linear_cross_entropy`), and one pass per row runs RMSNorm (`csrc/norms.c`) and rotary
+(`csrc/rope.c`) both ways. `docs/benchmarks.md` has what each changed.
 
-The source ships with the package and is compiled by the system's C compiler (`$CC`, else `cc`)
-with `-O3 -march=native -fopenmp` into a cache folder (`$MOEKIT_CACHE_DIR`, else
-`~/.cache/moekit`; a private temporary folder if that cannot be written), once per source,
+The sources ship with the package and are compiled together by the system's C compiler (`$CC`, else
+`cc`) with `-O3 -march=native -fopenmp` into a cache folder (`$MOEKIT_CACHE_DIR`, else
+`~/.cache/moekit`; a private temporary folder if that cannot be written), once per source text,
 compiler and CPU; a library built elsewhere is never loaded.
 The build writes a temporary file and renames it, so processes starting together (torchrun) cannot
 load a half-written library. Linked against libgomp by soname, the kernels run on the OpenMP
 runtime torch has already loaded: torch's own thread pool.
 
-They apply to inference (no autograd) on CPU, float32, contiguous weights, the activations below,
-Linux on x86-64 with AVX2 and FMA; everything else, a missing compiler or a failed build takes the
-torch path (the same results up to float32 rounding). MOEKIT_NATIVE=0 in the environment turns both
-off, MOEKIT_NATIVE_MANY=0 the many-row regime alone.
+They apply on CPU to float32 contiguous tensors (the expert kernels: the activations below; in
+training all but GPT-OSS's), on Linux x86-64 with AVX2 and FMA; everything else, a missing compiler
+or a failed build takes the torch path (the same results up to float32 rounding). MOEKIT_NATIVE=0 in
+the environment turns them all off, MOEKIT_NATIVE_MANY=0 the sgemm-based ones (the many-row regime
+and the LM head + loss).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-/* The experts of an MoE layer at inference (no autograd), CPU float32, in one call per layer: sort
-   by expert (moekit_routed), the experts' products, activation and the weighted combine. Two regimes:
+/* The experts of an MoE layer, CPU float32, in one call per layer: sort by expert (moekit_routed),
+   the experts' products, activation and the weighted combine. Two regimes:
 
    A. A few rows per expert (decode and small batches: moekit_few_rows). The work is reading the
       chosen experts' weights once: a 1-8 row GEMM in MKL streams a cold weight matrix at about half
@@ -19,7 +19,7 @@
       up to 4 rows share every weight vector loaded (accumulators in registers), over blocks of DB
       weight rows x CB columns that stay in L1.
 
-   B. Many rows per expert (prefill and batches: moekit_many_rows). The work is arithmetic, and the
+   B. Many rows per expert (prefill, batches and training: moekit_many_rows). The work is arithmetic, and the
       BLAS's GEMM (the sgemm torch links, passed in as a function pointer) runs it near its best when
       each call has a whole thread to itself: a multi-threaded GEMM per expert and projection pays a
       fork/join and splits small products thinly, and the gathers, activation and combine around it
@@ -29,6 +29,8 @@
       a = act(h) in place while h is in cache, y = a W_out[e] by sgemm, and adds weight * (y + b_out)
       into its own [T, D] accumulator (thread 0's is `out`); the accumulators are summed at the end.
       Called inside the parallel region, the BLAS runs each product on the calling thread.
+      Training uses this regime at every size: the forward also saves the pre-activation hidden
+      (h_save), and moekit_many_rows_backward runs the gradients over the same row ranges.
 
    `nthreads` sizes the work buffer; OpenMP may give fewer (nested in a parallel region: one).
    Threads are OpenMP's: compiled with -fopenmp, this library uses the libgomp that torch has
