@@ -317,6 +317,22 @@ def status() -> str:
     return f"on ({Path(lib._name).name}, {many})"
 
 
+def applies_rows(*tensors: Tensor) -> bool:
+    """What every kernel here needs of its tensors (None entries are skipped): CPU float32 contiguous
+    memory, outside torch.compile tracing (traced tensors have no memory to hand to C), with the
+    kernels on and built. RMSNorm needs nothing more."""
+    return (
+        ENABLED
+        and all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+            for t in tensors
+            if t is not None
+        )
+        and not torch.compiler.is_compiling()
+        and library() is not None
+    )
+
+
 def applies(x: Tensor, experts: Experts, num_rows: int, num_groups: int, strategy: str = "auto") -> bool:
     """Whether a kernel can run an inference call with `num_rows` rows in `num_groups` non-empty
     expert groups (without building anything when it cannot). It stands in for the grouped products'
@@ -346,15 +362,11 @@ def applies_training(
 
 
 def _usable(x: Tensor, experts: Experts, num_groups: int, strategy: str, activations) -> bool:
-    tensors = [t for t in (x, *experts[:4]) if t is not None]
     return (
-        ENABLED
-        and strategy == "auto"
+        strategy == "auto"
         and (experts.activation, experts.is_glu) in activations
         and num_groups > 0
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-        and not torch.compiler.is_compiling()  # traced tensors have no memory to hand to C
-        and library() is not None
+        and applies_rows(x, *experts[:4])
     )
 
 
@@ -373,12 +385,8 @@ def _block_rows(num_rows: int, floats_per_row: int, threads: int) -> int:
 
 
 def _work_floats(kind: str, x: Tensor, num_rows: int, experts: Experts, many: bool) -> int:
-    """Floats of work memory a call needs (the kernel's own count) and, for many rows, its block
-    rows; `kind` "forward" or "backward"."""
-    hidden = experts.w_out_EFD.shape[1]
-    return _kernel_work(
-        kind, x.shape[0], num_rows, x.shape[-1], hidden, experts.is_glu, torch.get_num_threads(), many
-    )[0]
+    """Floats of work memory a call needs (the kernel's own count); `kind` "forward" or "backward"."""
+    return _kernel_work(kind, *_shape_key(x, num_rows, experts), many)[0]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -407,9 +415,9 @@ def sorted_rows(x_TD: Tensor, token_N: Tensor, weight_N: Tensor, plan: GroupPlan
 def sorted_rows_saving(
     x_TD: Tensor, token_N: Tensor, weight_N: Tensor, plan: GroupPlan, experts: Experts
 ) -> tuple[Tensor, Tensor]:
-    """`sorted_rows` in the many-row regime (at any rows per expert) that also returns the pre-activation hidden h [N, H] of
-    the sorted rows (zeros past the plan's rows), what `sorted_rows_backward` and the torch path's
-    backward take. Call where `applies_training(...)`."""
+    """`sorted_rows` in the many-row regime (at any rows per expert) that also returns the
+    pre-activation hidden h [N, H] of the sorted rows (zeros past the plan's rows), what
+    `sorted_rows_backward` and the torch path's backward take. Call where `applies_training(...)`."""
     num_rows = token_N.shape[0]
     h_NH = kept_buffer(experts.w_in_EDH, "hidden", (num_rows, experts.w_in_EDH.shape[-1]), x_TD)[0]
     h_NH[plan.num_rows :].zero_()
@@ -423,9 +431,9 @@ def _sorted(x_TD, token_N, weight_N, plan, experts, h_NH) -> Tensor:
     rows = (token_N.data_ptr(), weight_N.data_ptr(), bounds_G3.data_ptr(), bounds_G3.shape[0])
     num_rows = token_N.shape[0]
     many = _many(num_rows, bounds_G3.shape[0]) if h_NH is None else blas_sgemm()
+    floats, block_rows = _kernel_work("forward", *_shape_key(x_TD, num_rows, experts), many is not None)
     if many is None:
-        return _run("moekit_few_rows", x_TD, rows, num_rows, experts, ())[0]
-    floats, block_rows = _kernel_work("forward", *_shape_key(x_TD, num_rows, experts), True)
+        return _run("moekit_few_rows", x_TD, rows, num_rows, experts, (), floats)[0]
     extra = (x_TD.shape[0], many, block_rows, None if h_NH is None else h_NH.data_ptr())
     return _run("moekit_many_rows", x_TD, rows, num_rows, experts, extra, floats)[0]
 
@@ -472,16 +480,14 @@ def _run(
     num_rows: int,
     experts: Experts,
     extra: tuple,
-    floats: int | None = None,
+    floats: int,
 ) -> tuple[Tensor, int | None]:
     """Call the kernel's forward `entry`: x, its row arguments `rows`, the expert bank's, then (some
-    of `extra`) out, work, threads and `extra`'s rest -> (out, x's shape: the experts' weighted
-    outputs; the entry's status). `floats`: work memory (default: the few-row regime's)."""
+    of `extra`) out, work (`floats` of it), threads and `extra`'s rest -> (out, x's shape: the
+    experts' weighted outputs; the entry's status)."""
     lib = library()
-    w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, activation, is_glu = experts
+    _, w_out_EFD, _, _, activation, is_glu = experts
     threads = torch.get_num_threads()
-    if floats is None:
-        floats = _kernel_work("forward", *_shape_key(x, num_rows, experts), False)[0]
     (work,) = scratch(x, (floats,), pool="native")
     out = x.new_zeros(x.shape)
     bank = (
@@ -564,15 +570,8 @@ def applies_cross_entropy(h_ND: Tensor, weight_VD: Tensor, bias_V: Tensor | None
     """Whether `linear_cross_entropy` can run the LM head and loss (model/cross_entropy.py): CPU
     float32 contiguous tensors, a usable sgemm, work memory (a [chunk_rows, V] chunk per thread and a
     [V, D] accumulator per thread but the first) within MAX_WORK_BYTES."""
-    tensors = [t for t in (h_ND, weight_VD, bias_V) if t is not None]
     if not (
-        ENABLED
-        and MANY_ROWS
-        and h_ND.shape[0] > 0
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-        and not torch.compiler.is_compiling()
-        and library() is not None
-        and blas_sgemm() is not None
+        MANY_ROWS and h_ND.shape[0] > 0 and applies_rows(h_ND, weight_VD, bias_V) and blas_sgemm() is not None
     ):
         return False
     dim, vocab = weight_VD.shape[1], weight_VD.shape[0]
@@ -632,16 +631,6 @@ def linear_cross_entropy(
 
 
 # ------------------------------------------------------------------------------------ RMSNorm
-
-
-def applies_rows(*tensors: Tensor) -> bool:
-    """Whether the row kernels (RMSNorm) can take these tensors: CPU float32 contiguous."""
-    return (
-        ENABLED
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-        and not torch.compiler.is_compiling()
-        and library() is not None
-    )
 
 
 def rms_norm(x: Tensor, weight_D: Tensor, eps: float, keep_r: bool) -> tuple[Tensor, Tensor | None]:
