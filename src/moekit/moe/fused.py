@@ -83,22 +83,21 @@ def experts_forward(
 
     Tokens mode with strategy "auto" runs the native kernels instead where they apply (native.py):
     every expert in one call; under autograd (save_hidden) the many-row regime only."""
-    if token_N is not None:
-        bank = native.Experts(w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, spec.activation, spec.is_glu)
-        if not save_hidden and native.applies(x, bank, plan.num_rows, len(plan.bounds), spec.strategy):
-            return native.sorted_rows(x, token_N, weight_N, plan, bank), None
-        if save_hidden and native.applies_training(x, bank, plan.num_rows, len(plan.bounds), spec.strategy):
-            return native.sorted_rows_saving(x, token_N, weight_N, plan, bank)
     hidden_in, dim_out = w_in_EDH.shape[-1], w_out_EFD.shape[-1]
     num_rows = x.shape[0] if token_N is None else token_N.shape[0]
+    h_NH = None
+    if save_hidden:  # memory kept from the last step's once its backward freed it (memory.py)
+        h_NH, _ = kept_buffer(w_in_EDH, "hidden", (num_rows, hidden_in), x)
+        if plan.num_rows < num_rows:  # rows past the last group (none normally)
+            h_NH[plan.num_rows :].zero_()
+    if token_N is not None:
+        bank = native.Experts(w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, spec.activation, spec.is_glu)
+        applies = native.applies_training if save_hidden else native.applies
+        if applies(x, bank, plan.num_rows, len(plan.bounds), spec.strategy):
+            return native.sorted_rows(x, token_N, weight_N, plan, bank, h_NH), h_NH
     out = x.new_zeros(x.shape[0], dim_out) if token_N is not None or plan.num_rows < num_rows else None
     out = x.new_empty(num_rows, dim_out) if out is None else out
     blocks, rows = _blocks(plan, spec, hidden_in, x.element_size())
-    h_NH = (
-        kept_buffer(w_in_EDH, "hidden", (num_rows, hidden_in), x)[0] if save_hidden else None
-    )  # see memory.py
-    if h_NH is not None and plan.num_rows < num_rows:  # rows past the last group (none normally)
-        h_NH[plan.num_rows :].zero_()
     shapes = [(rows, w_out_EFD.shape[1])] + ([] if save_hidden else [(rows, hidden_in)])
     if token_N is not None:
         shapes += [(rows, x.shape[1]), (rows, dim_out)]

@@ -15,7 +15,7 @@ activation and the weighted combine. Two regimes (see its header):
 
 Entries: `sorted_rows` (rows already sorted by a dispatcher), `routed` (a routing's assignments as
 they come, sorted by expert in C: the MoE layer's inference path, `ExpertBank.forward_routed`),
-`sorted_rows_saving` and `sorted_rows_backward` (under autograd, `fused.FusedExperts`). The same
+`sorted_rows` with a hidden to save and `sorted_rows_backward` (under autograd, `fused.FusedExperts`). The same
 per-thread sgemm scheme runs the LM head and its cross-entropy (`csrc/cross_entropy.c`,
 `linear_cross_entropy`), and one pass per row runs RMSNorm (`csrc/norms.c`) and rotary
 (`csrc/rope.c`) both ways. `docs/benchmarks.md` has what each changed.
@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from moekit.moe.grouped import GroupPlan
-from moekit.moe.memory import kept_buffer, scratch
+from moekit.moe.memory import scratch
 
 log = logging.getLogger(__name__)
 
@@ -406,22 +406,21 @@ def _kernel_work(
     return entry(tokens, dim, hidden, int(is_glu), threads, rows), rows
 
 
-def sorted_rows(x_TD: Tensor, token_N: Tensor, weight_N: Tensor, plan: GroupPlan, experts: Experts) -> Tensor:
+def sorted_rows(
+    x_TD: Tensor,
+    token_N: Tensor,
+    weight_N: Tensor,
+    plan: GroupPlan,
+    experts: Experts,
+    h_NH: Tensor | None = None,
+) -> Tensor:
     """out [T, D] = sum over rows n of weight_N[n] * expert_n(x_TD[token_N[n]]), rows sorted by
-    expert as `plan` says (what a dispatcher gives). No autograd; call where `applies(...)`."""
-    return _sorted(x_TD, token_N, weight_N, plan, experts, None)
+    expert as `plan` says (what a dispatcher gives). No autograd; call where `applies(...)`.
 
-
-def sorted_rows_saving(
-    x_TD: Tensor, token_N: Tensor, weight_N: Tensor, plan: GroupPlan, experts: Experts
-) -> tuple[Tensor, Tensor]:
-    """`sorted_rows` in the many-row regime (at any rows per expert) that also returns the
-    pre-activation hidden h [N, H] of the sorted rows (zeros past the plan's rows), what
-    `sorted_rows_backward` and the torch path's backward take. Call where `applies_training(...)`."""
-    num_rows = token_N.shape[0]
-    h_NH = kept_buffer(experts.w_in_EDH, "hidden", (num_rows, experts.w_in_EDH.shape[-1]), x_TD)[0]
-    h_NH[plan.num_rows :].zero_()
-    return _sorted(x_TD, token_N, weight_N, plan, experts, h_NH), h_NH
+    With `h_NH` [N, H] (contiguous) the many-row regime runs at any rows per expert and writes the
+    pre-activation hidden of the plan's rows there, what `sorted_rows_backward` and the torch path's
+    backward take; call where `applies_training(...)` then."""
+    return _sorted(x_TD, token_N, weight_N, plan, experts, h_NH)
 
 
 def _sorted(x_TD, token_N, weight_N, plan, experts, h_NH) -> Tensor:
@@ -520,7 +519,7 @@ def sorted_rows_backward(
     grad_out_TD: Tensor,
     grads: dict[str, Tensor | None],
 ) -> None:
-    """The backward of `sorted_rows_saving` given dL/dout [T, D], into the tensors of `grads` (None:
+    """The backward of `sorted_rows` (with a saved hidden h_NH) given dL/dout [T, D], into the tensors of `grads` (None:
     not needed): "x" [T, D], "b_in" [E, H] and "b_out" [E, D] are added to (zero them first),
     "w_in" [E, D, H] and "w_out" [E, F, D] are written for the experts with rows only (zero the
     others), "weight" [N] float32 is written. Call where `applies_training(...)`."""
