@@ -200,13 +200,17 @@ def test_layer_with_drops_or_masks_keeps_them_at_few_tokens(kw):
 
 
 @needs_kernel
-def test_kernel_not_used_with_autograd_large_groups_other_dtypes_pinned_strategy_or_big_work(monkeypatch):
+def test_few_row_kernel_not_used_with_autograd_large_groups_other_dtypes_pinned_strategy_or_big_work(
+    monkeypatch,
+):
     torch.manual_seed(0)
     layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2))
     calls = _count_calls(monkeypatch)
-    layer(torch.randn(5, 32)).output.sum().backward()  # training: the autograd function
+    monkeypatch.setattr(native, "MANY_ROWS", False)
+    # training takes the many-row kernel only (test_layer_training_with_kernel_matches_torch_path):
+    # with that regime off, the few-row kernel is never used under autograd
+    layer(torch.randn(5, 32)).output.sum().backward()
     with torch.no_grad():
-        monkeypatch.setattr(native, "MANY_ROWS", False)
         layer(torch.randn(200, 32))  # 100 rows per expert on average, many-row regime off: torch
         monkeypatch.setattr(native, "MANY_ROWS", True)
         layer.experts.strategy = "loop"
