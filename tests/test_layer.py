@@ -559,10 +559,12 @@ def test_inference_losses_and_stats_are_computed_when_read_with_the_same_values(
         lazy = moe(x, mask=mask)
     assert lazy._losses is None and lazy.stats._entropy is None  # nothing computed yet
     assert set(lazy.losses) == set(eager.losses)
+    # (at these sizes the inference call routes in the native kernel, native.topk_layer: its logits
+    # differ from the autograd call's torch product by float32 rounding)
     for name in eager.losses:
-        torch.testing.assert_close(lazy.losses[name], eager.losses[name].detach(), rtol=0, atol=0)
-    torch.testing.assert_close(lazy.aux_loss, eager.aux_loss.detach(), rtol=0, atol=0)
-    torch.testing.assert_close(lazy.z_loss, eager.z_loss.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(lazy.losses[name], eager.losses[name].detach(), rtol=2e-6, atol=0)
+    torch.testing.assert_close(lazy.aux_loss, eager.aux_loss.detach(), rtol=2e-6, atol=0)
+    torch.testing.assert_close(lazy.z_loss, eager.z_loss.detach(), rtol=2e-6, atol=0)
     assert not lazy.aux_loss.requires_grad
     # the derived stats against float64 math from the router's own probabilities
     probs = torch.softmax(moe.router.gate(x.reshape(-1, D)).double(), dim=-1)
@@ -604,9 +606,17 @@ def test_one_token_inference_matches_reference(case, activation, bias, threads, 
     with torch.no_grad():
         for p in moe.experts.parameters():
             p.normal_(0, 0.5)  # biases non-zero too
-    calls = []
-    one_token = moe.experts.forward_routed
+    calls = []  # the calls of the one-token path: straight from the routing, or routing included
+    one_token, with_router = moe.experts.forward_routed, moe.experts.forward_topk
     moe.experts.forward_routed = lambda *a: calls.append(1) or one_token(*a)
+
+    def counted_topk(*args):
+        result = with_router(*args)
+        if result is not None:
+            calls.append(1)
+        return result
+
+    moe.experts.forward_topk = counted_topk
     for seed in range(4):
         x = torch.randn(1, 1, D, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():

@@ -137,10 +137,67 @@ def test_routed_rejects_expert_indices_out_of_range():
         native.routed(x, torch.tensor([0, 3]), torch.ones(2), 2, bank)
 
 
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("tokens", "top_k"), [(1, 2), (5, 3)])
+def test_topk_layer_matches_float64_router_and_experts(bias, renormalize, threads, tokens, top_k):
+    # the router in C (logits, softmax, top-k, renormalization) and the experts after it, against
+    # the router's formulas in float64 and the float64 loop of the experts
+    experts, dim = 6, 40
+    x, _, _, w_in, w_out, b_in, b_out = _problem(dim, 24, [1] * experts, tokens, True, bias, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    gate = torch.randn(experts, dim, generator=gen) / dim**0.5
+    gate_bias = torch.randn(experts, generator=gen) if bias else None
+    bank = native.Experts(w_in, w_out, b_in, b_out, "swiglu", True)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, logits, probs, expert_idx, weight = native.topk_layer(
+            x, gate, gate_bias, top_k, renormalize, bank
+        )
+    finally:
+        torch.set_num_threads(old)
+    logits64 = x.double() @ gate.double().T + (0 if gate_bias is None else gate_bias.double())
+    probs64 = logits64.exp() / logits64.exp().sum(-1, keepdim=True)
+    torch.testing.assert_close(logits.double(), logits64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probs.double(), probs64, rtol=1e-5, atol=1e-7)
+    for t in range(tokens):
+        order = sorted(range(experts), key=lambda e: -float(probs64[t, e]))[:top_k]  # largest first
+        assert expert_idx[t * top_k : (t + 1) * top_k].tolist() == order
+        chosen = probs64[t, order]
+        expected = chosen / chosen.sum() if renormalize else chosen
+        torch.testing.assert_close(
+            weight[t * top_k : (t + 1) * top_k].double(), expected, rtol=1e-5, atol=1e-7
+        )
+    token = [a // top_k for a in range(tokens * top_k)]
+    by_expert = sorted(range(tokens * top_k), key=lambda a: int(expert_idx[a]))
+    counts = torch.bincount(expert_idx, minlength=experts).tolist()
+    ref = _reference(
+        x, [token[a] for a in by_expert], weight[by_expert], counts, w_in, w_out, b_in, b_out, "swiglu", True
+    )
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_topk_layer_breaks_ties_by_lower_expert_and_reports_non_finite_logits():
+    x, _, _, w_in, w_out, _, _ = _problem(16, 8, [1] * 5, 2, True, False)
+    bank = native.Experts(w_in, w_out, None, None, "swiglu", True)
+    gate = torch.randn(1, 16).expand(5, 16).contiguous()  # every expert scores every token the same
+    _, _, probs, expert_idx, weight = native.topk_layer(x, gate, None, 3, False, bank)
+    assert expert_idx.tolist() == [0, 1, 2] * 2
+    torch.testing.assert_close(weight, torch.full((6,), 0.2))
+    torch.testing.assert_close(probs, torch.full((2, 5), 0.2))
+    x[1, 3] = float("nan")
+    assert native.topk_layer(x, gate, None, 3, False, bank) is None
+
+
 def _count_calls(monkeypatch) -> list[int]:
-    """Counts the calls of the kernel's two entries (after a dispatcher, and straight from a routing)."""
+    """Counts the calls of the kernel's entries (after a dispatcher, straight from a routing, and
+    with the top-k router in it)."""
     calls: list[int] = []
-    for name in ("sorted_rows", "routed"):
+    for name in ("sorted_rows", "routed", "topk_layer"):
         real = getattr(native, name)
 
         def counted(*args, _real=real, **kwargs):
@@ -175,6 +232,32 @@ def test_layer_takes_kernel_at_few_tokens_and_matches_torch(monkeypatch, tokens,
         slow = layer(x).output
     assert len(calls) == 1  # the second call took the torch path
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_layer_routes_in_the_kernel_unless_the_router_is_hooked_or_the_logits_are_not_finite(monkeypatch):
+    # the router in C stands in for TopKRouter's forward: analysis and calibration hook that forward,
+    # so a hooked router runs itself; a NaN in the input reaches the router's own error
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2, router_bias=True)).eval()
+    with torch.no_grad():
+        layer.router.gate.bias.normal_()
+    x = torch.randn(3, 32)
+    calls = _count_calls(monkeypatch)
+    with torch.no_grad():
+        fused = layer(x)
+        assert len(calls) == 1
+        seen = []
+        handle = layer.router.register_forward_hook(lambda module, args, routing: seen.append(routing))
+        hooked = layer(x)
+        handle.remove()
+    assert len(seen) == 1 and len(calls) == 2  # the router ran, then `routed` after it
+    torch.testing.assert_close(fused.output, hooked.output, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.router_logits, seen[0].logits_TE, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fused.stats.routed_per_expert, hooked.stats.routed_per_expert)
+    x[1, 0] = float("nan")
+    with torch.no_grad(), pytest.raises(ValueError, match="router logits contain 4 NaN/Inf"):
+        layer(x)
 
 
 @needs_kernel

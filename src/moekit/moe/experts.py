@@ -87,6 +87,22 @@ class ExpertBank(nn.Module):
             raise RuntimeError("ExpertBank.forward_tokens does not apply expert dropout: use forward")
         return self._fused(x_TD, token_N, weight_N, self._plan(counts, token_N.shape[0]))
 
+    def forward_topk(
+        self, x_TD: Tensor, gate_ED: Tensor, bias_E: Tensor | None, top_k: int, renormalize: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+        """Inference behind a top-k softmax router with gate weight [E, D] (and bias) in one native
+        call, routing included (native.topk_layer: decode-size batches) -> (out [T, D], logits,
+        probs, expert_idx_A, weight_A), or None where it does not run (the caller routes)."""
+        bank = self._native_bank()
+        if not native.applies_topk_layer(x_TD, gate_ED, bias_E, top_k, bank, self.strategy):
+            return None
+        return native.topk_layer(x_TD, gate_ED, bias_E, top_k, renormalize, bank)
+
+    def _native_bank(self) -> native.Experts:
+        return native.Experts(
+            self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED, self.activation, self.is_glu
+        )
+
     def forward_routed(
         self, x_TD: Tensor, expert_idx_A: Tensor, weight_A: Tensor, top_k: int
     ) -> Tensor | None:
@@ -106,7 +122,7 @@ class ExpertBank(nn.Module):
         """
         w_in_EDH, w_out_EFD, b_in, b_out = self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED
         num_rows = expert_idx_A.shape[0]
-        bank = native.Experts(w_in_EDH, w_out_EFD, b_in, b_out, self.activation, self.is_glu)
+        bank = self._native_bank()
         if native.applies(x_TD, bank, num_rows, min(num_rows, self.num_experts), self.strategy):
             return native.routed(x_TD, expert_idx_A, weight_A, top_k, bank)
         if x_TD.shape[0] != 1:

@@ -25,7 +25,7 @@ from moekit.moe import losses as L
 from moekit.moe.config import MoEConfig
 from moekit.moe.dispatch import LocalDispatcher, capacity_keep_mask, priority_order
 from moekit.moe.experts import ExpertBank, HierarchicalExperts, SharedExperts
-from moekit.moe.router import Routing, build_router
+from moekit.moe.router import Routing, TopKRouter, build_router
 
 
 class MoEStats:
@@ -199,8 +199,11 @@ class MoE(nn.Module):
         cfg = self.config
         x_TD, mask_T = self._check_input(x, mask)
 
-        # 1. route
-        if getattr(self.router, "uses_task_ids", False):
+        # 1. route (decode-size inference behind a top-k softmax router: 1.-4. in one native call)
+        native_out = self._native_inference(x_TD) if mask_T is None else None
+        if native_out is not None:
+            routing, out_TD = native_out
+        elif getattr(self.router, "uses_task_ids", False):
             routing = self.router(x_TD, mask_T, _task_of_tokens(task_ids, x))
         else:
             routing = self.router(x_TD, mask_T)
@@ -232,8 +235,8 @@ class MoE(nn.Module):
                 )
                 capacity, order_A = None, None
         inner_aux = inner_z = None
-        out_TD = None
-        if self._routed_inference(routing, valid_A, capacity):
+        out_TD = None if native_out is None else native_out[1]
+        if out_TD is None and self._routed_inference(routing, valid_A, capacity):
             # 2.-4. decode-size inference straight from the routing, where it can (a single token, or
             # the native kernel's batch sizes; see ExpertBank.forward_routed)
             out_TD = self.experts.forward_routed(x_TD, routing.expert_idx_A, routing.weight_A, routing.top_k)
@@ -292,12 +295,41 @@ class MoE(nn.Module):
         bank). The output of `forward`, without its losses and statistics."""
         if torch.is_grad_enabled() or getattr(self.router, "uses_task_ids", False):
             return None
+        native_out = self._native_inference(x_1D)
+        if native_out is not None:
+            out_1D = native_out[1]
+            return out_1D if self.shared is None else out_1D + self.shared(x_1D)
         routing = self.router(x_1D)
         capacity = self.config.capacity(routing.top_k, self.training) if routing.top_k > 0 else None
         if not self._routed_inference(routing, routing.keep_A, capacity):
             return None
         out_1D = self.experts.forward_routed(x_1D, routing.expert_idx_A, routing.weight_A, routing.top_k)
         return out_1D if self.shared is None else out_1D + self.shared(x_1D)
+
+    def _native_inference(self, x_TD: Tensor) -> tuple[Routing, Tensor] | None:
+        """Steps 1-4 of an inference call in one native call (ExpertBank.forward_topk), where they
+        can run there: no autograd, no capacity, the top-k softmax router (float32, no hooks: analysis
+        and calibration hook the router's output) and the fused local expert bank, at the kernel's
+        batch sizes -> (the routing, out [T, D]); None otherwise. Its routing is the router's own,
+        computed in C (the same decisions and weights up to float32 rounding)."""
+        router = self.router
+        if (
+            torch.is_grad_enabled()
+            or type(router) is not TopKRouter
+            or self.config.router_dtype != "float32"
+            or self.config.capacity(1, self.training) is not None
+            or _has_hooks(router)
+            or not self._fused_local()
+        ):
+            return None
+        top_k = router.top_k
+        result = self.experts.forward_topk(
+            x_TD, router.gate.weight, router.gate.bias, top_k, self.config.norm_topk_prob
+        )
+        if result is None:
+            return None
+        out_TD, logits_TE, probs_TE, expert_idx_A, weight_A = result
+        return Routing(logits_TE, probs_TE, expert_idx_A, weight_A, top_k), out_TD
 
     def _routed_inference(self, routing: Routing, valid_A: Tensor | None, capacity: int | None) -> bool:
         """Whether steps 2-4 may go straight from the routing (ExpertBank.forward_routed): no
@@ -419,6 +451,18 @@ def _counts_when_read(expert_idx_A: Tensor, num_experts: int) -> Callable[[], Te
         return computed[0]
 
     return counts
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` runs forward hooks, its own or global ones (torch's own test)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+    )
 
 
 def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:

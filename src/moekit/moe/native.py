@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 # compiled together into one library, with the headers beside them (common.h)
-SOURCES = (CSRC / "experts.c", CSRC / "cross_entropy.c", CSRC / "norms.c", CSRC / "rope.c")
+SOURCES = tuple(CSRC / f"{name}.c" for name in ("experts", "router", "cross_entropy", "norms", "rope"))
 # (activation, is_glu) -> the kernel's activation code
 ACTIVATIONS = {
     ("swiglu", True): 0,
@@ -195,6 +195,10 @@ def _load() -> ctypes.CDLL:
     # x, expert_idx, weight, top_k, E, ..., out, work, threads, sgemm, block rows
     lib.moekit_routed.argtypes = [p, p, p, i64, i64, *bank, p, p, i32, p, i64]
     lib.moekit_routed.restype = i32
+    # x, T, gate, gate bias, K, renormalize, logits, probs, expert_idx, weight, E, ..., (no N) out, work,
+    # threads
+    lib.moekit_topk_layer.argtypes = [p, i64, p, p, i64, i32, p, p, p, p, i64, *bank[:-1], p, p, i32]
+    lib.moekit_topk_layer.restype = i32
     lib.moekit_many_rows_backward.argtypes = [
         *sorted_rows,
         *[p] * 5,  # w_in, w_out, b_out, h_save, grad_out
@@ -464,6 +468,67 @@ def routed(x_TD: Tensor, expert_idx_A: Tensor, weight_A: Tensor, top_k: int, exp
     if status != 0:
         raise MemoryError(f"the native expert kernel could not allocate its index arrays ({status})")
     return out
+
+
+def applies_topk_layer(
+    x_TD: Tensor, gate_ED: Tensor, bias_E: Tensor | None, top_k: int, experts: Experts, strategy: str = "auto"
+) -> bool:
+    """Whether `topk_layer` can run the layer: decode-size batches (the few-row regime for T * top_k
+    rows; past it the router's torch ops cost little beside the experts' products), what `applies`
+    asks of them, and the gate's weight and bias in CPU float32 contiguous memory."""
+    num_rows = x_TD.shape[0] * top_k
+    num_groups = min(num_rows, experts.w_in_EDH.shape[0])
+    return (
+        _many(num_rows, num_groups) is None
+        and applies_rows(gate_ED, bias_E)
+        and applies(x_TD, experts, num_rows, num_groups, strategy)
+    )
+
+
+def topk_layer(
+    x_TD: Tensor, gate_ED: Tensor, bias_E: Tensor | None, top_k: int, renormalize: bool, experts: Experts
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+    """An MoE layer's inference behind a top-k softmax router (router.TopKRouter) in one call:
+    logits = x gate^T (+ bias), probs = softmax(logits), each token's top_k probabilities (largest
+    first; divided by their sum if `renormalize`) and the experts' weighted outputs ->
+    (out [T, D], logits [T, E], probs [T, E], expert_idx [T * top_k], weight [T * top_k]), what the
+    router and `routed` give. None when a logit is not finite: the router's own path reports it.
+    No autograd; call where `applies_topk_layer(...)` (csrc/router.c)."""
+    tokens, num_experts = x_TD.shape[0], gate_ED.shape[0]
+    num_rows = tokens * top_k
+    floats, _ = _kernel_work("forward", *_shape_key(x_TD, num_rows, experts), False)
+    logits_TE, probs_TE = x_TD.new_empty((tokens, num_experts)), x_TD.new_empty((tokens, num_experts))
+    expert_idx_A = torch.empty(num_rows, dtype=torch.int64)
+    weight_A = x_TD.new_empty(num_rows)
+    out_TD = x_TD.new_empty(x_TD.shape)
+    (work,) = scratch(x_TD, (floats,), pool="native")
+    _, w_out_EFD, _, _, activation, is_glu = experts
+    status = library().moekit_topk_layer(
+        x_TD.data_ptr(),
+        tokens,
+        gate_ED.data_ptr(),
+        None if bias_E is None else bias_E.data_ptr(),
+        top_k,
+        int(renormalize),
+        logits_TE.data_ptr(),
+        probs_TE.data_ptr(),
+        expert_idx_A.data_ptr(),
+        weight_A.data_ptr(),
+        num_experts,
+        *_bank_pointers(experts),
+        x_TD.shape[-1],
+        w_out_EFD.shape[1],
+        int(is_glu),
+        ACTIVATIONS[(activation, is_glu)],
+        out_TD.data_ptr(),
+        work.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status == 1:
+        return None
+    if status != 0:
+        raise MemoryError(f"the native expert kernel could not allocate its index arrays ({status})")
+    return out_TD, logits_TE, probs_TE, expert_idx_A, weight_A
 
 
 def _routed(x_TD, expert_idx_A, weight_A, top_k, experts, sgemm, block_rows, floats) -> tuple[Tensor, int]:

@@ -55,4 +55,10 @@ static inline void gemm_rm(sgemm_fn sgemm, int ta, int tb, int64_t m, int64_t n,
     sgemm(tb ? "T" : "N", ta ? "T" : "N", &n, &m, &k, &one, B, &ldb, A, &lda, &beta, C, &ldc);
 }
 
+/* The experts of a token-choice routing (experts.c), what router.c calls after routing. */
+int moekit_routed(const float *x, const int64_t *expert_idx, const float *weight, int64_t top_k, int64_t E,
+                  const float *w_in, const float *w_out, const float *b_in, const float *b_out, int64_t D,
+                  int64_t F, int glu, int act, int64_t A, float *out, float *work, int nthreads, void *sgemm,
+                  int64_t block_rows);
+
 #endif
