@@ -15,7 +15,8 @@ activation and the weighted combine. Two regimes (see its header):
 
 Entries: `sorted_rows` (rows already sorted by a dispatcher), `routed` (a routing's assignments as
 they come, sorted by expert in C: the MoE layer's inference path, `ExpertBank.forward_routed`),
-`sorted_rows` with a hidden to save and `sorted_rows_backward` (under autograd, `fused.FusedExperts`). The same
+`topk_layer` (at decode sizes the top-k softmax router too, `csrc/router.c`: the whole layer in one
+call, `ExpertBank.forward_topk`), `sorted_rows` with a hidden to save and `sorted_rows_backward` (under autograd, `fused.FusedExperts`). The same
 per-thread sgemm scheme runs the LM head and its cross-entropy (`csrc/cross_entropy.c`,
 `linear_cross_entropy`), and one pass per row runs RMSNorm (`csrc/norms.c`) and rotary
 (`csrc/rope.c`) both ways. `docs/benchmarks.md` has what each changed.
