@@ -46,6 +46,13 @@
 #define MR 32 /* rows of one expert computed per pass over its weights */
 #define DB 8   /* weight rows per block */
 #define CB 256 /* columns per block: DB x CB floats (8 KiB) stay in L1 while every row uses them */
+/* Weight rows of at most this many floats (4 KiB, within a page) are read DB at a time only a few
+   KiB each: streams too short for the hardware prefetcher, which tracks each page on its own. The
+   loop prefetches the line the next block will read. Measured with cold weights, one call per layer
+   of 12, in turns with the loop without it: the fine-grained layer (W_in rows 512, W_out 512) at 1
+   and 8 tokens 12 -> 15 GB/s, the Mixtral-like one (W_out rows 512; W_in rows 2816 need no help)
+   +4-18%. */
+#define PREFETCH_MAX_LDW 1024
 
 enum { ACT_SWIGLU = 0, ACT_GEGLU = 1, ACT_GPT_OSS = 2, ACT_RELU = 3, ACT_GELU = 4, ACT_SILU = 5 };
 
@@ -71,6 +78,8 @@ enum { ACT_SWIGLU = 0, ACT_GEGLU = 1, ACT_GPT_OSS = 2, ACT_RELU = 3, ACT_GELU = 
             for (int k = 0; k < nd; k++) {                                                              \
                 __m256 w_lo = _mm256_loadu_ps(W + k * ldw + c);                                         \
                 __m256 w_hi = _mm256_loadu_ps(W + k * ldw + c + 8);                                     \
+                if (ldw <= PREFETCH_MAX_LDW) /* this line of the next block's row: see PREFETCH_MAX_LDW */ \
+                    _mm_prefetch((const char *)(W + (k + DB) * ldw + c), _MM_HINT_T0);                  \
                 KEEP_IN_REGISTER(w_lo);                                                                 \
                 KEEP_IN_REGISTER(w_hi);                                                                 \
                 for (int i = 0; i < M; i++) {                                                           \
