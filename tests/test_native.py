@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -493,6 +495,20 @@ def test_generation_logits_match_torch_path(monkeypatch):
     monkeypatch.setattr(native, "ENABLED", False)
     slow = model.generate(prompt, max_new_tokens=6, temperature=0.0)
     assert torch.equal(fast, slow)
+
+
+@needs_sgemm
+def test_a_fresh_process_can_start_with_a_large_inference_batch():
+    # the first kernel call of a process finds the sgemm (under the module's lock), which loads the
+    # library: with the decode-size check after it, a non-reentrant lock deadlocked here
+    code = (
+        "import torch; from moekit.moe import MoE, MoEConfig\n"
+        "layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2)).eval()\n"
+        "with torch.no_grad(): print(layer(torch.randn(300, 32)).output.shape)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "torch.Size([300, 32])" in done.stdout
 
 
 def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path, caplog):

@@ -106,7 +106,7 @@ class Experts(NamedTuple):
     is_glu: bool
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: finding the sgemm (under the lock) loads the library
 _state: dict[str, object] = {}  # "lib": the loaded library or None once a load was tried
 
 
@@ -375,10 +375,15 @@ def _usable(x: Tensor, experts: Experts, num_groups: int, strategy: str, activat
     )
 
 
+def _few(num_rows: int, num_groups: int) -> bool:
+    """Whether a call is in the few-row regime (at most MAX_MEAN_ROWS rows per group on average)."""
+    return num_rows <= MAX_MEAN_ROWS * num_groups
+
+
 def _many(num_rows: int, num_groups: int) -> int | None | bool:
     """The regime of a call: None for few rows, the sgemm's address for many, False for neither
     (many rows and no usable sgemm)."""
-    if num_rows <= MAX_MEAN_ROWS * num_groups:
+    if _few(num_rows, num_groups):
         return None
     address = blas_sgemm() if MANY_ROWS else None
     return False if address is None else address
@@ -480,7 +485,7 @@ def applies_topk_layer(
     num_rows = x_TD.shape[0] * top_k
     num_groups = min(num_rows, experts.w_in_EDH.shape[0])
     return (
-        _many(num_rows, num_groups) is None
+        _few(num_rows, num_groups)
         and applies_rows(gate_ED, bias_E)
         and applies(x_TD, experts, num_rows, num_groups, strategy)
     )
