@@ -573,3 +573,83 @@ def test_unsupported_machine_uses_torch(monkeypatch):
     layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2)).eval()
     with torch.no_grad():
         assert layer(torch.randn(3, 32)).output.shape == (3, 32)
+
+
+# ------------------------------------------------------------------ attention (csrc/attention.c)
+
+
+def _attention64(q, k, v, causal, scale):
+    """softmax(scale q k^T + causal mask) v in float64, query head h on key/value head h // (H / G)."""
+    H, G = q.shape[1], k.shape[1]
+    k, v = k.double().repeat_interleave(H // G, dim=1), v.double().repeat_interleave(H // G, dim=1)
+    scores = scale * q.double() @ k.transpose(-1, -2)  # [B, H, S, T]
+    if causal:
+        S, T = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(S, T, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@needs_sgemm
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (3, 3)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("rows", "keys"), [(1, 1), (130, 130), (70, 45)])
+def test_attention_kernel_and_its_backward_match_float64(causal, heads, kv_heads, threads, rows, keys):
+    # blocks of 64 query rows with a tail, a causal block reading only its columns, q and v as strided
+    # views of [B, S, heads, K] memory (what the model hands over), units cut between 1-3 threads
+    if causal and rows != keys:
+        pytest.skip("causal attention here is self-attention (S == T)")
+    gen = torch.Generator().manual_seed(rows + heads)
+    B, K, scale = 2, 16, 0.3
+    q = torch.randn(B, rows, heads, K, generator=gen).transpose(1, 2)
+    k = torch.randn(B, kv_heads, keys, K, generator=gen)
+    v = torch.randn(B, keys, kv_heads, K, generator=gen).transpose(1, 2)
+    grad = torch.randn(B, heads, rows, K, generator=gen)
+    assert native.applies_attention(q, k, v, causal, scale)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, lse = native.attention(q, k, v, causal, scale)
+        dq, dk, dv = native.attention_backward(q, k, v, out, lse, grad, causal, scale)
+    finally:
+        torch.set_num_threads(old)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = _attention64(q64, k64, v64, causal, scale)
+    ref.backward(grad.double())
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for mine, theirs in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=1e-5)
+
+
+@needs_sgemm
+def test_model_attention_takes_the_kernel_only_where_it_applies(monkeypatch):
+    # self-attention without a mask tensor, dropout or cache takes the kernel, both ways, with the
+    # results of torch's SDPA; a padding mask (a mask tensor) and a decode cache keep SDPA
+    from moekit.model import ModelConfig, MoETransformer
+
+    calls = []
+    real = native.attention
+    monkeypatch.setattr(native, "attention", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                      moe=MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2, causal=True))  # fmt: skip
+    model = MoETransformer(cfg)
+    tokens = torch.randint(0, 64, (2, 20))
+    loss = model(tokens, targets=tokens).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(calls) == 2  # one per layer
+    model.zero_grad()
+    monkeypatch.setattr(native, "MANY_ROWS", False)  # the kernel needs the sgemm: off
+    slow = model(tokens, targets=tokens).loss
+    slow.backward()
+    assert len(calls) == 2
+    torch.testing.assert_close(loss, slow, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(native, "MANY_ROWS", True)
+    with torch.no_grad():
+        model(tokens, attention_mask=torch.ones(2, 20, dtype=torch.bool))
+        model.generate(tokens[:1, :5], max_new_tokens=3)
+    assert len(calls) == 2

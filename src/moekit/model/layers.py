@@ -195,6 +195,32 @@ class _RopeFunction(torch.autograd.Function):
         return native.rope(grad_BHSK, cos_SK, sin_SK, backward=True), None, None
 
 
+class _AttentionFunction(torch.autograd.Function):
+    """Scaled dot-product attention (causal or not, grouped-query heads) in C both ways
+    (moe/csrc/attention.c): per-thread (batch, head) units, blocks of 64 query rows, the products
+    by sgemm, a causal block only up to its last row, the backward recomputing the probabilities
+    from the saved log-sum-exp. The default model's layer (batch 8 x 256, 8 heads, 4 kv heads, head
+    dim 32) forward+backward 14.9 vs 22.6 ms with torch's flash kernel for the CPU (in turns)."""
+
+    @staticmethod
+    def forward(ctx, q_BHSK, k_BGTK, v_BGTK, causal, scale):  # type: ignore[override]
+        out_BHSK, lse_BHS = native.attention(q_BHSK, k_BGTK, v_BGTK, causal, scale)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.save_for_backward(q_BHSK, k_BGTK, v_BGTK, out_BHSK, lse_BHS)
+        return out_BHSK
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_BHSK):  # type: ignore[override]
+        q_BHSK, k_BGTK, v_BGTK, out_BHSK, lse_BHS = ctx.saved_tensors
+        if grad_BHSK.stride(-1) != 1:
+            grad_BHSK = grad_BHSK.contiguous()
+        grads = native.attention_backward(
+            q_BHSK, k_BGTK, v_BGTK, out_BHSK, lse_BHS, grad_BHSK, ctx.causal, ctx.scale
+        )
+        return *grads, None, None
+
+
 class Rotary(nn.Module):
     """Precomputed rotary tables; `forward(positions)` gives the full-width cos/sin rows [S, K] for
     those positions (`full_rope`), built once per model call and shared by every layer.
@@ -478,6 +504,13 @@ class Attention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if self.sinks is not None:
             out_BHSK = attention_with_sinks(q_BHSK, k_BGTK, v_BGTK, mask, self.sinks, self.scale, dropout_p)
+        elif (
+            mask.mask is None
+            and dropout_p == 0.0
+            and cache is None
+            and native.applies_attention(q_BHSK, k_BGTK, v_BGTK, mask.is_causal, self._scale())
+        ):
+            out_BHSK = _AttentionFunction.apply(q_BHSK, k_BGTK, v_BGTK, mask.is_causal, self._scale())
         else:
             out_BHSK = F.scaled_dot_product_attention(
                 q_BHSK,
@@ -492,6 +525,10 @@ class Attention(nn.Module):
         # [B, H, S, K] -> [B, S, H * K]; one token's [B, H, 1, K] is laid out that way already
         out_BSF = out_BHSK if S == 1 else out_BHSK.transpose(1, 2)
         return linear(self.wo, out_BSF.reshape(B, S, self.n_heads * self.head_dim))  # [B, S, D]
+
+    def _scale(self) -> float:
+        """The scores' scale: the configured one, else 1 / sqrt(head dim) (SDPA's default)."""
+        return self.head_dim**-0.5 if self.scale is None else self.scale
 
     def decode_ready(self) -> bool:
         """Whether `decode_one` computes what `forward` does: plain grouped-query attention (no q/k

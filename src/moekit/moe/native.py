@@ -1,5 +1,5 @@
-"""Native CPU float32 kernels (the MoE experts, the LM head + loss, RMSNorm, rotary), compiled on
-first use.
+"""Native CPU float32 kernels (the MoE experts, the LM head + loss, attention, RMSNorm, rotary),
+compiled on first use.
 
 `csrc/experts.c` runs every expert of a layer in one call: the sort by expert, the products, the
 activation and the weighted combine. Two regimes (see its header):
@@ -18,8 +18,9 @@ they come, sorted by expert in C: the MoE layer's inference path, `ExpertBank.fo
 `topk_layer` (at decode sizes the top-k softmax router too, `csrc/router.c`: the whole layer in one
 call, `ExpertBank.forward_topk`), `sorted_rows` with a hidden to save and `sorted_rows_backward` (under autograd, `fused.FusedExperts`). The same
 per-thread sgemm scheme runs the LM head and its cross-entropy (`csrc/cross_entropy.c`,
-`linear_cross_entropy`), and one pass per row runs RMSNorm (`csrc/norms.c`) and rotary
-(`csrc/rope.c`) both ways. `docs/benchmarks.md` has what each changed.
+`linear_cross_entropy`) and scaled dot-product attention both ways (`csrc/attention.c`,
+`attention`), and one pass per row runs RMSNorm (`csrc/norms.c`) and rotary (`csrc/rope.c`) both
+ways. `docs/benchmarks.md` has what each changed.
 
 The sources ship with the package and are compiled together by the system's C compiler (`$CC`, else
 `cc`) with `-O3 -march=native -fopenmp` into a cache folder (`$MOEKIT_CACHE_DIR`, else
@@ -32,8 +33,8 @@ runtime torch has already loaded: torch's own thread pool.
 They apply on CPU to float32 contiguous tensors (the expert kernels: the activations below; in
 training all but GPT-OSS's), on Linux x86-64 with AVX2 and FMA; everything else, a missing compiler
 or a failed build takes the torch path (the same results up to float32 rounding). MOEKIT_NATIVE=0 in
-the environment turns them all off, MOEKIT_NATIVE_MANY=0 the sgemm-based ones (the many-row regime
-and the LM head + loss).
+the environment turns them all off, MOEKIT_NATIVE_MANY=0 the sgemm-based ones (the many-row regime,
+the LM head + loss and attention).
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 # compiled together into one library, with the headers beside them (common.h)
-SOURCES = tuple(CSRC / f"{name}.c" for name in ("experts", "router", "cross_entropy", "norms", "rope"))
+SOURCES = tuple(
+    CSRC / f"{name}.c" for name in ("experts", "router", "cross_entropy", "norms", "rope", "attention")
+)
 # (activation, is_glu) -> the kernel's activation code
 ACTIVATIONS = {
     ("swiglu", True): 0,
@@ -221,6 +224,14 @@ def _load() -> ctypes.CDLL:
     lib.moekit_rms_norm_backward_work_floats.restype = i64
     lib.moekit_rope.argtypes = [p, i64, i64, i64, i64, i64, i64, i64, p, p, i32, p, i32]
     lib.moekit_rope.restype = None
+    rows = [p, i64, i64, i64]  # a tensor's data and its batch, head and row strides
+    sizes = [i64] * 6 + [ctypes.c_float, i32]  # B, H, G, S, T, K, scale, causal
+    lib.moekit_attention.argtypes = [*rows * 3, *sizes, *rows, p, p, i32, p]  # out, lse, work, threads, sgemm
+    lib.moekit_attention.restype = None
+    lib.moekit_attention_backward.argtypes = [*rows * 5, p, *sizes, p, p, p, p, i32, p]
+    lib.moekit_attention_backward.restype = None
+    lib.moekit_attention_work_floats.argtypes = [i64, i32]
+    lib.moekit_attention_work_floats.restype = i64
     for name in (
         "moekit_few_rows_work_floats",
         "moekit_many_rows_work_floats",
@@ -788,3 +799,80 @@ def rope(x_BHSK: Tensor, cos_SK: Tensor, sin_SK: Tensor, backward: bool) -> Tens
         torch.get_num_threads(),
     )
     return out
+
+
+# ------------------------------------------------------------------ attention
+
+
+def applies_attention(q_BHSK: Tensor, k_BGTK: Tensor, v_BGTK: Tensor, causal: bool, scale: float) -> bool:
+    """Whether `attention` can run scaled dot-product attention (model/layers.py): CPU float32 with
+    the head dim contiguous, H a multiple of G, a positive scale, S == T when causal (no cache
+    offset), and a usable sgemm."""
+    (B, H, S, K), (_, G, T, _) = q_BHSK.shape, k_BGTK.shape
+    return (
+        ENABLED
+        and MANY_ROWS
+        and all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 and t.shape[-1] == K
+            for t in (q_BHSK, k_BGTK, v_BGTK)
+        )
+        and H % G == 0
+        and v_BGTK.shape[:3] == (B, G, T)
+        and scale > 0
+        and (S == T or not causal)
+        and S > 0
+        and not torch.compiler.is_compiling()
+        and library() is not None
+        and blas_sgemm() is not None
+    )
+
+
+def _rows(t: Tensor) -> tuple:
+    return (t.data_ptr(), *t.stride()[:3])
+
+
+def attention(
+    q_BHSK: Tensor, k_BGTK: Tensor, v_BGTK: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
+    """softmax(scale q k^T (+ causal mask)) v with query head h reading key/value head h // (H / G)
+    (csrc/attention.c) -> (out [B, H, S, K], a view of [B, S, H, K] memory; the rows' log-sum-exp
+    [B, H, S], what `attention_backward` takes). No autograd; call where `applies_attention(...)`."""
+    (B, H, S, K), G, T = q_BHSK.shape, k_BGTK.shape[1], k_BGTK.shape[2]
+    threads = torch.get_num_threads()
+    (work,) = scratch(q_BHSK, (library().moekit_attention_work_floats(T, threads),), pool="attention")
+    out_BSHK = q_BHSK.new_empty((B, S, H, K))
+    out_BHSK = out_BSHK.transpose(1, 2)
+    lse_BHS = q_BHSK.new_empty((B, H, S))
+    library().moekit_attention(
+        *_rows(q_BHSK), *_rows(k_BGTK), *_rows(v_BGTK), B, H, G, S, T, K, scale, int(causal),
+        *_rows(out_BHSK), lse_BHS.data_ptr(), work.data_ptr(), threads, blas_sgemm(),
+    )  # fmt: skip
+    return out_BHSK, lse_BHS
+
+
+def attention_backward(
+    q_BHSK: Tensor,
+    k_BGTK: Tensor,
+    v_BGTK: Tensor,
+    out_BHSK: Tensor,
+    lse_BHS: Tensor,
+    grad_BHSK: Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of `attention` given dL/dout (head dim contiguous) -> (dq [B, H, S, K],
+    dk [B, G, T, K], dv [B, G, T, K]), contiguous."""
+    (B, H, S, K), G, T = q_BHSK.shape, k_BGTK.shape[1], k_BGTK.shape[2]
+    threads = torch.get_num_threads()
+    (work,) = scratch(q_BHSK, (library().moekit_attention_work_floats(T, threads),), pool="attention")
+    dq, dk, dv = (
+        q_BHSK.new_empty(q_BHSK.shape),
+        k_BGTK.new_empty(k_BGTK.shape),
+        v_BGTK.new_empty(v_BGTK.shape),
+    )
+    library().moekit_attention_backward(
+        *_rows(q_BHSK), *_rows(k_BGTK), *_rows(v_BGTK), *_rows(out_BHSK), *_rows(grad_BHSK),
+        lse_BHS.data_ptr(), B, H, G, S, T, K, scale, int(causal),
+        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), work.data_ptr(), threads, blas_sgemm(),
+    )  # fmt: skip
+    return dq, dk, dv
