@@ -333,14 +333,17 @@ def status() -> str:
     return f"on ({Path(lib._name).name}, {many})"
 
 
-def applies_rows(*tensors: Tensor) -> bool:
+def applies_rows(*tensors: Tensor, rows_strided: bool = False) -> bool:
     """What every kernel here needs of its tensors (None entries are skipped): CPU float32 contiguous
-    memory, outside torch.compile tracing (traced tensors have no memory to hand to C), with the
-    kernels on and built. RMSNorm needs nothing more."""
+    memory (with `rows_strided`, only the last dim contiguous), outside torch.compile tracing
+    (traced tensors have no memory to hand to C), with the kernels on and built. RMSNorm needs
+    nothing more."""
     return (
         ENABLED
         and all(
-            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+            t.device.type == "cpu"
+            and t.dtype == torch.float32
+            and (t.stride(-1) == 1 if rows_strided else t.is_contiguous())
             for t in tensors
             if t is not None
         )
@@ -519,7 +522,6 @@ def topk_layer(
     weight_A = x_TD.new_empty(num_rows)
     out_TD = x_TD.new_empty(x_TD.shape)
     (work,) = scratch(x_TD, (floats,), pool="native")
-    _, w_out_EFD, _, _, activation, is_glu = experts
     status = library().moekit_topk_layer(
         x_TD.data_ptr(),
         tokens,
@@ -532,11 +534,7 @@ def topk_layer(
         expert_idx_A.data_ptr(),
         weight_A.data_ptr(),
         num_experts,
-        *_bank_pointers(experts),
-        x_TD.shape[-1],
-        w_out_EFD.shape[1],
-        int(is_glu),
-        ACTIVATIONS[(activation, is_glu)],
+        *_bank_args(experts, x_TD.shape[-1]),
         out_TD.data_ptr(),
         work.data_ptr(),
         torch.get_num_threads(),
@@ -567,24 +565,23 @@ def _run(
     of `extra`) out, work (`floats` of it), threads and `extra`'s rest -> (out, x's shape: the
     experts' weighted outputs; the entry's status)."""
     lib = library()
-    _, w_out_EFD, _, _, activation, is_glu = experts
     threads = torch.get_num_threads()
     (work,) = scratch(x, (floats,), pool="native")
     out = x.new_zeros(x.shape)
-    bank = (
-        *_bank_pointers(experts),
-        x.shape[-1],
-        w_out_EFD.shape[1],
-        int(is_glu),
-        ACTIVATIONS[(activation, is_glu)],
-        num_rows,
-    )
+    bank = (*_bank_args(experts, x.shape[-1]), num_rows)
     before = extra[:1] if entry == "moekit_many_rows" else ()  # T precedes out there
     after = extra[len(before) :]
     status = getattr(lib, entry)(
         x.data_ptr(), *rows, *bank, *before, out.data_ptr(), work.data_ptr(), threads, *after
     )
     return out, status
+
+
+def _bank_args(experts: Experts, dim: int) -> tuple:
+    """The expert bank as the forward entries take it: w_in, w_out, b_in, b_out, D, F, glu, act."""
+    _, w_out_EFD, _, _, activation, is_glu = experts
+    hidden = w_out_EFD.shape[1]
+    return (*_bank_pointers(experts), dim, hidden, int(is_glu), ACTIVATIONS[(activation, is_glu)])
 
 
 def _bank_pointers(experts: Experts) -> tuple:
@@ -810,25 +807,26 @@ def applies_attention(q_BHSK: Tensor, k_BGTK: Tensor, v_BGTK: Tensor, causal: bo
     offset), and a usable sgemm."""
     (B, H, S, K), (_, G, T, _) = q_BHSK.shape, k_BGTK.shape
     return (
-        ENABLED
-        and MANY_ROWS
-        and all(
-            t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 and t.shape[-1] == K
-            for t in (q_BHSK, k_BGTK, v_BGTK)
-        )
+        MANY_ROWS
+        and k_BGTK.shape[0] == B
+        and k_BGTK.shape[-1] == K
+        and v_BGTK.shape == k_BGTK.shape
         and H % G == 0
-        and v_BGTK.shape[:3] == (B, G, T)
         and scale > 0
         and (S == T or not causal)
         and S > 0
-        and not torch.compiler.is_compiling()
-        and library() is not None
+        and applies_rows(q_BHSK, k_BGTK, v_BGTK, rows_strided=True)
         and blas_sgemm() is not None
     )
 
 
 def _rows(t: Tensor) -> tuple:
     return (t.data_ptr(), *t.stride()[:3])
+
+
+def _attention_work(q_BHSK: Tensor, keys: int, threads: int) -> Tensor:
+    (work,) = scratch(q_BHSK, (library().moekit_attention_work_floats(keys, threads),), pool="attention")
+    return work
 
 
 def attention(
@@ -839,7 +837,7 @@ def attention(
     [B, H, S], what `attention_backward` takes). No autograd; call where `applies_attention(...)`."""
     (B, H, S, K), G, T = q_BHSK.shape, k_BGTK.shape[1], k_BGTK.shape[2]
     threads = torch.get_num_threads()
-    (work,) = scratch(q_BHSK, (library().moekit_attention_work_floats(T, threads),), pool="attention")
+    work = _attention_work(q_BHSK, T, threads)
     out_BSHK = q_BHSK.new_empty((B, S, H, K))
     out_BHSK = out_BSHK.transpose(1, 2)
     lse_BHS = q_BHSK.new_empty((B, H, S))
@@ -864,7 +862,7 @@ def attention_backward(
     dk [B, G, T, K], dv [B, G, T, K]), contiguous."""
     (B, H, S, K), G, T = q_BHSK.shape, k_BGTK.shape[1], k_BGTK.shape[2]
     threads = torch.get_num_threads()
-    (work,) = scratch(q_BHSK, (library().moekit_attention_work_floats(T, threads),), pool="attention")
+    work = _attention_work(q_BHSK, T, threads)
     dq, dk, dv = (
         q_BHSK.new_empty(q_BHSK.shape),
         k_BGTK.new_empty(k_BGTK.shape),
