@@ -199,7 +199,7 @@ def _count_calls(monkeypatch) -> list[int]:
     """Counts the calls of the kernel's entries (after a dispatcher, straight from a routing, and
     with the top-k router in it)."""
     calls: list[int] = []
-    for name in ("sorted_rows", "routed", "topk_layer"):
+    for name in ("sorted_rows", "routed"):
         real = getattr(native, name)
 
         def counted(*args, _real=real, **kwargs):
@@ -207,6 +207,14 @@ def _count_calls(monkeypatch) -> list[int]:
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(native, name, counted)
+    prepared_call = native.TopKLayer.__call__
+
+    def counted_topk_layer(self, x_TD):  # a layer's prepared call, where it runs the kernel
+        if self._fn is not None:
+            calls.append(1)
+        return prepared_call(self, x_TD)
+
+    monkeypatch.setattr(native.TopKLayer, "__call__", counted_topk_layer)
     return calls
 
 
@@ -234,6 +242,63 @@ def test_layer_takes_kernel_at_few_tokens_and_matches_torch(monkeypatch, tokens,
         slow = layer(x).output
     assert len(calls) == 1  # the second call took the torch path
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_layer_prepared_call_follows_the_weights_tokens_and_threads_and_is_dropped_by_copies(monkeypatch):
+    # ExpertBank.forward_topk keeps the native call prepared (native.TopKLayer) between calls: a
+    # change of what it was prepared for (weights modified in place or replaced, the token count, the
+    # thread count, the dtype) must show in the next output, and a copy or pickle of the layer must
+    # not carry it (the copy's weights are other memory)
+    import copy
+    import pickle
+
+    from tests.moe_reference import reference_moe
+
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=5, top_k=2)).eval()
+    calls = _count_calls(monkeypatch)
+
+    def check(x, expected_calls):
+        with torch.no_grad():
+            out = layer(x).output
+        ref, _ = reference_moe(layer, x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert len(calls) == expected_calls
+
+    x1, x3 = torch.randn(1, 32), torch.randn(3, 32)
+    check(x1, 1)
+    prepared = layer.experts._topk_layer
+    check(x1, 2)
+    assert layer.experts._topk_layer is prepared  # the same call again: kept
+    with torch.no_grad():
+        layer.experts.w_out_EFD.mul_(1.5)  # in place: the same memory, read afresh
+        layer.router.gate.weight.add_(torch.randn(5, 32))
+    check(x1, 3)
+    assert layer.experts._topk_layer is prepared
+    layer.experts.w_in_EDF.data = layer.experts.w_in_EDF.data * -1  # new memory: prepared again
+    check(x1, 4)
+    assert layer.experts._topk_layer is not prepared
+    check(x3, 5)  # another token count
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # another thread count (work size)
+    check(x3, 6)
+    assert layer.experts._topk_layer.key[-7] == 3  # (the thread count is in the key)
+    monkeypatch.undo()
+    calls = _count_calls(monkeypatch)
+    twin = copy.deepcopy(layer)
+    assert "_topk_layer" in layer.experts.__dict__ and twin.experts.__dict__.get("_topk_layer") is None
+    restored = pickle.loads(pickle.dumps(layer))
+    assert restored.experts.__dict__.get("_topk_layer") is None
+    with torch.no_grad():
+        twin.experts.w_out_EFD.zero_()  # the copy's own weights: the original's output is unchanged
+        torch.testing.assert_close(twin(x3).output, torch.zeros(3, 32))
+        torch.testing.assert_close(restored(x3).output, layer(x3).output)
+    check(x3, 4)  # (the two copies' calls, the original's, this one)
+    layer.double()  # float64: not the kernel's, the torch path answers
+    with torch.no_grad():
+        out = layer(x3.double()).output
+    torch.testing.assert_close(out, reference_moe(layer, x3.double())[0])
+    assert len(calls) == 4
 
 
 @needs_kernel

@@ -93,10 +93,17 @@ class ExpertBank(nn.Module):
         """Inference behind a top-k softmax router with gate weight [E, D] (and bias) in one native
         call, routing included (native.topk_layer: decode-size batches) -> (out [T, D], logits,
         probs, expert_idx_A, weight_A), or None where it does not run (the caller routes)."""
-        bank = self._native_bank()
-        if not native.applies_topk_layer(x_TD, gate_ED, bias_E, top_k, bank, self.strategy):
+        if torch.compiler.is_compiling():  # traced tensors have no memory to hand to C
             return None
-        return native.topk_layer(x_TD, gate_ED, bias_E, top_k, renormalize, bank)
+        bank = self._native_bank()
+        key = native.topk_layer_key(x_TD, gate_ED, bias_E, bank, top_k, renormalize, self.strategy)
+        call = self.__dict__.get("_topk_layer")  # prepared by an earlier call (a plain attribute)
+        if call is None or call.key != key:
+            call = native.TopKLayer.prepare(
+                x_TD, gate_ED, bias_E, top_k, renormalize, bank, self.strategy, key
+            )
+            self.__dict__["_topk_layer"] = call
+        return call(x_TD)
 
     def _native_bank(self) -> native.Experts:
         return native.Experts(

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from moekit.moe import losses as L
 from moekit.moe.config import MoEConfig
@@ -203,7 +204,9 @@ class MoE(nn.Module):
         native_out = self._native_inference(x_TD) if mask_T is None else None
         if native_out is not None:
             routing, out_TD = native_out
-        elif getattr(self.router, "uses_task_ids", False):
+            counts_E = _counts_when_read(routing.expert_idx_A, cfg.num_experts)
+            return self._output(x, x_TD, out_TD, routing, counts_E, counts_E, None, None)
+        if getattr(self.router, "uses_task_ids", False):
             routing = self.router(x_TD, mask_T, _task_of_tokens(task_ids, x))
         else:
             routing = self.router(x_TD, mask_T)
@@ -235,8 +238,8 @@ class MoE(nn.Module):
                 )
                 capacity, order_A = None, None
         inner_aux = inner_z = None
-        out_TD = None if native_out is None else native_out[1]
-        if out_TD is None and self._routed_inference(routing, valid_A, capacity):
+        out_TD = None
+        if self._routed_inference(routing, valid_A, capacity):
             # 2.-4. decode-size inference straight from the routing, where it can (a single token, or
             # the native kernel's batch sizes; see ExpertBank.forward_routed)
             out_TD = self.experts.forward_routed(x_TD, routing.expert_idx_A, routing.weight_A, routing.top_k)
@@ -266,7 +269,24 @@ class MoE(nn.Module):
             out_TD = self.dispatcher.combine(y_ND, state)
             routed_E, kept_E = state.routed_E if routed_E is None else routed_E, state.kept_E
 
-        # 5. shared experts
+        return self._output(x, x_TD, out_TD, routing, routed_E, kept_E, real_A, mask_T, inner_aux, inner_z)
+
+    def _output(
+        self,
+        x: Tensor,
+        x_TD: Tensor,
+        out_TD: Tensor,
+        routing: Routing,
+        routed_E: Tensor | Callable[[], Tensor],
+        kept_E: Tensor | Callable[[], Tensor],
+        real_A: Tensor | None,
+        mask_T: Tensor | None,
+        inner_aux: Tensor | None = None,
+        inner_z: Tensor | None = None,
+    ) -> MoEOutput:
+        """Step 5 (the shared experts) and the output: the routing's statistics, and its losses
+        (computed when read without autograd)."""
+        cfg = self.config
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 
@@ -455,8 +475,6 @@ def _counts_when_read(expert_idx_A: Tensor, num_experts: int) -> Callable[[], Te
 
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling `module` runs forward hooks, its own or global ones (torch's own test)."""
-    from torch.nn.modules import module as torch_module
-
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
