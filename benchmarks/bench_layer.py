@@ -164,6 +164,32 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
     return {"gbs": nbytes / seconds / 1e9, "bytes": nbytes}
 
 
+class Probes:
+    """The machine's ceilings measured in phase with a cell: a square sgemm and a read of a buffer
+    far larger than the caches, each run once per round, in turns with the implementations. On a
+    shared host the machine's speed drifts by 2x within minutes (square sgemm 97-178 GFLOP/s on
+    one day): a fraction of a ceiling measured at another time says as much about the drift as
+    about the code. In turns, the probe and the cell see the same machine."""
+
+    def __init__(self, quick: bool):
+        n = 256 if quick else 2048
+        self.n = n
+        self.a, self.b, self.out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+        self.buf = torch.ones((16 << 20 if quick else 256 << 20) // 4)
+
+    def sgemm(self) -> None:
+        torch.mm(self.a, self.b, out=self.out)
+
+    def read(self) -> None:
+        self.buf.sum()
+
+    def sgemm_gflops(self, seconds: float) -> float:
+        return 2 * self.n**3 / seconds / 1e9
+
+    def read_gbs(self, seconds: float) -> float:
+        return self.buf.numel() * 4 / seconds / 1e9
+
+
 # ---------------------------------------------------------------------------- implementations
 def build_moekit(shape: Shape, seed: int = 0) -> nn.Module:
     from moekit.moe import MoE, MoEConfig
@@ -318,6 +344,7 @@ def bench_shape(
     modules = {"moekit": moe, **{impl: build_hf(shape, impl, moe) for impl in HF_IMPLS}}
     modules["gshard_einsum"] = GShardEinsum(moe)
     sgemm, bandwidth = ceilings["sgemm"]["gflops"], ceilings["read_bandwidth"]["gbs"]
+    probes = Probes(quick)
     cells = []
     for tokens in tokens_list:
         torch.manual_seed(1000 + tokens)
@@ -336,7 +363,10 @@ def bench_shape(
 
         for mode in ("fwd", "fwd_bwd"):
             fns = {impl: _run_fn(mode, impl, modules[impl], x_TD, x_req, grad_TD) for impl in IMPLS}
-            times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+            fns["probe_sgemm"] = probes.sgemm
+            if mode == "fwd" and tokens <= 8:
+                fns["probe_read"] = probes.read
+            times: dict[str, list[float]] = {name: [] for name in fns}
             for i in range(warmup + repeats):
                 for impl, fn in fns.items():
                     if len(times[impl]) >= MIN_REPEATS and sum(times[impl]) > BUDGET_S:
@@ -347,6 +377,7 @@ def bench_shape(
                     elapsed = time.perf_counter() - start
                     if i >= warmup:
                         times[impl].append(elapsed)
+            sgemm_in_phase = probes.sgemm_gflops(statistics.median(times["probe_sgemm"]))
             for impl in IMPLS:
                 seconds = statistics.median(times[impl])
                 flops = shape.active_flops(tokens) * (3 if mode == "fwd_bwd" else 1)
@@ -360,9 +391,14 @@ def bench_shape(
                     "repeats": len(times[impl]),
                     "gflops": flops / seconds / 1e9,
                     "frac_sgemm": flops / seconds / 1e9 / sgemm,
+                    "sgemm_in_phase_gflops": sgemm_in_phase,
+                    "frac_sgemm_in_phase": flops / seconds / 1e9 / sgemm_in_phase,
                 }
                 if mode == "fwd" and tokens <= 8:
                     cell.update(distinct_experts=distinct, floor_ms=floor_s * 1e3, x_floor=seconds / floor_s)
+                    read_in_phase = probes.read_gbs(statistics.median(times["probe_read"]))
+                    floor_in_phase_s = distinct * shape.expert_bytes() / (read_in_phase * 1e9)
+                    cell.update(read_in_phase_gbs=read_in_phase, x_floor_in_phase=seconds / floor_in_phase_s)
                 if mode == "fwd" and impl in diffs:
                     cell["max_abs_diff_vs_moekit"] = diffs[impl]
                 if mode == "fwd_bwd" and memory:
@@ -451,25 +487,31 @@ def evaluate_targets(cells: list[dict[str, Any]], scaling: list[dict[str, Any]])
                 "met": geo >= want,
             }
         )
+    # The ceilings in phase with the cell (Probes) where measured, else the run's best sample; the
+    # detail gives the other.
     for mode, want in (("fwd", 0.85), ("fwd_bwd", 0.75)):
         for c in cells:
             if c["impl"] == "moekit" and c["mode"] == mode and c["tokens"] == 4096:
+                frac = c.get("frac_sgemm_in_phase", c["frac_sgemm"])
                 targets.append(
                     {
-                        "name": f"{c['shape']} T=4096 {mode}: fraction of the sgemm ceiling",
-                        "value": round(c["frac_sgemm"], 3),
+                        "name": f"{c['shape']} T=4096 {mode}: fraction of the sgemm ceiling (in phase)",
+                        "value": round(frac, 3),
                         "threshold": f">= {want}",
-                        "met": c["frac_sgemm"] >= want,
+                        "met": frac >= want,
+                        "detail": f"{c['frac_sgemm']:.3f} of the run's best sgemm sample",
                     }
                 )
     for c in cells:
         if c["impl"] == "moekit" and c["mode"] == "fwd" and "x_floor" in c:
+            x_floor = c.get("x_floor_in_phase", c["x_floor"])
             targets.append(
                 {
-                    "name": f"{c['shape']} T={c['tokens']} fwd: time / memory floor",
-                    "value": round(c["x_floor"], 3),
+                    "name": f"{c['shape']} T={c['tokens']} fwd: time / memory floor (in phase)",
+                    "value": round(x_floor, 3),
                     "threshold": "<= 1.5",
-                    "met": c["x_floor"] <= 1.5,
+                    "met": x_floor <= 1.5,
+                    "detail": f"{c['x_floor']:.3f} of the floor at the run's best bandwidth sample",
                 }
             )
     for c in cells:
@@ -577,6 +619,14 @@ def _run_layer(quick: bool, tokens: tuple[int, ...], memory: bool) -> dict[str, 
     }
 
 
+def _both(cell: dict[str, Any], key: str, unit: str) -> str:
+    """`key` against the run's best ceiling / against the one in phase (where measured)."""
+    text = f"{cell[key]:.2f}{unit}"
+    if f"{key}_in_phase" in cell:
+        text += f" / {cell[f'{key}_in_phase']:.2f}{unit}"
+    return text
+
+
 def format_layer(r: dict[str, Any]) -> str:
     """Markdown tables of a `run_layer` result."""
     m, v, c = r["machine"], r["versions"], r["ceilings"]
@@ -600,7 +650,9 @@ def format_layer(r: dict[str, Any]) -> str:
         f"read bandwidth {c['read_bandwidth']['gbs']:.1f} GB/s ({c['read_bandwidth']['bytes'] >> 20} MiB buffer); "
         f"the best of {len(c.get('samples', [])) or 1} measurements along the run (sgemm GFLOP/s: "
         + ", ".join(f"{x['sgemm_gflops']:.0f}" for x in c.get("samples", []))
-        + ").",
+        + "). In phase: an n=2048 sgemm (and for T <= 8 a read of 256 MiB) run once per round in turns "
+        "with the implementations of each cell; the fractions show both, the run's best / in phase, "
+        "and the targets take the in-phase ones.",
         "",
     ]
     for shape in r["shapes"]:
@@ -610,22 +662,30 @@ def format_layer(r: dict[str, Any]) -> str:
             "",
         ]
         for mode, title in (("fwd", "forward (no grad)"), ("fwd_bwd", "forward + backward")):
-            head = "| T | " + " | ".join(IMPLS) + " | moekit GFLOP/s | moekit / sgemm | speedup vs HF best |"
+            head = (
+                "| T | "
+                + " | ".join(IMPLS)
+                + " | moekit GFLOP/s | moekit / sgemm (best / in phase) | speedup vs HF best |"
+            )
             if mode == "fwd":
-                head += " moekit / memory floor |"
+                head += " moekit / memory floor (best / in phase) |"
             else:
                 head += " peak MiB (moekit / eager / grouped_mm / gshard) |"
+            head += " sgemm in phase, GFLOP/s |"
             lines += [f"{title}, ms (median):", "", head, "|" + "---|" * (head.count("|") - 1)]
             for tokens in sorted({x["tokens"] for x in r["cells"] if x["shape"] == name}):
                 row = {i: _cell(r["cells"], shape=name, tokens=tokens, mode=mode, impl=i) for i in IMPLS}
                 ours = row["moekit"]
                 best = min(row[i]["ms"] for i in HF_IMPLS)
                 cols = [f"{row[i]['ms']:.3g}" for i in IMPLS]
-                extra = [f"{ours['gflops']:.1f}", f"{ours['frac_sgemm']:.2f}", f"{best / ours['ms']:.2f}x"]
+                extra = [f"{ours['gflops']:.1f}", _both(ours, "frac_sgemm", ""), f"{best / ours['ms']:.2f}x"]
                 if mode == "fwd":
-                    extra.append(f"{ours['x_floor']:.2f}x" if "x_floor" in ours else "")
+                    extra.append(_both(ours, "x_floor", "x") if "x_floor" in ours else "")
                 else:
                     extra.append(" / ".join(f"{row[i].get('peak_mb', float('nan')):.0f}" for i in IMPLS))
+                extra.append(
+                    f"{ours['sgemm_in_phase_gflops']:.0f}" if "sgemm_in_phase_gflops" in ours else ""
+                )
                 lines.append(f"| {tokens} | " + " | ".join(cols + extra) + " |")
             lines.append("")
     if r["scaling"]:

@@ -44,8 +44,20 @@ def test_bench_quick_writes_json(tmp_path):
         assert c["ms"] > 0
         if c["mode"] == "fwd_bwd":
             assert c["peak_mb"] > 0
+        # the sgemm measured in turns with the cell's implementations, and the fraction against it
+        assert c["sgemm_in_phase_gflops"] > 0
+        assert c["frac_sgemm_in_phase"] == pytest.approx(c["gflops"] / c["sgemm_in_phase_gflops"])
         if c["mode"] == "fwd" and c["impl"] == "moekit":
             assert c["x_floor"] > 0 and c["distinct_experts"] >= 1
+            assert c["read_in_phase_gbs"] > 0
+            dims = next(sh for sh in layer["shapes"] if sh["name"] == c["shape"])
+            floor_ms = c["distinct_experts"] * 3 * dims["dim"] * dims["hidden"] * 4  # float32 gate, up, down
+            floor_ms /= c["read_in_phase_gbs"] * 1e6
+            assert c["x_floor_in_phase"] == pytest.approx(c["ms"] / floor_ms)
+            target = next(
+                t for t in layer["targets"] if t["name"].startswith(f"{c['shape']} T={c['tokens']} fwd")
+            )
+            assert target["value"] == round(c["x_floor_in_phase"], 3)  # the target takes the in-phase floor
         if "max_abs_diff_vs_moekit" in c:  # transformers' blocks got moekit's weights: same outputs
             assert c["max_abs_diff_vs_moekit"] < 1e-4, c
 
