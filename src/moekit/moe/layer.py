@@ -55,7 +55,7 @@ class MoEStats:
             raise ValueError("MoEStats needs router_entropy or the router probabilities probs_TE")
         self._kept, self._routed = tokens_per_expert, routed_per_expert
         self._dropped, self._entropy, self._violation = dropped_fraction, router_entropy, max_load_violation
-        self._probs_TE = None if probs_TE is None else probs_TE.detach()
+        self._probs_TE = probs_TE.detach() if probs_TE is not None and probs_TE.requires_grad else probs_TE
         self._mask_T = mask_T
 
     @property
@@ -307,7 +307,8 @@ class MoE(nn.Module):
                 aux_loss, z_loss = aux_loss + inner_aux, z_loss + inner_z
             return losses, aux_loss, z_loss
 
-        return MoEOutput(out_TD.view(x.shape), stats, routing.logits_TE, compute_losses)
+        out = out_TD if x.ndim == 2 else out_TD.view(x.shape)
+        return MoEOutput(out, stats, routing.logits_TE, compute_losses)
 
     def forward_one_token(self, x_1D: Tensor) -> Tensor | None:
         """Steps 1-5 for one token without autograd (a decode step) -> [1, D], or None where the
@@ -373,12 +374,14 @@ class MoE(nn.Module):
         )
 
     def _check_input(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        if not torch.is_tensor(x) or not x.is_floating_point():
+        # (attribute reads where they do: a decode step's layer call is a few dozen steps, each a
+        # trip through torch's bindings, and every one counts when the caches were flushed)
+        if not torch.is_tensor(x) or not x.dtype.is_floating_point:
             dtype = getattr(x, "dtype", type(x).__name__)
             raise ValueError(f"MoE input must be a floating-point tensor, got {dtype}")
         if x.ndim < 1 or x.shape[-1] != self.config.dim:
             raise ValueError(f"MoE input has shape {tuple(x.shape)}: expected [..., dim={self.config.dim}]")
-        x_TD = x.reshape(-1, self.config.dim)
+        x_TD = x if x.ndim == 2 else x.reshape(-1, self.config.dim)
         if mask is None:
             return x_TD, None
         if tuple(mask.shape) != tuple(x.shape[:-1]):
