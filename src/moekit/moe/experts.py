@@ -99,9 +99,7 @@ class ExpertBank(nn.Module):
         key = native.topk_layer_key(x_TD, gate_ED, bias_E, bank, top_k, renormalize, self.strategy)
         call = self.__dict__.get("_topk_layer")  # prepared by an earlier call (a plain attribute)
         if call is None or call.key != key:
-            call = native.TopKLayer.prepare(
-                x_TD, gate_ED, bias_E, top_k, renormalize, bank, self.strategy, key
-            )
+            call = native.TopKLayer(x_TD, gate_ED, bias_E, top_k, renormalize, bank, self.strategy, key)
             self.__dict__["_topk_layer"] = call
         return call(x_TD)
 

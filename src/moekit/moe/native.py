@@ -512,8 +512,8 @@ def topk_layer(
     logits = x gate^T (+ bias), probs = softmax(logits), each token's top_k probabilities (largest
     first; divided by their sum if `renormalize`) and the experts' weighted outputs ->
     (out [T, D], logits [T, E], probs [T, E], expert_idx [T * top_k], weight [T * top_k]), what the
-    router and `routed` give. None when a logit is not finite: the router's own path reports it.
-    No autograd; call where `applies_topk_layer(...)` (csrc/router.c)."""
+    router and `routed` give. None when a logit is not finite (the router's own path reports it) or
+    where `applies_topk_layer` does not hold. No autograd (csrc/router.c)."""
     return TopKLayer(x_TD, gate_ED, bias_E, top_k, renormalize, experts)(x_TD)
 
 
@@ -556,9 +556,14 @@ class TopKLayer:
         top_k: int,
         renormalize: bool,
         experts: Experts,
+        strategy: str = "auto",
         key: tuple = (),
     ) -> None:
-        self.key = key
+        """Prepared where `applies_topk_layer`; elsewhere the call answers None (kept all the same:
+        the key says when to ask again)."""
+        self.key, self._fn = key, None
+        if not applies_topk_layer(x_TD, gate_ED, bias_E, top_k, experts, strategy):
+            return
         tokens, dim = x_TD.shape
         num_experts = gate_ED.shape[0]
         num_rows = tokens * top_k
@@ -576,26 +581,6 @@ class TopKLayer:
         self._bank = _bank_args(experts, dim)
         self._threads = torch.get_num_threads()
         self._fn = library().moekit_topk_layer
-
-    @classmethod
-    def prepare(
-        cls,
-        x_TD: Tensor,
-        gate_ED: Tensor,
-        bias_E: Tensor | None,
-        top_k: int,
-        renormalize: bool,
-        experts: Experts,
-        strategy: str,
-        key: tuple,
-    ) -> TopKLayer:
-        """A prepared call where `applies_topk_layer`, else one that answers None (kept all the same:
-        the key says when to ask again)."""
-        if applies_topk_layer(x_TD, gate_ED, bias_E, top_k, experts, strategy):
-            return cls(x_TD, gate_ED, bias_E, top_k, renormalize, experts, key)
-        call = cls.__new__(cls)
-        call.key, call._fn = key, None
-        return call
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a copied layer has other tensors: it prepares its own
