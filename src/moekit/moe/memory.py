@@ -120,7 +120,10 @@ def scratch(like: Tensor, *shapes: tuple[int, ...], pool: str = "experts") -> li
     few MiB each come from the heap or from new mappings depending on glibc's state (its trim and
     mmap thresholds move as the process allocates), and when they are new memory every page faults
     again. A kept buffer is touched once. The buffers are valid until the next `scratch` call in
-    the same thread: a caller must not return them or keep them past its own return.
+    the same thread: a caller must not return them or keep them past its own return. (One does, on
+    purpose: native.TopKLayer keeps its work buffer between calls as scratch memory only, shared
+    with the pool's other users and used by its own thread's calls alone; a pool that grows later
+    leaves it the old buffer.)
 
     Buffers are always normal tensors, even when first asked for under `torch.inference_mode`
     (`generate`): an inference tensor kept here could not be written by a later training step.
