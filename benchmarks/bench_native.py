@@ -12,15 +12,23 @@ The training part times the layer's forward+backward the same way with the kerne
 at the default model's sizes the LM head + loss, RMSNorm and rotary (forward+backward) and one AdamW
 step (for-loop, foreach, fused).
 
+With --baseline REF it instead compares two builds of the kernels: the layer's forward (no grad,
+caches flushed) with the library built from REF's sources (a git revision such as HEAD or main~3,
+or a folder holding csrc's files) in turns with the working tree's, both shapes, at every T; the
+ratio baseline / current above 1 means the working tree is faster. This is how a kernel change is
+measured before it is kept.
+
 Run:  python benchmarks/bench_native.py [--quick] [--tokens 1,8,64,128,256,512,4096]
-                                        [--part inference|training|all]
+                                        [--part inference|training|all] [--baseline REF]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -225,6 +233,101 @@ def run_training(quick: bool = False, tokens: tuple[int, ...] = (1, 8, 64, 256, 
     return result
 
 
+def baseline_sources(ref: str) -> list[Path]:
+    """The kernels' sources (and headers) of `ref` -- a folder holding csrc's files, or a git
+    revision of this repository -- copied into a new temporary folder -> the sources' paths there."""
+    names = [p.name for p in native.SOURCES] + sorted(h.name for h in native.CSRC.glob("*.h"))
+    folder = Path(tempfile.mkdtemp(prefix="moekit-baseline-"))
+    repo = Path(__file__).resolve().parents[1]
+    csrc = native.CSRC.relative_to(repo) if native.CSRC.is_relative_to(repo) else None
+    for name in names:
+        if Path(ref).is_dir():
+            text = (Path(ref) / name).read_bytes()
+        elif csrc is None:
+            raise ValueError(
+                f"--baseline {ref!r}: not a folder, and moekit is not installed from this repository"
+            )
+        else:
+            done = subprocess.run(
+                ["git", "show", f"{ref}:{(csrc / name).as_posix()}"], cwd=repo, capture_output=True
+            )
+            if done.returncode != 0:
+                raise ValueError(
+                    f"--baseline {ref!r}: no {csrc / name} there ({done.stderr.decode().strip()})"
+                )
+            text = done.stdout
+        (folder / name).write_bytes(text)
+    return [folder / p.name for p in native.SOURCES]
+
+
+def run_baseline(
+    ref: str, quick: bool = False, tokens: tuple[int, ...] = (1, 8, 64, 128, 256, 512, 4096)
+) -> dict[str, Any]:
+    """The layer's forward with the kernels built from `ref` and from the working tree, in turns."""
+    current = native.library()
+    result: dict[str, Any] = {"baseline": ref, "layer": []}
+    if current is None:
+        return result
+    sources = baseline_sources(ref)
+    baseline = native._load(native.build(sources, sources[0].parent / "build"))
+    libraries = {"baseline": baseline, "current": current}
+    rounds = 2 if quick else 15
+    flush = None if quick else torch.ones(FLUSH_BYTES // 4)
+    try:
+        for shape in QUICK_SHAPES if quick else SHAPES:
+            layer = build_moekit(shape).eval()
+            for t in tokens:
+                x = torch.randn(t, shape.dim, generator=torch.Generator().manual_seed(t))
+                times: dict[str, list[float]] = {name: [] for name in libraries}
+                prepared: dict[str, Any] = dict.fromkeys(libraries)  # each build's prepared call
+                with torch.no_grad():
+                    for i in range(1 + rounds):  # a warm-up round first
+                        for name, lib in libraries.items():
+                            use_library(lib)  # (the work sizes are asked of the library in use)
+                            layer.experts.__dict__["_topk_layer"] = prepared[name]
+                            if flush is not None:
+                                flush.sum()
+                            start = time.perf_counter()
+                            layer(x)
+                            if i:
+                                times[name].append(time.perf_counter() - start)
+                            prepared[name] = layer.experts.__dict__.get("_topk_layer")
+                result["layer"].append(
+                    dict(
+                        shape=shape.name,
+                        tokens=t,
+                        **{f"{name}_ms": statistics.median(v) * 1e3 for name, v in times.items()},
+                        baseline_over_current=statistics.median(
+                            b / c for b, c in zip(times["baseline"], times["current"])
+                        ),
+                    )
+                )
+    finally:
+        use_library(current)
+    return result
+
+
+def use_library(lib: Any) -> None:
+    native._state["lib"] = lib
+    native._kernel_work.cache_clear()
+
+
+def format_baseline(r: dict[str, Any]) -> str:
+    lines = [
+        f"MoE layer forward (no grad, caches flushed between calls), kernels built from {r['baseline']} "
+        "and from the working tree, in turns, ms:",
+        "",
+        "| shape | T | baseline | current | baseline / current (paired) |",
+        "|---|---|---|---|---|",
+    ]
+    for c in r["layer"]:
+        lines.append(
+            f"| {c['shape']} | {c['tokens']} | {c['baseline_ms']:.3g} | {c['current_ms']:.3g} | "
+            f"{c['baseline_over_current']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def format_training(r: dict[str, Any]) -> str:
     if not r["layer"]:
         return "Training kernels: not available here (nothing to compare)."
@@ -295,8 +398,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--part", choices=["inference", "training", "all"], default="all", help="which comparisons"
     )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REF",
+        help="compare the kernels built from REF (a git revision or a folder of csrc files) with the working tree's",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     tokens = tuple(int(t) for t in args.tokens.split(","))
+    if args.baseline is not None:
+        print(format_baseline(run_baseline(args.baseline, args.quick, tokens)))
+        return 0
     if args.part in ("inference", "all"):
         print(format_result(run(args.quick, tokens)))
     if args.part in ("training", "all"):

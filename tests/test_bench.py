@@ -251,3 +251,44 @@ def test_bench_native_quick_compares_kernels_and_torch_path(monkeypatch):
     assert len(t["ops"]) == 3 and all(c["native_ms"] > 0 and c["torch_ms"] > 0 for c in t["ops"])
     assert set(t["adamw"]) == {"loop", "foreach", "fused"}
     assert "| mixtral | 8 |" in mod.format_training(t)
+
+
+@pytest.mark.slow
+def test_bench_native_baseline_builds_the_other_sources_and_restores_the_library(monkeypatch):
+    """`bench_native.py --baseline REF`: the kernels of REF (here a folder with the working tree's
+    sources) are built into their own library, timed in turns with the current one, and the current
+    library is in use again afterwards."""
+    import importlib.util
+    from pathlib import Path
+
+    from moekit.moe import native
+
+    if native.library() is None:
+        pytest.skip("no native kernel on this machine (no C compiler, or not x86-64 with AVX2)")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_native.py"
+    spec = importlib.util.spec_from_file_location("bench_native_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    current = native.library()
+    loaded, used = [], set()
+    real_load = native._load
+    monkeypatch.setattr(native, "_load", lambda p=None: loaded.append(p) or real_load(p))
+    real_call = native.TopKLayer.__call__
+
+    def call(self, x_TD):  # the decode-size layer's native entry, of whichever library prepared it
+        used.add(id(self._fn))
+        return real_call(self, x_TD)
+
+    monkeypatch.setattr(native.TopKLayer, "__call__", call)
+    r = mod.run_baseline(str(native.CSRC), quick=True, tokens=(1, 8))
+    assert len(loaded) == 1 and loaded[0].parent.parent != native.CSRC  # built apart, from the copies
+    assert len(used) == 2  # both libraries' entries ran
+    assert native.library() is current
+    assert [(c["shape"], c["tokens"]) for c in r["layer"]] == [
+        (s, t) for s in ("mixtral", "fine_grained") for t in (1, 8)
+    ]
+    for c in r["layer"]:
+        assert c["baseline_ms"] > 0 and c["current_ms"] > 0 and c["baseline_over_current"] > 0
+    with pytest.raises(ValueError, match="no-such-revision"):
+        mod.baseline_sources("no-such-revision")

@@ -186,8 +186,9 @@ def build(sources: Path | Sequence[Path] = SOURCES, folder: Path | None = None) 
     return target
 
 
-def _load() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build()))
+def _load(path: Path | None = None) -> ctypes.CDLL:
+    """The library at `path` (default: built from SOURCES) with its entries' signatures."""
+    lib = ctypes.CDLL(str(path or build()))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     sorted_rows = [p, p, p, p, i64]  # x, token, weight, bounds, G
     bank = [p, p, p, p, i64, i64, i32, i32, i64]  # w_in, w_out, b_in, b_out, D, F, glu, act, N
@@ -520,7 +521,8 @@ def topk_layer(
 def topk_layer_key(x_TD: Tensor, gate_ED: Tensor, bias_E: Tensor | None, experts: Experts, *extra) -> tuple:
     """What a `TopKLayer` was prepared for: the token count, the input's dtype and layout, the tensors'
     memory (a parameter replaced, moved or converted has new memory), the thread count, this
-    thread (the work memory is per thread) and the module's switches; `extra`: the caller's."""
+    thread (the work memory is per thread), the module's switches and library; `extra`: the
+    caller's."""
     return (
         x_TD.shape,
         x_TD.dtype,
@@ -534,6 +536,7 @@ def topk_layer_key(x_TD: Tensor, gate_ED: Tensor, bias_E: Tensor | None, experts
         threading.get_ident(),
         ENABLED,
         MAX_MEAN_ROWS,
+        _state.get("lib"),  # (a benchmark may swap the library: benchmarks/bench_native.py --baseline)
         *extra,
     )
 
