@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,21 @@ def paired_times(fns: dict[str, Any], rounds: int, flush: torch.Tensor | None) -
     return row
 
 
+def layer_inputs(
+    quick: bool, tokens: tuple[int, ...]
+) -> Iterator[tuple[Any, torch.nn.Module, int, torch.Tensor]]:
+    """(shape, its MoE layer in eval mode, T, an input [T, D]) for both shapes and every T."""
+    for shape in QUICK_SHAPES if quick else SHAPES:
+        layer = build_moekit(shape).eval()
+        for t in tokens:
+            yield shape, layer, t, torch.randn(t, shape.dim, generator=torch.Generator().manual_seed(t))
+
+
+def _rounds_and_flush(quick: bool) -> tuple[int, torch.Tensor | None]:
+    """Rounds per cell, and the buffer whose read flushes the caches before each call (none quick)."""
+    return (2, None) if quick else (15, torch.ones(FLUSH_BYTES // 4))
+
+
 def default_path(mean_rows: float, threshold: int) -> str:
     if mean_rows <= threshold:
         return "few"
@@ -79,22 +95,18 @@ def run(quick: bool = False, tokens: tuple[int, ...] = (1, 8, 64, 128, 256, 512,
     paths = (
         ["few", "many", "torch"] if native.MANY_ROWS and native.blas_sgemm() is not None else ["few", "torch"]
     )
-    rounds = 2 if quick else 15
-    flush = None if quick else torch.ones(FLUSH_BYTES // 4)
+    rounds, flush = _rounds_and_flush(quick)
     try:
-        for shape in QUICK_SHAPES if quick else SHAPES:
-            layer = build_moekit(shape).eval()
-            for t in tokens:
-                x = torch.randn(t, shape.dim, generator=torch.Generator().manual_seed(t))
-                with torch.no_grad():
-                    call = lambda layer=layer, x=x: layer(x)  # noqa: E731
-                    call()
-                    row = paired_times(dict.fromkeys(paths, call), rounds if t < 4096 else 5, flush)
-                mean_rows = t * shape.top_k / min(shape.experts, t * shape.top_k)
-                default = default_path(mean_rows, threshold)
-                result["layer"].append(
-                    dict(shape=shape.name, tokens=t, mean_rows=mean_rows, default=default, **row)
-                )
+        for shape, layer, t, x in layer_inputs(quick, tokens):
+            with torch.no_grad():
+                call = lambda layer=layer, x=x: layer(x)  # noqa: E731
+                call()
+                row = paired_times(dict.fromkeys(paths, call), rounds if t < 4096 else 5, flush)
+            mean_rows = t * shape.top_k / min(shape.experts, t * shape.top_k)
+            default = default_path(mean_rows, threshold)
+            result["layer"].append(
+                dict(shape=shape.name, tokens=t, mean_rows=mean_rows, default=default, **row)
+            )
         arch = dict(bench_e2e.ARCH)
         if quick:
             arch.update(layers=2, dim=64, heads=4, kv_heads=2, expert_hidden=128)
@@ -271,37 +283,33 @@ def run_baseline(
     sources = baseline_sources(ref)
     baseline = native._load(native.build(sources, sources[0].parent / "build"))
     libraries = {"baseline": baseline, "current": current}
-    rounds = 2 if quick else 15
-    flush = None if quick else torch.ones(FLUSH_BYTES // 4)
+    rounds, flush = _rounds_and_flush(quick)
     try:
-        for shape in QUICK_SHAPES if quick else SHAPES:
-            layer = build_moekit(shape).eval()
-            for t in tokens:
-                x = torch.randn(t, shape.dim, generator=torch.Generator().manual_seed(t))
-                times: dict[str, list[float]] = {name: [] for name in libraries}
-                prepared: dict[str, Any] = dict.fromkeys(libraries)  # each build's prepared call
-                with torch.no_grad():
-                    for i in range(1 + rounds):  # a warm-up round first
-                        for name, lib in libraries.items():
-                            use_library(lib)  # (the work sizes are asked of the library in use)
-                            layer.experts.__dict__["_topk_layer"] = prepared[name]
-                            if flush is not None:
-                                flush.sum()
-                            start = time.perf_counter()
-                            layer(x)
-                            if i:
-                                times[name].append(time.perf_counter() - start)
-                            prepared[name] = layer.experts.__dict__.get("_topk_layer")
-                result["layer"].append(
-                    dict(
-                        shape=shape.name,
-                        tokens=t,
-                        **{f"{name}_ms": statistics.median(v) * 1e3 for name, v in times.items()},
-                        baseline_over_current=statistics.median(
-                            b / c for b, c in zip(times["baseline"], times["current"])
-                        ),
-                    )
+        for shape, layer, t, x in layer_inputs(quick, tokens):
+            times: dict[str, list[float]] = {name: [] for name in libraries}
+            prepared: dict[str, Any] = dict.fromkeys(libraries)  # each build's prepared call
+            with torch.no_grad():
+                for i in range(1 + rounds):  # a warm-up round first
+                    for name, lib in libraries.items():
+                        use_library(lib)  # (the work sizes are asked of the library in use)
+                        layer.experts.__dict__["_topk_layer"] = prepared[name]
+                        if flush is not None:
+                            flush.sum()
+                        start = time.perf_counter()
+                        layer(x)
+                        if i:
+                            times[name].append(time.perf_counter() - start)
+                        prepared[name] = layer.experts.__dict__.get("_topk_layer")
+            result["layer"].append(
+                dict(
+                    shape=shape.name,
+                    tokens=t,
+                    **{f"{name}_ms": statistics.median(v) * 1e3 for name, v in times.items()},
+                    baseline_over_current=statistics.median(
+                        b / c for b, c in zip(times["baseline"], times["current"])
+                    ),
                 )
+            )
     finally:
         use_library(current)
     return result

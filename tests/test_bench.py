@@ -211,9 +211,8 @@ def _calls_by_switch(monkeypatch, native, name: str) -> dict[bool, int]:
     return calls
 
 
-def test_bench_native_quick_compares_kernels_and_torch_path(monkeypatch):
-    """The native-kernel benchmark's smoke mode: the kernels' regimes and the torch path timed, the
-    kernels really ran in their turns, and the module switches are restored afterwards."""
+def _bench_native_module():
+    """benchmarks/bench_native.py as a module; skips where the native kernels are not built."""
     import importlib.util
     from pathlib import Path
 
@@ -222,9 +221,18 @@ def test_bench_native_quick_compares_kernels_and_torch_path(monkeypatch):
     if native.library() is None:
         pytest.skip("no native kernel on this machine (no C compiler, or not x86-64 with AVX2)")
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_native.py"
-    spec = importlib.util.spec_from_file_location("bench_native_smoke", path)
+    spec = importlib.util.spec_from_file_location("bench_native", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_native_quick_compares_kernels_and_torch_path(monkeypatch):
+    """The native-kernel benchmark's smoke mode: the kernels' regimes and the torch path timed, the
+    kernels really ran in their turns, and the module switches are restored afterwards."""
+    from moekit.moe import native
+
+    mod = _bench_native_module()
 
     threshold = native.MAX_MEAN_ROWS
     calls = _calls_by_switch(monkeypatch, native, "routed")
@@ -258,17 +266,9 @@ def test_bench_native_baseline_builds_the_other_sources_and_restores_the_library
     """`bench_native.py --baseline REF`: the kernels of REF (here a folder with the working tree's
     sources) are built into their own library, timed in turns with the current one, and the current
     library is in use again afterwards."""
-    import importlib.util
-    from pathlib import Path
-
     from moekit.moe import native
 
-    if native.library() is None:
-        pytest.skip("no native kernel on this machine (no C compiler, or not x86-64 with AVX2)")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_native.py"
-    spec = importlib.util.spec_from_file_location("bench_native_baseline", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_native_module()
 
     current = native.library()
     loaded, used = [], set()
