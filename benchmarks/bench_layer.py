@@ -71,6 +71,10 @@ class Shape:
     def expert_bytes(self) -> int:
         return 3 * self.dim * self.hidden * 4  # gate, up, down in float32
 
+    def floor_seconds(self, distinct_experts: int, read_gbs: float) -> float:
+        """The memory floor: the distinct experts' weights read once at `read_gbs` GB/s."""
+        return distinct_experts * self.expert_bytes() / (read_gbs * 1e9)
+
 
 SHAPES = (Shape("mixtral", 512, 1408, 8, 2), Shape("fine_grained", 512, 256, 64, 8))
 # --quick is a smoke test of the whole pipeline (< 60 s even on a busy 2-core machine): the same
@@ -358,7 +362,7 @@ def bench_shape(
                 impl: float((forward_fn(impl, modules[impl], x_TD)() - reference).abs().max())
                 for impl in HF_IMPLS
             }
-        floor_s = distinct * shape.expert_bytes() / (bandwidth * 1e9)
+        floor_s = shape.floor_seconds(distinct, bandwidth)
         warmup, repeats = _repeats(tokens, quick)
 
         for mode in ("fwd", "fwd_bwd"):
@@ -397,7 +401,7 @@ def bench_shape(
                 if mode == "fwd" and tokens <= 8:
                     cell.update(distinct_experts=distinct, floor_ms=floor_s * 1e3, x_floor=seconds / floor_s)
                     read_in_phase = probes.read_gbs(statistics.median(times["probe_read"]))
-                    floor_in_phase_s = distinct * shape.expert_bytes() / (read_in_phase * 1e9)
+                    floor_in_phase_s = shape.floor_seconds(distinct, read_in_phase)
                     cell.update(read_in_phase_gbs=read_in_phase, x_floor_in_phase=seconds / floor_in_phase_s)
                 if mode == "fwd" and impl in diffs:
                     cell["max_abs_diff_vs_moekit"] = diffs[impl]
@@ -585,7 +589,7 @@ def apply_ceilings(cells: list[dict[str, Any]], shapes: tuple[Shape, ...], ceili
     for c in cells:
         c["frac_sgemm"] = c["gflops"] / sgemm
         if "distinct_experts" in c:
-            floor_s = c["distinct_experts"] * by_name[c["shape"]].expert_bytes() / (bandwidth * 1e9)
+            floor_s = by_name[c["shape"]].floor_seconds(c["distinct_experts"], bandwidth)
             c["floor_ms"], c["x_floor"] = floor_s * 1e3, c["ms"] / (floor_s * 1e3)
 
 
