@@ -292,14 +292,14 @@ def run_baseline(
                 for i in range(1 + rounds):  # a warm-up round first
                     for name, lib in libraries.items():
                         use_library(lib)  # (the work sizes are asked of the library in use)
-                        layer.experts.__dict__["_topk_layer"] = prepared[name]
+                        layer.__dict__["_native_call"] = prepared[name]
                         if flush is not None:
                             flush.sum()
                         start = time.perf_counter()
                         layer(x)
                         if i:
                             times[name].append(time.perf_counter() - start)
-                        prepared[name] = layer.experts.__dict__.get("_topk_layer")
+                        prepared[name] = layer.__dict__.get("_native_call")
             result["layer"].append(
                 dict(
                     shape=shape.name,

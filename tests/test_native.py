@@ -195,11 +195,11 @@ def test_topk_layer_breaks_ties_by_lower_expert_and_reports_non_finite_logits():
     assert native.topk_layer(x, gate, None, 3, False, bank) is None
 
 
-def _count_calls(monkeypatch) -> list[int]:
-    """Counts the calls of the kernel's entries (after a dispatcher, straight from a routing, and
-    with the top-k router in it)."""
+def _count_calls(monkeypatch, entries: tuple[str, ...] = ("sorted_rows", "routed")) -> list[int]:
+    """Counts the calls of the kernel's entries (by default after a dispatcher and straight from a
+    routing) and of the layer's prepared call with the top-k router in it."""
     calls: list[int] = []
-    for name in ("sorted_rows", "routed"):
+    for name in entries:
         real = getattr(native, name)
 
         def counted(*args, _real=real, **kwargs):
@@ -246,7 +246,7 @@ def test_layer_takes_kernel_at_few_tokens_and_matches_torch(monkeypatch, tokens,
 
 @needs_kernel
 def test_layer_prepared_call_follows_the_weights_tokens_and_threads_and_is_dropped_by_copies(monkeypatch):
-    # ExpertBank.forward_topk keeps the native call prepared (native.TopKLayer) between calls: a
+    # The layer keeps its native call prepared (native.TopKLayer) between calls: a
     # change of what it was prepared for (weights modified in place or replaced, the token count, the
     # thread count, the dtype) must show in the next output, and a copy or pickle of the layer must
     # not carry it (the copy's weights are other memory)
@@ -268,28 +268,28 @@ def test_layer_prepared_call_follows_the_weights_tokens_and_threads_and_is_dropp
 
     x1, x3 = torch.randn(1, 32), torch.randn(3, 32)
     check(x1, 1)
-    prepared = layer.experts._topk_layer
+    prepared = layer._native_call
     check(x1, 2)
-    assert layer.experts._topk_layer is prepared  # the same call again: kept
+    assert layer._native_call is prepared  # the same call again: kept
     with torch.no_grad():
         layer.experts.w_out_EFD.mul_(1.5)  # in place: the same memory, read afresh
         layer.router.gate.weight.add_(torch.randn(5, 32))
     check(x1, 3)
-    assert layer.experts._topk_layer is prepared
+    assert layer._native_call is prepared
     layer.experts.w_in_EDF.data = layer.experts.w_in_EDF.data * -1  # new memory: prepared again
     check(x1, 4)
-    assert layer.experts._topk_layer is not prepared
+    assert layer._native_call is not prepared
     check(x3, 5)  # another token count
-    prepared = layer.experts._topk_layer
+    prepared = layer._native_call
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # another thread count (work size)
     check(x3, 6)
-    assert layer.experts._topk_layer is not prepared  # prepared again for three threads
+    assert layer._native_call is not prepared  # prepared again for three threads
     monkeypatch.undo()
     calls = _count_calls(monkeypatch)
     twin = copy.deepcopy(layer)
-    assert "_topk_layer" in layer.experts.__dict__ and twin.experts.__dict__.get("_topk_layer") is None
+    assert "_native_call" in layer.__dict__ and twin.__dict__.get("_native_call") is None
     restored = pickle.loads(pickle.dumps(layer))
-    assert restored.experts.__dict__.get("_topk_layer") is None
+    assert restored.__dict__.get("_native_call") is None
     with torch.no_grad():
         twin.experts.w_out_EFD.zero_()  # the copy's own weights: the original's output is unchanged
         torch.testing.assert_close(twin(x3).output, torch.zeros(3, 32))
@@ -300,6 +300,45 @@ def test_layer_prepared_call_follows_the_weights_tokens_and_threads_and_is_dropp
         out = layer(x3.double()).output
     torch.testing.assert_close(out, reference_moe(layer, x3.double())[0])
     assert len(calls) == 4
+
+
+@needs_kernel
+def test_layer_prepared_call_follows_the_layer_settings(monkeypatch):
+    # the layer keeps its native call only while its settings are the ones it was prepared for: a
+    # capacity set in the config afterwards, expert dropout in training, a replaced router or expert
+    # bank and a changed top-k must each show in the next output (against the naive reference)
+    from tests.moe_reference import reference_moe
+
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=5, top_k=2, expert_dropout=0.5)).eval()
+    x = torch.randn(4, 32)
+    calls = _count_calls(monkeypatch, entries=())  # (with capacity the dispatcher's path has its own)
+
+    def check(expected_calls):
+        with torch.no_grad():
+            out = layer(x).output
+        torch.testing.assert_close(out, reference_moe(layer, x)[0], rtol=1e-5, atol=1e-5)
+        assert len(calls) == expected_calls
+
+    check(1)
+    layer.config.capacity_factor = 0.5  # 4 tokens x 2 / 5 experts x 0.5: tokens are dropped
+    check(1)
+    layer.config.capacity_factor = None
+    check(2)
+    layer.train()  # expert dropout is active: the bank's own path, which applies it
+    with torch.no_grad():
+        assert not torch.equal(layer(x).output, layer(x).output)
+    assert len(calls) == 2
+    layer.eval()
+    check(3)
+    twin = MoE(layer.config)  # another router and bank (other weights), swapped in one at a time
+    layer.router = twin.router
+    check(4)
+    layer.experts = twin.experts.eval()
+    check(5)
+    layer.router.top_k = 3
+    layer.config.top_k = 3  # (the reference reads the config)
+    check(6)
 
 
 @needs_kernel

@@ -87,21 +87,14 @@ class ExpertBank(nn.Module):
             raise RuntimeError("ExpertBank.forward_tokens does not apply expert dropout: use forward")
         return self._fused(x_TD, token_N, weight_N, self._plan(counts, token_N.shape[0]))
 
-    def forward_topk(
-        self, x_TD: Tensor, gate_ED: Tensor, bias_E: Tensor | None, top_k: int, renormalize: bool
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
-        """Inference behind a top-k softmax router with gate weight [E, D] (and bias) in one native
-        call, routing included (native.topk_layer: decode-size batches) -> (out [T, D], logits,
-        probs, expert_idx_A, weight_A), or None where it does not run (the caller routes)."""
-        if torch.compiler.is_compiling():  # traced tensors have no memory to hand to C
-            return None
-        bank = self._native_bank()
-        key = native.topk_layer_key(x_TD, gate_ED, bias_E, bank, top_k, renormalize, self.strategy)
-        call = self.__dict__.get("_topk_layer")  # prepared by an earlier call (a plain attribute)
-        if call is None or call.key != key:
-            call = native.TopKLayer(x_TD, gate_ED, bias_E, top_k, renormalize, bank, self.strategy, key)
-            self.__dict__["_topk_layer"] = call
-        return call(x_TD)
+    def native_tensors(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(w_in, w_out, b_in, b_out), read from the module's dicts (what MoE._native_key compares
+        on every decode-size call: nn.Module.__getattr__ costs microseconds on cold caches). A bias
+        that is None lives in the instance dict, a parameter in `_parameters`."""
+        params, attrs = self._parameters, self.__dict__
+        b_in = attrs["b_in_EF"] if "b_in_EF" in attrs else params["b_in_EF"]
+        b_out = attrs["b_out_ED"] if "b_out_ED" in attrs else params["b_out_ED"]
+        return params["w_in_EDF"], params["w_out_EFD"], b_in, b_out
 
     def _native_bank(self) -> native.Experts:
         return native.Experts(

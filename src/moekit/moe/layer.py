@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
 from moekit.moe import losses as L
+from moekit.moe import native
 from moekit.moe.config import MoEConfig
 from moekit.moe.dispatch import LocalDispatcher, capacity_keep_mask, priority_order
 from moekit.moe.experts import ExpertBank, HierarchicalExperts, SharedExperts
@@ -328,29 +329,72 @@ class MoE(nn.Module):
         return out_1D if self.shared is None else out_1D + self.shared(x_1D)
 
     def _native_inference(self, x_TD: Tensor) -> tuple[Routing, Tensor] | None:
-        """Steps 1-4 of an inference call in one native call (ExpertBank.forward_topk), where they
-        can run there: no autograd, no capacity, the top-k softmax router (float32, no hooks: analysis
-        and calibration hook the router's output) and the fused local expert bank, at the kernel's
-        batch sizes -> (the routing, out [T, D]); None otherwise. Its routing is the router's own,
-        computed in C (the same decisions and weights up to float32 rounding)."""
-        router = self.router
-        if (
-            torch.is_grad_enabled()
-            or type(router) is not TopKRouter
-            or self.config.router_dtype != "float32"
-            or self.config.capacity(1, self.training) is not None
-            or _has_hooks(router)
-            or not self._fused_local()
-        ):
+        """Steps 1-4 of an inference call in one native call (native.TopKLayer), where they can run
+        there: no autograd, no capacity, the top-k softmax router (float32, no hooks: analysis and
+        calibration hook the router's output) and the fused local expert bank, at the kernel's batch
+        sizes -> (the routing, out [T, D]); None otherwise. Its routing is the router's own, computed
+        in C (the same decisions and weights up to float32 rounding).
+
+        The call is prepared once and kept (a plain attribute; copies and pickles drop it) with the
+        key it was prepared for (`_native_key`); a call whose key differs prepares it again. A decode
+        step runs every other layer between two calls of this one, and their weights flush the
+        caches: each Python and torch step of checking and building the call then misses on torch's
+        code and data (see docs/benchmarks.md)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (traced tensors have no memory)
             return None
-        top_k = router.top_k
-        result = self.experts.forward_topk(
-            x_TD, router.gate.weight, router.gate.bias, top_k, self.config.norm_topk_prob
-        )
+        key = self._native_key(x_TD)
+        call = self.__dict__.get("_native_call")
+        if call is None or call.key != key:
+            call = self._prepare_native(x_TD, key)
+            self.__dict__["_native_call"] = call
+        result = call(x_TD)
         if result is None:
             return None
         out_TD, logits_TE, probs_TE, expert_idx_A, weight_A = result
-        return Routing(logits_TE, probs_TE, expert_idx_A, weight_A, top_k), out_TD
+        return Routing(logits_TE, probs_TE, expert_idx_A, weight_A, call.top_k), out_TD
+
+    def _native_key(self, x_TD: Tensor) -> tuple:
+        """What `_prepare_native` reads: the router and expert bank (the objects: a replaced one
+        prepares again), the dispatcher's type, the training flags, the router's hooks, the config's
+        values, the router's and bank's settings, and what native.topk_layer_key names (the input's
+        size and layout, the tensors' memory, threads, switches). Submodules and parameters are read
+        from the modules' dicts: each nn.Module.__getattr__ costs microseconds on cold caches."""
+        modules = self._modules
+        router, experts = modules["router"], modules["experts"]
+        if type(router) is not TopKRouter or not isinstance(experts, ExpertBank):
+            return (router, experts)
+        dropout = experts._modules["dropout"]
+        return (
+            router,
+            experts,
+            type(self.dispatcher),
+            self.training,
+            dropout,
+            dropout.training,
+            _has_hooks(router),
+            tuple(self.config.__dict__.values()),
+            router.top_k,
+            experts.strategy,
+            experts.activation,
+            experts.is_glu,
+            *native.topk_layer_key(x_TD, (*router.gate_tensors(), *experts.native_tensors())),
+        )
+
+    def _prepare_native(self, x_TD: Tensor, key: tuple) -> native.TopKLayer:
+        """The native call for what `key` names; one that answers None where it cannot run."""
+        router, experts = self.router, self.experts
+        if not (
+            type(router) is TopKRouter
+            and self.config.router_dtype == "float32"
+            and self.config.capacity(1, self.training) is None
+            and not _has_hooks(router)
+            and self._fused_local()
+        ):
+            return native.TopKLayer.declined(key)
+        gate_ED, bias_E = router.gate_tensors()
+        top_k, renormalize = router.top_k, self.config.norm_topk_prob
+        bank = experts._native_bank()
+        return native.TopKLayer(x_TD, gate_ED, bias_E, top_k, renormalize, bank, experts.strategy, key)
 
     def _routed_inference(self, routing: Routing, valid_A: Tensor | None, capacity: int | None) -> bool:
         """Whether steps 2-4 may go straight from the routing (ExpertBank.forward_routed): no

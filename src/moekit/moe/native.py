@@ -16,7 +16,7 @@ activation and the weighted combine. Two regimes (see its header):
 Entries: `sorted_rows` (rows already sorted by a dispatcher), `routed` (a routing's assignments as
 they come, sorted by expert in C: the MoE layer's inference path, `ExpertBank.forward_routed`),
 `topk_layer` (at decode sizes the top-k softmax router too, `csrc/router.c`: the whole layer in one
-call, `ExpertBank.forward_topk`), `sorted_rows` with a hidden to save and `sorted_rows_backward` (under autograd, `fused.FusedExperts`). The same
+call, kept prepared by `MoE._native_inference`), `sorted_rows` with a hidden to save and `sorted_rows_backward` (under autograd, `fused.FusedExperts`). The same
 per-thread sgemm scheme runs the LM head and its cross-entropy (`csrc/cross_entropy.c`,
 `linear_cross_entropy`) and scaled dot-product attention both ways (`csrc/attention.c`,
 `attention`), and one pass per row runs RMSNorm (`csrc/norms.c`) and rotary (`csrc/rope.c`) both
@@ -518,20 +518,16 @@ def topk_layer(
     return TopKLayer(x_TD, gate_ED, bias_E, top_k, renormalize, experts)(x_TD)
 
 
-def topk_layer_key(x_TD: Tensor, gate_ED: Tensor, bias_E: Tensor | None, experts: Experts, *extra) -> tuple:
-    """What a `TopKLayer` was prepared for: the token count, the input's dtype and layout, the tensors'
-    memory (a parameter replaced, moved or converted has new memory), the thread count, this
-    thread (the work memory is per thread), the module's switches and library; `extra`: the
-    caller's."""
+def topk_layer_key(x_TD: Tensor, tensors: tuple[Tensor | None, ...], *extra) -> tuple:
+    """What a `TopKLayer` depends on besides its holder's settings (`extra`): the token count, the
+    input's dtype and layout, the memory of `tensors` (the gate's and the bank's: a parameter
+    replaced, moved or converted has new memory), the thread count, this thread (the work memory is
+    per thread), the module's switches and library."""
     return (
         x_TD.shape,
         x_TD.dtype,
         x_TD.is_cpu and x_TD.is_contiguous(),
-        gate_ED.data_ptr(),
-        None if bias_E is None else bias_E.data_ptr(),
-        *_bank_pointers(experts),
-        experts.activation,
-        experts.is_glu,
+        *[None if t is None else t.data_ptr() for t in tensors],
         torch.get_num_threads(),
         threading.get_ident(),
         ENABLED,
@@ -564,7 +560,7 @@ class TopKLayer:
     ) -> None:
         """Prepared where `applies_topk_layer`; elsewhere the call answers None (kept all the same:
         the key says when to ask again)."""
-        self.key, self._fn = key, None
+        self.key, self.top_k, self._fn = key, top_k, None
         if not applies_topk_layer(x_TD, gate_ED, bias_E, top_k, experts, strategy):
             return
         tokens, dim = x_TD.shape
@@ -584,6 +580,14 @@ class TopKLayer:
         self._bank = _bank_args(experts, dim)
         self._threads = torch.get_num_threads()
         self._fn = library().moekit_topk_layer
+
+    @classmethod
+    def declined(cls, key: tuple = ()) -> TopKLayer:
+        """A call that answers None, for a holder whose layer cannot run here (kept all the same:
+        the key says when to ask again)."""
+        call = cls.__new__(cls)
+        call.key, call.top_k, call._fn = key, 0, None
+        return call
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a copied layer has other tensors: it prepares its own
