@@ -758,3 +758,40 @@ def test_model_attention_takes_the_kernel_only_where_it_applies(monkeypatch):
         model(tokens, attention_mask=torch.ones(2, 20, dtype=torch.bool))
         model.generate(tokens[:1, :5], max_new_tokens=3)
     assert len(calls) == 2
+
+
+@needs_kernel
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+@pytest.mark.parametrize(
+    ("m", "n", "k"),
+    [(1, 1, 1), (5, 17, 3), (6, 16, 8), (13, 47, 70), (150, 130, 300), (64, 2816 // 8, 517), (290, 64, 9)],
+)
+def test_gemm_matches_float64_products(ta, tb, m, n, k):
+    # moekit's blocked GEMM (csrc/gemm.c) on every edge: rows and columns past whole 6 x 16 tiles,
+    # k past a 256 slice and short of an 8-wide transpose block, blocks of rows split evenly, row
+    # strides wider than the rows, and beta = 0 never reading C (NaN there) against beta = 0.5
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+
+    def stored(rows, cols):  # a [rows, cols] view with a row stride of cols + 3
+        return torch.randn(rows, cols + 3, generator=gen)[:, :cols]
+
+    a = stored(k, m) if ta else stored(m, k)
+    b = stored(n, k) if tb else stored(k, n)
+    op_a = (a.T if ta else a).double()
+    op_b = (b.T if tb else b).double()
+    c = stored(m, n)
+    expected = op_a @ op_b + 0.5 * c.double()
+    native.gemm(a, b, c, 0.5, ta, tb)
+    torch.testing.assert_close(c.double(), expected, rtol=1e-5, atol=1e-4)
+    c.fill_(float("nan"))
+    native.gemm(a, b, c, 0.0, ta, tb)
+    torch.testing.assert_close(c.double(), op_a @ op_b, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_gemm_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="expected op"):
+        native.gemm(torch.randn(3, 4), torch.randn(5, 6), torch.empty(3, 6))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        native.gemm(torch.randn(4, 3).T, torch.randn(4, 6), torch.empty(3, 6))

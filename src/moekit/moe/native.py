@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 # compiled together into one library, with the headers beside them (common.h)
 SOURCES = tuple(
-    CSRC / f"{name}.c" for name in ("experts", "router", "cross_entropy", "norms", "rope", "attention")
+    CSRC / f"{name}.c"
+    for name in ("experts", "router", "cross_entropy", "norms", "rope", "attention", "gemm")
 )
 # (activation, is_glu) -> the kernel's activation code
 ACTIVATIONS = {
@@ -96,6 +97,9 @@ MAX_WORK_BYTES = 64 << 20
 TRAINING_ACTIVATIONS = {k: v for k, v in ACTIVATIONS.items() if k[0] != "gpt_oss"}
 ENABLED = os.environ.get("MOEKIT_NATIVE", "1") != "0"
 MANY_ROWS = os.environ.get("MOEKIT_NATIVE_MANY", "1") != "0"
+# "blas": every matrix product of the kernels by the BLAS's sgemm; default: moekit's own GEMM
+# (csrc/gemm.c) from 12 rows and 64 columns on (see `use_blas_gemm`)
+BLAS_GEMM = os.environ.get("MOEKIT_NATIVE_GEMM", "") == "blas"
 
 
 class Experts(NamedTuple):
@@ -240,7 +244,61 @@ def _load(path: Path | None = None) -> ctypes.CDLL:
     ):
         getattr(lib, name).argtypes = [i64, i64, i64, i32, i32] + ([] if "few" in name else [i64])
         getattr(lib, name).restype = i64
+    lib.moekit_set_gemm.argtypes = [i32]
+    lib.moekit_set_gemm.restype = None
+    lib.moekit_gemm.argtypes = [i32, i32, i64, i64, i64, p, i64, p, i64, ctypes.c_float, p, i64]
+    lib.moekit_gemm.restype = i32
+    lib.moekit_set_gemm(int(BLAS_GEMM))
     return lib
+
+
+def use_blas_gemm(blas: bool) -> None:
+    """Whether the kernels' matrix products run by the BLAS's sgemm (True) or by moekit's own GEMM
+    (False, the default; csrc/gemm.c): for comparing the two in one process. The products keep
+    their shapes; only who computes them changes."""
+    global BLAS_GEMM
+    BLAS_GEMM = blas
+    lib = library()
+    if lib is not None:
+        lib.moekit_set_gemm(int(blas))
+
+
+def gemm(a: Tensor, b: Tensor, c: Tensor, beta: float = 0.0, ta: bool = False, tb: bool = False) -> Tensor:
+    """c = op(a) @ op(b) + beta c by moekit's own GEMM (csrc/gemm.c), in place, on the calling thread
+    (op: the transpose where `ta` / `tb`; a stored [k, m] then, b [n, k]). CPU float32, each with
+    contiguous rows (a row stride; the column stride 1). For tests and benchmarks: the kernels call it
+    from C."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernels are unavailable here")
+    for name, t in (("a", a), ("b", b), ("c", c)):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2 or t.stride(1) != 1:
+            raise ValueError(
+                f"gemm: {name} must be a 2-D CPU float32 tensor with contiguous rows, got {t.dtype} {tuple(t.shape)} strides {t.stride()}"
+            )
+    m, k = (a.shape[1], a.shape[0]) if ta else tuple(a.shape)
+    kb, n = (b.shape[1], b.shape[0]) if tb else tuple(b.shape)
+    if kb != k or tuple(c.shape) != (m, n):
+        raise ValueError(
+            f"gemm: op(a) is [{m}, {k}], op(b) [{kb}, {n}], c {tuple(c.shape)}: expected op(b) [{k}, n] and c [{m}, {n}]"
+        )
+    status = lib.moekit_gemm(
+        int(ta),
+        int(tb),
+        m,
+        n,
+        k,
+        a.data_ptr(),
+        a.stride(0),
+        b.data_ptr(),
+        b.stride(0),
+        beta,
+        c.data_ptr(),
+        c.stride(0),
+    )
+    if status != 0:
+        raise MemoryError("gemm: the packing buffers could not be allocated")
+    return c
 
 
 def library() -> ctypes.CDLL | None:

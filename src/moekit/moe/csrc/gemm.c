@@ -1,0 +1,252 @@
+/* Row-major float32 GEMM for one thread: C [m, n] = op(A) [m, k] op(B) [k, n] + beta C.
+
+   Every kernel here runs its products one per thread inside its own parallel region (the experts
+   of a thread, a block of attention rows, a chunk of the LM head), so this GEMM is single-threaded.
+   It is the classic blocked scheme (Goto; BLIS's loops): k in slices of KC, m in blocks of MC rows,
+   n in blocks of NC columns; each A block is copied ("packed") into panels of MR rows and each B
+   block into panels of NR columns, laid out in the order the micro-kernel reads them, and the
+   micro-kernel keeps an MR x NR tile of C in registers while it walks one A panel and one B panel.
+
+     for pc in k by KC                     A block [MC, KC] packed: in L2
+       for ic in m by MC                   B block [KC, NC] packed: in L1/L2, read row by row from B
+         for jc in n by NC                 (the next block's rows are prefetched meanwhile)
+           for each NR panel, each MR panel: the 6 x 16 micro-kernel (12 of the 16 AVX registers)
+
+   Why not the BLAS's sgemm: on this machine (AMD Zen 3) the MKL that torch links reaches 85-90 of a
+   core's ~125 GFLOP/s with 64 rows per product (an expert's share at 128 experts) and ~105 with
+   1024; this scheme 100 and ~120 (docs/benchmarks.md has the measurements). op(A) = A^T when ta
+   (A stored [k, m]), op(B) = B^T when tb (B stored [n, k]), as in common.h's gemm_rm. */
+
+#include "common.h"
+
+#define MR 6
+#define NR 16
+#define KC 256
+#define MC 144 /* at most, a multiple of MR: the A block, 144 x 256 floats = 144 KiB */
+#define NC 128 /* a multiple of NR: the B block, 256 x 128 floats = 128 KiB */
+
+/* C tile [mr, nr] = beta C + the 6 x 16 product of a packed A panel (kc x MR) and B panel (kc x NR);
+   only the first mr rows and nr columns are written. */
+static void micro_kernel(int64_t kc, const float *restrict a, const float *restrict b, float *c, int64_t ldc,
+                         float beta, int mr, int nr)
+{
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int64_t p = 0; p < kc; p++) {
+        const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+        __m256 a0 = _mm256_broadcast_ss(a), a1 = _mm256_broadcast_ss(a + 1);
+        c00 = _mm256_fmadd_ps(a0, b0, c00);
+        c01 = _mm256_fmadd_ps(a0, b1, c01);
+        c10 = _mm256_fmadd_ps(a1, b0, c10);
+        c11 = _mm256_fmadd_ps(a1, b1, c11);
+        a0 = _mm256_broadcast_ss(a + 2);
+        a1 = _mm256_broadcast_ss(a + 3);
+        c20 = _mm256_fmadd_ps(a0, b0, c20);
+        c21 = _mm256_fmadd_ps(a0, b1, c21);
+        c30 = _mm256_fmadd_ps(a1, b0, c30);
+        c31 = _mm256_fmadd_ps(a1, b1, c31);
+        a0 = _mm256_broadcast_ss(a + 4);
+        a1 = _mm256_broadcast_ss(a + 5);
+        c40 = _mm256_fmadd_ps(a0, b0, c40);
+        c41 = _mm256_fmadd_ps(a0, b1, c41);
+        c50 = _mm256_fmadd_ps(a1, b0, c50);
+        c51 = _mm256_fmadd_ps(a1, b1, c51);
+        a += MR;
+        b += NR;
+    }
+    const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    if (nr == NR) {
+        const __m256 vb = _mm256_set1_ps(beta);
+        for (int i = 0; i < mr; i++) {
+            float *ci = c + i * ldc;
+            __m256 lo = acc[i][0], hi = acc[i][1];
+            if (beta != 0.0f) { /* (beta 0 never reads C: it may hold NaN) */
+                lo = _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci), lo);
+                hi = _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci + 8), hi);
+            }
+            _mm256_storeu_ps(ci, lo);
+            _mm256_storeu_ps(ci + 8, hi);
+        }
+        return;
+    }
+    float tile[NR] __attribute__((aligned(32)));
+    for (int i = 0; i < mr; i++) {
+        float *ci = c + i * ldc;
+        _mm256_store_ps(tile, acc[i][0]);
+        _mm256_store_ps(tile + 8, acc[i][1]);
+        for (int j = 0; j < nr; j++) ci[j] = tile[j] + (beta != 0.0f ? beta * ci[j] : 0.0f);
+    }
+}
+
+/* op(A)[ic : ic + mc, pc : pc + kc] into panels of MR rows: ap[t][p][i] = op(A)[ic + t MR + i, pc + p],
+   rows past mc zero. */
+static void pack_a(int ta, const float *A, int64_t lda, int64_t ic, int64_t pc, int64_t mc, int64_t kc, float *ap)
+{
+    for (int64_t t = 0; t < mc; t += MR, ap += kc * MR) {
+        const int rows = mc - t < MR ? (int)(mc - t) : MR;
+        if (!ta) { /* rows of A: MR streams along k */
+            const float *src[MR];
+            for (int i = 0; i < MR; i++) src[i] = A + (ic + t + (i < rows ? i : 0)) * lda + pc;
+            for (int64_t p = 0; p < kc; p++)
+                for (int i = 0; i < MR; i++) ap[p * MR + i] = i < rows ? src[i][p] : 0.0f;
+        } else { /* A stored [k, m]: each k a run of MR contiguous values */
+            for (int64_t p = 0; p < kc; p++) {
+                const float *src = A + (pc + p) * lda + ic + t;
+                for (int i = 0; i < MR; i++) ap[p * MR + i] = i < rows ? src[i] : 0.0f;
+            }
+        }
+    }
+}
+
+/* r[j][q] -> r[q][j] for an 8 x 8 block of floats */
+static inline void transpose8(__m256 r[8])
+{
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* op(B)[pc : pc + kc, jc : jc + nc] into panels of NR columns: bp[s][p][j] = op(B)[pc + p, jc + s NR + j],
+   columns past nc zero. */
+static void pack_b(int tb, const float *B, int64_t ldb, int64_t pc, int64_t jc, int64_t kc, int64_t nc, float *bp)
+{
+    const int64_t panels = (nc + NR - 1) / NR;
+    if (!tb) {
+        for (int64_t p = 0; p < kc; p++) {
+            const float *row = B + (pc + p) * ldb + jc;
+            for (int64_t s = 0; s < panels; s++) {
+                float *dst = bp + (s * kc + p) * NR;
+                const int64_t cols = nc - s * NR;
+                if (cols >= NR) {
+                    _mm256_store_ps(dst, _mm256_loadu_ps(row + s * NR));
+                    _mm256_store_ps(dst + 8, _mm256_loadu_ps(row + s * NR + 8));
+                } else {
+                    for (int j = 0; j < NR; j++) dst[j] = j < cols ? row[s * NR + j] : 0.0f;
+                }
+            }
+        }
+        return;
+    }
+    /* B stored [n, k]: column j of op(B) is row j of B, read along k; 8 x 8 blocks transposed in
+       registers (two per panel and 8 values of k) */
+    for (int64_t s = 0; s < panels; s++) {
+        float *dst = bp + s * kc * NR;
+        const int64_t cols = nc - s * NR < NR ? nc - s * NR : NR;
+        const float *src[NR];
+        for (int j = 0; j < NR; j++) src[j] = B + (jc + s * NR + (j < cols ? j : 0)) * ldb + pc;
+        int64_t p = 0;
+        if (cols == NR)
+            for (; p + 8 <= kc; p += 8)
+                for (int half = 0; half < 2; half++) {
+                    __m256 r[8];
+                    for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(src[8 * half + j] + p);
+                    transpose8(r);
+                    for (int q = 0; q < 8; q++) _mm256_store_ps(dst + (p + q) * NR + 8 * half, r[q]);
+                }
+        for (; p < kc; p++)
+            for (int j = 0; j < NR; j++) dst[p * NR + j] = j < cols ? src[j][p] : 0.0f;
+    }
+}
+
+int moekit_gemm_blas = 0;
+
+/* 1: gemm_rm takes the BLAS's sgemm for every product; 0: moekit_gemm where it applies. */
+void moekit_set_gemm(int blas) { moekit_gemm_blas = blas; }
+
+/* The next B block's memory, read into L2 a little before each micro-kernel call of this block, so
+   that its packing finds it there: weights read once per product (an expert's, at 64 rows) would
+   otherwise come from DRAM while the cores wait, 20-25% of the product's time. */
+struct prefetch {
+    const char *base;  /* first byte of segment 0 */
+    int64_t stride;    /* bytes between segments */
+    int64_t segments;  /* rows of B (or of B^T) in the block */
+    int64_t lines;     /* cache lines per segment */
+    int64_t next;      /* lines issued so far */
+    int64_t per_call;  /* lines to issue per micro-kernel call */
+};
+
+static struct prefetch next_block(int tb, const float *B, int64_t ldb, int64_t pc, int64_t jc, int64_t kc, int64_t n,
+                                  int64_t calls)
+{
+    struct prefetch f = {NULL, 0, 0, 0, 0, 0};
+    if (jc >= n) return f;
+    const int64_t nc = n - jc < NC ? n - jc : NC;
+    f.stride = ldb * (int64_t)sizeof(float);
+    if (!tb) { /* kc rows of nc floats */
+        f.base = (const char *)(B + pc * ldb + jc);
+        f.segments = kc;
+        f.lines = (nc * (int64_t)sizeof(float) + 63) / 64;
+    } else { /* nc rows of kc floats */
+        f.base = (const char *)(B + jc * ldb + pc);
+        f.segments = nc;
+        f.lines = (kc * (int64_t)sizeof(float) + 63) / 64;
+    }
+    f.per_call = (f.segments * f.lines + calls - 1) / calls;
+    return f;
+}
+
+static inline void prefetch_some(struct prefetch *f)
+{
+    const int64_t total = f->segments * f->lines;
+    for (int64_t i = 0; i < f->per_call && f->next < total; i++, f->next++)
+        _mm_prefetch(f->base + (f->next / f->lines) * f->stride + (f->next % f->lines) * 64, _MM_HINT_T1);
+}
+
+/* This thread's packing buffers (the kernels' OpenMP threads live as long as the process): allocated
+   at the first product, kept. NULL if memory ran out. */
+static float *pack_buffers(void)
+{
+    static __thread float *buffers = NULL;
+    if (!buffers) buffers = aligned_alloc(64, (size_t)(MC * KC + KC * NC) * sizeof(float));
+    return buffers;
+}
+
+int moekit_gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, const float *A, int64_t lda, const float *B,
+                int64_t ldb, float beta, float *C, int64_t ldc)
+{
+    if (m <= 0 || n <= 0) return 0;
+    if (k <= 0) { /* C = beta C */
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < n; j++) C[i * ldc + j] = beta != 0.0f ? beta * C[i * ldc + j] : 0.0f;
+        return 0;
+    }
+    float *ap = pack_buffers();
+    if (!ap) return -2;
+    float *bp = ap + MC * KC;
+    /* m in equal blocks of at most MC rows (a multiple of MR): 150 rows as 78 + 72, not 144 + 6 */
+    const int64_t blocks = (m + MC - 1) / MC, mc_step = ((m + blocks - 1) / blocks + MR - 1) / MR * MR;
+    for (int64_t pc = 0; pc < k; pc += KC) {
+        const int64_t kc = k - pc < KC ? k - pc : KC;
+        const float b = pc == 0 ? beta : 1.0f; /* later slices add to the first */
+        for (int64_t ic = 0; ic < m; ic += mc_step) {
+            const int64_t mc = m - ic < mc_step ? m - ic : mc_step;
+            pack_a(ta, A, lda, ic, pc, mc, kc, ap);
+            for (int64_t jc = 0; jc < n; jc += NC) {
+                const int64_t nc = n - jc < NC ? n - jc : NC;
+                pack_b(tb, B, ldb, pc, jc, kc, nc, bp);
+                struct prefetch next = next_block(tb, B, ldb, pc, jc + NC, kc, n, (nc + NR - 1) / NR * ((mc + MR - 1) / MR));
+                for (int64_t s = 0; s < nc; s += NR) {
+                    const int nr = nc - s < NR ? (int)(nc - s) : NR;
+                    for (int64_t t = 0; t < mc; t += MR) {
+                        const int mr = mc - t < MR ? (int)(mc - t) : MR;
+                        prefetch_some(&next);
+                        micro_kernel(kc, ap + t * kc, bp + s * kc, C + (ic + t) * ldc + jc + s, ldc, b, mr, nr);
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
