@@ -30,7 +30,7 @@ from moekit.model import (
     rope_tables,
 )
 from moekit.model.layers import linear
-from moekit.moe import MoE, MoEConfig
+from moekit.moe import MoE, MoEConfig, native
 
 V, D = 61, 32
 
@@ -135,6 +135,40 @@ def test_linear_one_row_split_over_threads(bias, monkeypatch):
         two_rows = torch.randn(2, 64)
         assert torch.equal(linear(lin, two_rows), lin(two_rows)) and not calls
     assert torch.equal(linear(lin, x), lin(x)) and not calls  # autograd: the module itself
+
+
+@pytest.mark.skipif(native.library() is None, reason="needs the native kernels")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("needs_x", [False, True])
+def test_linear_many_rows_by_moekit_gemm_matches_float64_both_ways(bias, needs_x, monkeypatch):
+    """Many rows through `linear` take moekit's GEMM (native.applies_linear) with its own backward:
+    output and the gradients of x, weight and bias equal float64 autograd of x W^T + b, with and
+    without autograd, for a row count that splits unevenly over the threads."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(70, 130, bias=bias)
+    x = torch.randn(3, 31, 70, requires_grad=needs_x)
+    assert native.applies_linear(x.detach().reshape(-1, 70), lin.weight, lin.bias)
+    calls = []
+    gemm = native.gemm
+    monkeypatch.setattr(native, "gemm", lambda *a, **k: calls.append(1) or gemm(*a, **k))
+    out = linear(lin, x)
+    grad = torch.randn(3, 31, 130)
+    out.backward(grad)
+    assert len(calls) == (3 if needs_x else 2)  # the forward, and the backward's products
+    x64 = x.detach().double().requires_grad_(needs_x)
+    w64 = lin.weight.detach().double().requires_grad_(True)
+    b64 = lin.bias.detach().double().requires_grad_(True) if bias else None
+    expected = torch.nn.functional.linear(x64, w64, b64)
+    expected.backward(grad.double())
+    torch.testing.assert_close(out.detach().double(), expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lin.weight.grad.double(), w64.grad, atol=1e-4, rtol=1e-5)
+    if bias:
+        torch.testing.assert_close(lin.bias.grad.double(), b64.grad, atol=1e-4, rtol=1e-5)
+    if needs_x:
+        torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(lin, x).double(), expected.detach(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])

@@ -248,6 +248,8 @@ def _load(path: Path | None = None) -> ctypes.CDLL:
     lib.moekit_set_gemm.restype = None
     lib.moekit_gemm.argtypes = [i32, i32, i64, i64, i64, p, i64, p, i64, ctypes.c_float, p, i64]
     lib.moekit_gemm.restype = i32
+    lib.moekit_matmul.argtypes = [*lib.moekit_gemm.argtypes, i32]
+    lib.moekit_matmul.restype = i32
     lib.moekit_set_gemm(int(BLAS_GEMM))
     return lib
 
@@ -263,42 +265,57 @@ def use_blas_gemm(blas: bool) -> None:
         lib.moekit_set_gemm(int(blas))
 
 
-def gemm(a: Tensor, b: Tensor, c: Tensor, beta: float = 0.0, ta: bool = False, tb: bool = False) -> Tensor:
-    """c = op(a) @ op(b) + beta c by moekit's own GEMM (csrc/gemm.c), in place, on the calling thread
-    (op: the transpose where `ta` / `tb`; a stored [k, m] then, b [n, k]). CPU float32, each with
-    contiguous rows (a row stride; the column stride 1). For tests and benchmarks: the kernels call it
-    from C."""
+def gemm(
+    a: Tensor, b: Tensor, c: Tensor, beta: float = 0.0, ta: bool = False, tb: bool = False, threads: int = 1
+) -> Tensor:
+    """c = op(a) @ op(b) + beta c by moekit's own GEMM (csrc/gemm.c), in place (op: the transpose
+    where `ta` / `tb`; a stored [k, m] then, b [n, k]), on `threads` threads (the longer side of c
+    split between them). CPU float32, each with contiguous rows (a row stride, a column stride of 1).
+    The kernels call it from C; the model's linear layers (`linear`) and the tests from here."""
     lib = library()
     if lib is None:
         raise RuntimeError("the native kernels are unavailable here")
     for name, t in (("a", a), ("b", b), ("c", c)):
         if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2 or t.stride(1) != 1:
             raise ValueError(
-                f"gemm: {name} must be a 2-D CPU float32 tensor with contiguous rows, got {t.dtype} {tuple(t.shape)} strides {t.stride()}"
+                f"gemm: {name} must be a 2-D CPU float32 tensor with contiguous rows, got "
+                f"{t.dtype} {tuple(t.shape)} strides {t.stride()}"
             )
     m, k = (a.shape[1], a.shape[0]) if ta else tuple(a.shape)
     kb, n = (b.shape[1], b.shape[0]) if tb else tuple(b.shape)
     if kb != k or tuple(c.shape) != (m, n):
         raise ValueError(
-            f"gemm: op(a) is [{m}, {k}], op(b) [{kb}, {n}], c {tuple(c.shape)}: expected op(b) [{k}, n] and c [{m}, {n}]"
+            f"gemm: op(a) is [{m}, {k}], op(b) [{kb}, {n}], c {tuple(c.shape)}: expected op(b) [{k}, n] "
+            f"and c [{m}, {n}]"
         )
-    status = lib.moekit_gemm(
-        int(ta),
-        int(tb),
-        m,
-        n,
-        k,
-        a.data_ptr(),
-        a.stride(0),
-        b.data_ptr(),
-        b.stride(0),
-        beta,
-        c.data_ptr(),
-        c.stride(0),
-    )
+    args = (int(ta), int(tb), m, n, k, a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), beta)
+    status = lib.moekit_matmul(*args, c.data_ptr(), c.stride(0), threads)
     if status != 0:
         raise MemoryError("gemm: the packing buffers could not be allocated")
     return c
+
+
+def applies_linear(x_ND: Tensor, weight_OD: Tensor, bias_O: Tensor | None) -> bool:
+    """Whether `linear` runs x @ weight^T (+ bias): CPU float32 contiguous tensors, the kernels on, at
+    least 12 rows per thread and 64 input and output features (narrower products stay with torch)."""
+    return (
+        ENABLED
+        and MANY_ROWS
+        and not BLAS_GEMM
+        and x_ND.dim() == 2
+        and x_ND.shape[0] >= 12 * torch.get_num_threads()
+        and min(weight_OD.shape) >= 64
+        and applies_rows(x_ND, weight_OD, bias_O)
+        and library() is not None
+    )
+
+
+def linear(x_ND: Tensor, weight_OD: Tensor, bias_O: Tensor | None) -> Tensor:
+    """x @ weight^T (+ bias) by moekit's GEMM on torch's threads -> [N, O], no autograd (the model's
+    `_LinearFunction` is the autograd one). Where `applies_linear`."""
+    out_NO = torch.empty(x_ND.shape[0], weight_OD.shape[0])
+    gemm(x_ND, weight_OD, out_NO, tb=True, threads=torch.get_num_threads())
+    return out_NO if bias_O is None else out_NO.add_(bias_O)
 
 
 def library() -> ctypes.CDLL | None:

@@ -250,3 +250,29 @@ int moekit_gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, const float *A,
     }
     return 0;
 }
+
+/* moekit_gemm over `nthreads` threads: the longer side of C split in whole micro-tiles (rows of MR,
+   columns of NR), one block per thread. For products that are not inside a kernel's own parallel
+   region (the model's linear layers). 0, or -2 when a thread's packing buffers could not be had. */
+int moekit_matmul(int ta, int tb, int64_t m, int64_t n, int64_t k, const float *A, int64_t lda, const float *B,
+                  int64_t ldb, float beta, float *C, int64_t ldc, int nthreads)
+{
+    int status = 0;
+#pragma omp parallel num_threads(nthreads) reduction(min : status)
+    {
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        if (m >= n) {
+            const int64_t per = ((m + nt - 1) / nt + MR - 1) / MR * MR;
+            const int64_t r0 = tid * per < m ? tid * per : m, r1 = r0 + per < m ? r0 + per : m;
+            if (r0 < r1)
+                status = moekit_gemm(ta, tb, r1 - r0, n, k, ta ? A + r0 : A + r0 * lda, lda, B, ldb, beta, C + r0 * ldc,
+                                     ldc);
+        } else {
+            const int64_t per = ((n + nt - 1) / nt + NR - 1) / NR * NR;
+            const int64_t c0 = tid * per < n ? tid * per : n, c1 = c0 + per < n ? c0 + per : n;
+            if (c0 < c1)
+                status = moekit_gemm(ta, tb, m, c1 - c0, k, A, lda, tb ? B + c0 * ldb : B + c0, ldb, beta, C + c0, ldc);
+        }
+    }
+    return status;
+}
