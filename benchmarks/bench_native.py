@@ -12,6 +12,12 @@ The training part times the layer's forward+backward the same way with the kerne
 at the default model's sizes the LM head + loss, RMSNorm and rotary (forward+backward) and one AdamW
 step (for-loop, foreach, fused).
 
+The gemm part compares moekit's own GEMM (csrc/gemm.c) with the BLAS's sgemm that torch links: the
+kernels' product shapes on one thread (warm: operands in cache; cold: an expert's weights read once,
+cycling over more copies than the caches hold), and, with `native.use_blas_gemm` in turns, the
+layer's forward and forward+backward at 4096 tokens, the forward at 8 and 128 Mixtral-like experts
+(the scaling target's ratio), and the default model's training step.
+
 With --baseline REF it instead compares two builds of the kernels: the layer's forward (no grad,
 caches flushed) with the library built from REF's sources (a git revision such as HEAD or main~3,
 or a folder holding csrc's files) in turns with the working tree's, both shapes, at every T; the
@@ -19,7 +25,7 @@ ratio baseline / current above 1 means the working tree is faster. This is how a
 measured before it is kept.
 
 Run:  python benchmarks/bench_native.py [--quick] [--tokens 1,8,64,128,256,512,4096]
-                                        [--part inference|training|all] [--baseline REF]
+                                        [--part inference|training|gemm|all] [--baseline REF]
 """
 
 from __future__ import annotations
@@ -245,6 +251,192 @@ def run_training(quick: bool = False, tokens: tuple[int, ...] = (1, 8, 64, 256, 
     return result
 
 
+# (ta, tb, m, n, k) of the kernels' products: the Mixtral-like experts' two forward products at an
+# expert's 64 rows (128 experts) and 799 (a many-row block at 8 experts), their backward's four at 64
+# rows, the default model's experts (dim 256, hidden 512, 512 rows), its LM head + loss (2048-row
+# chunks of 128, vocabulary 4096) and an attention block's scores (64 rows, 256 keys, head dim 32:
+# the kernels leave that one to the BLAS)
+GEMM_SHAPES = (
+    (0, 0, 64, 2816, 512),
+    (0, 0, 64, 512, 1408),
+    (0, 0, 799, 2816, 512),
+    (0, 0, 799, 512, 1408),
+    (0, 1, 64, 1408, 512),
+    (1, 0, 1408, 512, 64),
+    (1, 0, 512, 2816, 64),
+    (0, 1, 64, 512, 2816),
+    (0, 0, 512, 1024, 256),
+    (0, 0, 512, 256, 512),
+    (0, 1, 128, 4096, 256),
+    (0, 0, 128, 256, 4096),
+    (1, 0, 4096, 256, 128),
+    (0, 1, 64, 256, 32),
+)
+QUICK_GEMM_SHAPES = ((0, 0, 24, 96, 40), (1, 1, 30, 64, 17))
+
+
+def _operands(ta: int, tb: int, m: int, n: int, k: int, copies: int = 1) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(m + n + k)
+    a = torch.randn(k, m, generator=gen) if ta else torch.randn(m, k, generator=gen)
+    b = torch.randn(copies, *((n, k) if tb else (k, n)), generator=gen)
+    return a, b, torch.empty(m, n)
+
+
+def _best_product_seconds(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, ta: bool, tb: bool, reps: int, copies: int, rounds: int
+) -> dict[str, float]:
+    """Best seconds per product of torch.mm (the BLAS) and native.gemm, in turns: `reps` times over
+    the first `copies` of b's leading dim."""
+    op_a = a.T if ta else a
+    fns = {
+        "blas": lambda i: torch.mm(op_a, b[i].T if tb else b[i], out=c),
+        "moekit": lambda i: native.gemm(a, b[i], c, ta=ta, tb=tb),
+    }
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _rep in range(reps):
+                for i in range(copies):
+                    fn(i)
+            best[name] = min(best[name], (time.perf_counter() - start) / (reps * copies))
+    return best
+
+
+def run_gemm(quick: bool = False) -> dict[str, Any]:
+    """moekit's GEMM against the BLAS's: products on one thread (GFLOP/s), then whole workloads with
+    the kernels' products by one or the other in turns (ms)."""
+    result: dict[str, Any] = {"kernel": native.status(), "products": [], "workloads": []}
+    if native.library() is None or native.blas_sgemm() is None:
+        return result
+    threads = torch.get_num_threads()
+    rounds = 2 if quick else 7
+    torch.set_num_threads(1)
+    try:
+        for ta, tb, m, n, k in QUICK_GEMM_SHAPES if quick else GEMM_SHAPES:
+            # cold: B (the weight) read once per product, from more copies than L3 holds
+            copies = 1 if quick else max(1, (64 << 20) // (4 * n * k))
+            a, b, c = _operands(ta, tb, m, n, k, copies)
+            row: dict[str, Any] = dict(ta=ta, tb=tb, m=m, n=n, k=k)
+            for temp, count in (("warm", 1), ("cold", copies)):
+                reps = max(1, int(4e8 // (2 * m * n * k))) if temp == "warm" else 1
+                best = _best_product_seconds(a, b, c, bool(ta), bool(tb), reps, count, rounds)
+                for name, seconds in best.items():
+                    row[f"{temp}_{name}_gflops"] = 2 * m * n * k / seconds / 1e9
+            result["products"].append(row)
+    finally:
+        torch.set_num_threads(threads)
+    shapes = {s.name: s for s in (QUICK_SHAPES if quick else SHAPES)}
+    t = 16 if quick else 4096
+    workloads: list[tuple[str, Any]] = []
+    for shape in shapes.values():
+        layer = build_moekit(shape).eval()
+        x = torch.randn(t, shape.dim, generator=torch.Generator().manual_seed(t))
+        x_req = x.clone().requires_grad_(True)
+
+        def forward(layer=layer, x=x) -> None:
+            with torch.no_grad():
+                layer(x)
+
+        def forward_backward(layer=layer, x=x_req) -> None:
+            layer(x).output.sum().backward()
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+
+        workloads += [
+            (f"{shape.name} forward, T={t}", forward),
+            (f"{shape.name} forward+backward", forward_backward),
+        ]
+    base = next(iter(shapes.values()))
+    counts = (8, 16) if quick else (8, 128)
+    for experts in counts:
+        layer = build_moekit(type(base)(f"e{experts}", base.dim, base.hidden, experts, base.top_k)).eval()
+        x = torch.randn(t, base.dim, generator=torch.Generator().manual_seed(1))
+
+        def scaled(layer=layer, x=x) -> None:
+            with torch.no_grad():
+                layer(x)
+
+        workloads.append((f"{base.name}-sized experts, {experts} of them, forward", scaled))
+    arch = dict(bench_e2e.ARCH)
+    if quick:
+        arch.update(layers=2, dim=64, heads=4, kv_heads=2, expert_hidden=128)
+    model = bench_e2e.moekit_model(arch)
+    batch, seq = (2, 32) if quick else (8, 256)
+    workloads.append(
+        (
+            f"default model's training step ({batch} x {seq})",
+            bench_e2e.train_step_fn(model, "moekit", batch, seq),
+        )
+    )
+    was = native.BLAS_GEMM
+    try:
+        for name, fn in workloads:
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for i in range(1 + rounds):  # a warm-up round first
+                for blas in (True, False):
+                    native.use_blas_gemm(blas)
+                    start = time.perf_counter()
+                    fn()
+                    if i:
+                        times[blas].append(time.perf_counter() - start)
+            result["workloads"].append(
+                dict(
+                    name=name,
+                    blas_ms=statistics.median(times[True]) * 1e3,
+                    moekit_ms=statistics.median(times[False]) * 1e3,
+                    blas_over_moekit=statistics.median(b / m for b, m in zip(times[True], times[False])),
+                )
+            )
+    finally:
+        native.use_blas_gemm(was)
+    scaling = [w for w in result["workloads"] if "experts," in w["name"]]
+    if len(scaling) == 2:
+        result["scaling"] = {
+            "experts": counts,
+            **{gemm: scaling[1][f"{gemm}_ms"] / scaling[0][f"{gemm}_ms"] for gemm in ("blas", "moekit")},
+        }
+    return result
+
+
+def format_gemm(r: dict[str, Any]) -> str:
+    if not r["products"]:
+        return "GEMM comparison: the kernels or the BLAS's sgemm are not available here."
+    lines = [
+        "Products on one thread, GFLOP/s (best of the rounds; cold: the second operand read once per "
+        "product from more copies than the caches hold), moekit's GEMM and the BLAS's sgemm in turns:",
+        "",
+        "| op(A) [m, k] x op(B) [k, n] | warm: BLAS | warm: moekit | cold: BLAS | cold: moekit | moekit / BLAS (cold) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in r["products"]:
+        name = f"{'A^T' if c['ta'] else 'A'} [{c['m']}, {c['k']}] x {'B^T' if c['tb'] else 'B'} [{c['k']}, {c['n']}]"
+        lines.append(
+            f"| {name} | {c['warm_blas_gflops']:.1f} | {c['warm_moekit_gflops']:.1f} | {c['cold_blas_gflops']:.1f} | "
+            f"{c['cold_moekit_gflops']:.1f} | {c['cold_moekit_gflops'] / c['cold_blas_gflops']:.2f}x |"
+        )
+    lines += [
+        "",
+        "Workloads with the kernels' products by the BLAS or by moekit's GEMM, in turns, ms (medians):",
+        "",
+        "| | BLAS | moekit GEMM | BLAS / moekit (paired) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {w['name']} | {w['blas_ms']:.4g} | {w['moekit_ms']:.4g} | {w['blas_over_moekit']:.2f}x |"
+        for w in r["workloads"]
+    ]
+    if "scaling" in r:
+        sc = r["scaling"]
+        few, many = sc["experts"]
+        lines += [
+            "",
+            f"Forward at {many} / {few} experts: {sc['blas']:.3f} with the BLAS, {sc['moekit']:.3f} with "
+            "moekit's GEMM.",
+        ]
+    return "\n".join(lines)
+
+
 def baseline_sources(ref: str) -> list[Path]:
     """The kernels' sources (and headers) of `ref` -- a folder holding csrc's files, or a git
     revision of this repository -- copied into a new temporary folder -> the sources' paths there."""
@@ -404,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, two rounds (smoke test)")
     parser.add_argument("--tokens", default="1,8,64,128,256,512,4096", help="comma-separated T list")
     parser.add_argument(
-        "--part", choices=["inference", "training", "all"], default="all", help="which comparisons"
+        "--part", choices=["inference", "training", "gemm", "all"], default="all", help="which comparisons"
     )
     parser.add_argument(
         "--baseline",
@@ -422,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("training", "all"):
         print()
         print(format_training(run_training(args.quick, tokens)))
+    if args.part in ("gemm", "all"):
+        print()
+        print(format_gemm(run_gemm(args.quick)))
     return 0
 
 

@@ -292,3 +292,30 @@ def test_bench_native_baseline_builds_the_other_sources_and_restores_the_library
         assert c["baseline_ms"] > 0 and c["current_ms"] > 0 and c["baseline_over_current"] > 0
     with pytest.raises(ValueError, match="no-such-revision"):
         mod.baseline_sources("no-such-revision")
+
+
+def test_bench_native_gemm_part_compares_both_gemms_in_turns(monkeypatch):
+    """`bench_native.py --part gemm` (smoke mode): each product timed by the BLAS and by moekit's GEMM,
+    warm and cold; the workloads run with the two in turns; the switch is restored afterwards."""
+    from moekit.moe import native
+
+    mod = _bench_native_module()
+    if native.blas_sgemm() is None:
+        pytest.skip("no BLAS sgemm in torch to compare with")
+    switched = []
+    real = native.use_blas_gemm
+    monkeypatch.setattr(native, "use_blas_gemm", lambda blas: switched.append(blas) or real(blas))
+    was = native.BLAS_GEMM
+    r = mod.run_gemm(quick=True)
+    assert was == native.BLAS_GEMM and switched[-1] == was  # restored
+    assert [(c["m"], c["n"], c["k"]) for c in r["products"]] == [s[2:] for s in mod.QUICK_GEMM_SHAPES]
+    for c in r["products"]:
+        for key in ("warm_blas", "warm_moekit", "cold_blas", "cold_moekit"):
+            assert c[f"{key}_gflops"] > 0
+    names = [w["name"] for w in r["workloads"]]
+    assert len(names) == 4 + 2 + 1 and "training step" in names[-1]
+    assert switched[: 2 * len(names)] == [True, False] * len(names)  # in turns, one warm-up round first
+    assert all(w["blas_ms"] > 0 and w["moekit_ms"] > 0 for w in r["workloads"])
+    assert set(r["scaling"]) == {"experts", "blas", "moekit"}
+    text = mod.format_gemm(r)
+    assert "| BLAS | moekit GEMM |" in text and "Forward at 16 / 8 experts" in text

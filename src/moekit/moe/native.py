@@ -98,7 +98,7 @@ TRAINING_ACTIVATIONS = {k: v for k, v in ACTIVATIONS.items() if k[0] != "gpt_oss
 ENABLED = os.environ.get("MOEKIT_NATIVE", "1") != "0"
 MANY_ROWS = os.environ.get("MOEKIT_NATIVE_MANY", "1") != "0"
 # "blas": every matrix product of the kernels by the BLAS's sgemm; default: moekit's own GEMM
-# (csrc/gemm.c) from 12 rows and 64 columns on (see `use_blas_gemm`)
+# (csrc/gemm.c) from 12 rows, 64 columns and a depth of 64 on (see `use_blas_gemm`)
 BLAS_GEMM = os.environ.get("MOEKIT_NATIVE_GEMM", "") == "blas"
 
 

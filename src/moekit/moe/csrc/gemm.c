@@ -178,10 +178,10 @@ struct prefetch {
 };
 
 static struct prefetch next_block(int tb, const float *B, int64_t ldb, int64_t pc, int64_t jc, int64_t kc, int64_t n,
-                                  int64_t calls)
+                                  int64_t k, int64_t calls)
 {
     struct prefetch f = {NULL, 0, 0, 0, 0, 0};
-    if (jc >= n) return f;
+    if (pc >= k) return f;
     const int64_t nc = n - jc < NC ? n - jc : NC;
     f.stride = ldb * (int64_t)sizeof(float);
     if (!tb) { /* kc rows of nc floats */
@@ -236,7 +236,16 @@ int moekit_gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, const float *A,
             for (int64_t jc = 0; jc < n; jc += NC) {
                 const int64_t nc = n - jc < NC ? n - jc : NC;
                 pack_b(tb, B, ldb, pc, jc, kc, nc, bp);
-                struct prefetch next = next_block(tb, B, ldb, pc, jc + NC, kc, n, (nc + NR - 1) / NR * ((mc + MR - 1) / MR));
+                /* the block packed next: this slice's next columns, else its first ones (for the next
+                   row block), else the next slice's first */
+                int64_t next_pc = pc, next_jc = jc + NC;
+                if (next_jc >= n) {
+                    next_jc = 0;
+                    if (ic + mc >= m) next_pc = pc + KC;
+                }
+                const int64_t next_kc = k - next_pc < KC ? k - next_pc : KC;
+                const int64_t calls = (nc + NR - 1) / NR * ((mc + MR - 1) / MR);
+                struct prefetch next = next_block(tb, B, ldb, next_pc, next_jc, next_kc, n, k, calls);
                 for (int64_t s = 0; s < nc; s += NR) {
                     const int nr = nc - s < NR ? (int)(nc - s) : NR;
                     for (int64_t t = 0; t < mc; t += MR) {
