@@ -53,14 +53,25 @@ extern int moekit_gemm_blas; /* 1: every product by the BLAS (moekit_set_gemm) *
 
 /* C [m, n] = op(A) [m, k] op(B) [k, n] + beta C, all row-major with leading dimensions lda, ldb,
    ldc; op(A) = A^T when ta (A stored [k, m]), likewise op(B) when tb (B stored [n, k]). By moekit's
-   GEMM (gemm.c) from 12 rows, 64 columns and a depth of 64 on; narrower, shallower or shorter
-   products (attention's head-sized ones, a decode step's) by the BLAS's, whose small-matrix paths
-   are faster there (benchmarks/bench_native.py --part gemm). A row-major
-   matrix is its transpose in column-major terms, so the BLAS computes C^T = op(B)^T op(A)^T. */
+   GEMM (gemm.c) from a few rows on: with AVX-512 from 6 rows, 32 columns and a depth of 16, with
+   AVX2 only from 12 rows, 64 columns and a depth of 64; smaller products (a decode step's) by the
+   BLAS's, whose small-matrix paths are faster there (benchmarks/bench_native.py --part gemm). A
+   row-major matrix is its transpose in column-major terms, so the BLAS computes
+   C^T = op(B)^T op(A)^T. */
+#ifdef __AVX512F__
+#define GEMM_MIN_M 6
+#define GEMM_MIN_N 32
+#define GEMM_MIN_K 16
+#else
+#define GEMM_MIN_M 12
+#define GEMM_MIN_N 64
+#define GEMM_MIN_K 64
+#endif
 static inline void gemm_rm(sgemm_fn sgemm, int ta, int tb, int64_t m, int64_t n, int64_t k, const float *A, int64_t lda,
                     const float *B, int64_t ldb, float beta, float *C, int64_t ldc)
 {
-    if (!moekit_gemm_blas && m >= 12 && n >= 64 && k >= 64 && moekit_gemm(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc) == 0)
+    if (!moekit_gemm_blas && m >= GEMM_MIN_M && n >= GEMM_MIN_N && k >= GEMM_MIN_K &&
+        moekit_gemm(ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc) == 0)
         return;
     const float one = 1.0f;
     sgemm(tb ? "T" : "N", ta ? "T" : "N", &n, &m, &k, &one, B, &ldb, A, &lda, &beta, C, &ldc);

@@ -8,23 +8,77 @@
    micro-kernel keeps an MR x NR tile of C in registers while it walks one A panel and one B panel.
 
      for pc in k by KC                     A block [MC, KC] packed: in L2
-       for ic in m by MC                   B block [KC, NC] packed: in L1/L2, read row by row from B
+       for ic in m by MC                   B block [KC, NC] packed: in L2, read row by row from B
          for jc in n by NC                 (the next block's rows are prefetched meanwhile)
-           for each NR panel, each MR panel: the 6 x 16 micro-kernel (12 of the 16 AVX registers)
+           for each NR panel, each MR panel: the micro-kernel, a 6 x 32 tile in 12 of the 32
+                                           AVX-512 registers (6 x 16 in 12 of 16 with AVX2 only)
 
-   Why not the BLAS's sgemm: on this machine (AMD Zen 3) the MKL that torch links reaches 85-90 of a
-   core's ~125 GFLOP/s with 64 rows per product (an expert's share at 128 experts) and ~105 with
-   1024; this scheme 100 and ~120 (docs/benchmarks.md has the measurements). op(A) = A^T when ta
-   (A stored [k, m]), op(B) = B^T when tb (B stored [n, k]), as in common.h's gemm_rm. */
+   Why not the BLAS's sgemm: the MKL that torch links runs its AVX2 code on AMD CPUs. On this
+   machine (AMD EPYC, family 26: AVX-512 with full-width FMA units, ~285 GFLOP/s per core against
+   ~140 with AVX2) it reaches 100-120 GFLOP/s per core on the kernels' products; this scheme
+   190-250 with AVX-512 (and 115-135 with AVX2 alone: benchmarks/bench_native.py --part gemm,
+   docs/benchmarks.md). op(A) = A^T when ta (A stored [k, m]), op(B) = B^T when tb (B stored
+   [n, k]), as in common.h's gemm_rm. */
 
 #include "common.h"
 
 #define MR 6
-#define NR 16
-#define KC 256
-#define MC 144 /* at most, a multiple of MR: the A block, 144 x 256 floats = 144 KiB */
-#define NC 128 /* a multiple of NR: the B block, 256 x 128 floats = 128 KiB */
+#ifdef __AVX512F__
+#define NR 32  /* two 16-float AVX-512 registers per row of the tile */
+#define KC 128 /* a B panel, 128 x 32 floats = 16 KiB, stays in L1 */
+#else
+#define NR 16  /* two 8-float AVX registers */
+#define KC 256 /* a B panel, 256 x 16 floats = 16 KiB */
+#endif
+#define MC 144 /* at most, a multiple of MR: the A block, 144 x KC floats (in L2) */
+#define NC 128 /* a multiple of NR: the B block, KC x 128 floats (in L2) */
 
+#ifdef __AVX512F__
+/* C tile [mr, nr] = beta C + the 6 x 32 product of a packed A panel (kc x MR) and B panel (kc x NR);
+   only the first mr rows and nr columns are written. 12 of the 32 AVX-512 registers hold the tile. */
+static void micro_kernel(int64_t kc, const float *restrict a, const float *restrict b, float *c, int64_t ldc,
+                         float beta, int mr, int nr)
+{
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int64_t p = 0; p < kc; p++) {
+        const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+        __m512 a0 = _mm512_set1_ps(a[0]), a1 = _mm512_set1_ps(a[1]);
+        c00 = _mm512_fmadd_ps(a0, b0, c00);
+        c01 = _mm512_fmadd_ps(a0, b1, c01);
+        c10 = _mm512_fmadd_ps(a1, b0, c10);
+        c11 = _mm512_fmadd_ps(a1, b1, c11);
+        a0 = _mm512_set1_ps(a[2]);
+        a1 = _mm512_set1_ps(a[3]);
+        c20 = _mm512_fmadd_ps(a0, b0, c20);
+        c21 = _mm512_fmadd_ps(a0, b1, c21);
+        c30 = _mm512_fmadd_ps(a1, b0, c30);
+        c31 = _mm512_fmadd_ps(a1, b1, c31);
+        a0 = _mm512_set1_ps(a[4]);
+        a1 = _mm512_set1_ps(a[5]);
+        c40 = _mm512_fmadd_ps(a0, b0, c40);
+        c41 = _mm512_fmadd_ps(a0, b1, c41);
+        c50 = _mm512_fmadd_ps(a1, b0, c50);
+        c51 = _mm512_fmadd_ps(a1, b1, c51);
+        a += MR;
+        b += NR;
+    }
+    const __m512 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    const __mmask16 lo = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
+    const __mmask16 hi = nr >= 32 ? (__mmask16)0xFFFF : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : 0;
+    const __m512 vb = _mm512_set1_ps(beta);
+    for (int i = 0; i < mr; i++) {
+        float *ci = c + i * ldc;
+        __m512 v0 = acc[i][0], v1 = acc[i][1];
+        if (beta != 0.0f) { /* (beta 0 never reads C: it may hold NaN) */
+            v0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(lo, ci), v0);
+            v1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(hi, ci + 16), v1);
+        }
+        _mm512_mask_storeu_ps(ci, lo, v0);
+        _mm512_mask_storeu_ps(ci + 16, hi, v1);
+    }
+}
+#else
 /* C tile [mr, nr] = beta C + the 6 x 16 product of a packed A panel (kc x MR) and B panel (kc x NR);
    only the first mr rows and nr columns are written. */
 static void micro_kernel(int64_t kc, const float *restrict a, const float *restrict b, float *c, int64_t ldc,
@@ -77,6 +131,7 @@ static void micro_kernel(int64_t kc, const float *restrict a, const float *restr
         for (int j = 0; j < nr; j++) ci[j] = tile[j] + (beta != 0.0f ? beta * ci[j] : 0.0f);
     }
 }
+#endif
 
 /* op(A)[ic : ic + mc, pc : pc + kc] into panels of MR rows: ap[t][p][i] = op(A)[ic + t MR + i, pc + p],
    rows past mc zero. */
@@ -130,8 +185,7 @@ static void pack_b(int tb, const float *B, int64_t ldb, int64_t pc, int64_t jc, 
                 float *dst = bp + (s * kc + p) * NR;
                 const int64_t cols = nc - s * NR;
                 if (cols >= NR) {
-                    _mm256_store_ps(dst, _mm256_loadu_ps(row + s * NR));
-                    _mm256_store_ps(dst + 8, _mm256_loadu_ps(row + s * NR + 8));
+                    for (int q = 0; q < NR; q += 8) _mm256_store_ps(dst + q, _mm256_loadu_ps(row + s * NR + q));
                 } else {
                     for (int j = 0; j < NR; j++) dst[j] = j < cols ? row[s * NR + j] : 0.0f;
                 }
@@ -140,7 +194,7 @@ static void pack_b(int tb, const float *B, int64_t ldb, int64_t pc, int64_t jc, 
         return;
     }
     /* B stored [n, k]: column j of op(B) is row j of B, read along k; 8 x 8 blocks transposed in
-       registers (two per panel and 8 values of k) */
+       registers (NR / 8 per panel and 8 values of k) */
     for (int64_t s = 0; s < panels; s++) {
         float *dst = bp + s * kc * NR;
         const int64_t cols = nc - s * NR < NR ? nc - s * NR : NR;
@@ -149,11 +203,11 @@ static void pack_b(int tb, const float *B, int64_t ldb, int64_t pc, int64_t jc, 
         int64_t p = 0;
         if (cols == NR)
             for (; p + 8 <= kc; p += 8)
-                for (int half = 0; half < 2; half++) {
+                for (int group = 0; group < NR / 8; group++) {
                     __m256 r[8];
-                    for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(src[8 * half + j] + p);
+                    for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(src[8 * group + j] + p);
                     transpose8(r);
-                    for (int q = 0; q < 8; q++) _mm256_store_ps(dst + (p + q) * NR + 8 * half, r[q]);
+                    for (int q = 0; q < 8; q++) _mm256_store_ps(dst + (p + q) * NR + 8 * group, r[q]);
                 }
         for (; p < kc; p++)
             for (int j = 0; j < NR; j++) dst[p * NR + j] = j < cols ? src[j][p] : 0.0f;
