@@ -768,9 +768,13 @@ def test_model_attention_takes_the_kernel_only_where_it_applies(monkeypatch):
     [(1, 1, 1), (5, 17, 3), (6, 16, 8), (13, 47, 70), (150, 130, 300), (64, 2816 // 8, 517), (290, 64, 9)],
 )
 def test_gemm_matches_float64_products(ta, tb, m, n, k):
-    # moekit's blocked GEMM (csrc/gemm.c) on every edge: rows and columns past whole 6 x 16 tiles,
-    # k past a 256 slice and short of an 8-wide transpose block, blocks of rows split evenly, row
-    # strides wider than the rows, and beta = 0 never reading C (NaN there) against beta = 0.5
+    # moekit's blocked GEMM (csrc/gemm.c) on every edge: rows and columns past whole tiles, k past a
+    # slice and short of an 8-wide transpose block, blocks of rows split evenly, row strides wider
+    # than the rows, and beta = 0 never reading C (NaN there) against beta = 0.5
+    _check_gemm(native.gemm, ta, tb, m, n, k)
+
+
+def _check_gemm(gemm, ta, tb, m, n, k):
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
 
     def stored(rows, cols):  # a [rows, cols] view with a row stride of cols + 3
@@ -782,11 +786,46 @@ def test_gemm_matches_float64_products(ta, tb, m, n, k):
     op_b = (b.T if tb else b).double()
     c = stored(m, n)
     expected = op_a @ op_b + 0.5 * c.double()
-    native.gemm(a, b, c, 0.5, ta, tb)
+    gemm(a, b, c, 0.5, ta, tb)
     torch.testing.assert_close(c.double(), expected, rtol=1e-5, atol=1e-4)
     c.fill_(float("nan"))
-    native.gemm(a, b, c, 0.0, ta, tb)
+    gemm(a, b, c, 0.0, ta, tb)
     torch.testing.assert_close(c.double(), op_a @ op_b, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_gemm_built_for_avx2_only_matches_float64_products(tmp_path):
+    # machines without AVX-512 compile the GEMM's AVX2 micro-kernel (6 x 16 tiles, 256-deep slices):
+    # built here with AVX-512 off, the same checks as above on a few of their shapes
+    import ctypes
+
+    lib = ctypes.CDLL(str(native.build([native.CSRC / "gemm.c"], tmp_path, extra_flags=("-mno-avx512f",))))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.moekit_gemm.argtypes = [
+        ctypes.c_int,
+        ctypes.c_int,
+        i64,
+        i64,
+        i64,
+        p,
+        i64,
+        p,
+        i64,
+        ctypes.c_float,
+        p,
+        i64,
+    ]
+    lib.moekit_gemm.restype = ctypes.c_int
+
+    def gemm(a, b, c, beta, ta, tb):
+        m, n = c.shape
+        k = a.shape[0] if ta else a.shape[1]
+        args = (a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), beta, c.data_ptr(), c.stride(0))
+        assert lib.moekit_gemm(int(ta), int(tb), m, n, k, *args) == 0
+
+    for ta, tb in ((False, False), (True, False), (False, True), (True, True)):
+        for m, n, k in ((5, 17, 3), (13, 47, 270), (150, 130, 300)):
+            _check_gemm(gemm, ta, tb, m, n, k)
 
 
 @needs_kernel

@@ -145,16 +145,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moekit"
 
 
-def build(sources: Path | Sequence[Path] = SOURCES, folder: Path | None = None) -> Path:
+def build(
+    sources: Path | Sequence[Path] = SOURCES, folder: Path | None = None, extra_flags: Sequence[str] = ()
+) -> Path:
     """Compile `sources` (one or several C files, headers beside them) into a shared library in the
-    cache (if not there yet) -> its path.
+    cache (if not there yet) -> its path. `extra_flags` go to the compiler after the usual ones (the
+    tests build the AVX2-only GEMM with -mno-avx512f).
 
     Raises RuntimeError with the compiler's message when the build fails."""
     sources = [sources] if isinstance(sources, Path) else list(sources)
     names = ", ".join(source.name for source in sources)
     headers = sorted({h for source in sources for h in source.parent.glob("*.h")})
     compiler = os.environ.get("CC", "cc")
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *extra_flags]
     texts = [f.read_bytes() for f in (*sources, *headers)]
     key = hashlib.sha256(
         b"\0".join([*texts, compiler.encode(), " ".join(flags).encode(), _cpu_flags().encode()])
