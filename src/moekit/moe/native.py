@@ -66,6 +66,19 @@ SOURCES = tuple(
     CSRC / f"{name}.c"
     for name in ("experts", "router", "cross_entropy", "norms", "rope", "attention", "gemm")
 )
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
 # (activation, is_glu) -> the kernel's activation code
 ACTIVATIONS = {
     ("swiglu", True): 0,
@@ -75,12 +88,14 @@ ACTIVATIONS = {
     ("gelu", False): 4,
     ("silu", False): 5,
 }
-# Past a few rows per expert the kernel is bound by arithmetic, not memory (one thread computes at
-# ~75 GFLOP/s at 16 rows), and MKL's GEMMs catch up as groups grow. Layer forward with cold weights,
-# torch path / native in turns (benchmarks/bench_native.py): 16 rows per expert 1.37-1.70x, 24 rows
-# 1.22-1.37x, 32 rows 1.10-1.25x (fine-grained) and 1.17-1.22x (Mixtral-like), 48 rows 0.99-1.01x,
-# 64 rows 0.86-0.93x. Past it the many-row regime (per-thread sgemm) runs.
-MAX_MEAN_ROWS = 32
+# Past a few rows per expert the few-row kernel is bound by arithmetic, not memory (one thread
+# computes at ~75 GFLOP/s at 16 rows), and the many-row regime's GEMMs catch up as groups grow.
+# With the BLAS's sgemm (and with moekit's GEMM on AVX2 alone) the two met at 32 rows per expert
+# (layer forward, cold weights, in turns: 32 rows 1.00x / 0.98x, 48 rows 1.07x / 1.11x few / many,
+# Mixtral-like / fine-grained); with moekit's AVX-512 GEMM (twice as fast) between 12 rows
+# (0.82x / 0.88x) and 16 (1.12x / 1.08x). Up to this mean the few-row kernel runs, past it the
+# many-row regime (benchmarks/bench_native.py; docs/benchmarks.md).
+MAX_MEAN_ROWS = 14 if "avx512f" in _cpu_flags().split() else 32
 # The many-row regime's blocks: rows of one expert per round of sgemm calls, as many as fit a
 # thread's block buffers in about this many bytes (forward: inputs, hidden, activations, outputs;
 # backward: twice as many), between 16 and 1024 rows: the Mixtral-like layer's forward takes 799
@@ -115,17 +130,6 @@ class Experts(NamedTuple):
 
 _lock = threading.RLock()  # re-entrant: finding the sgemm (under the lock) loads the library
 _state: dict[str, object] = {}  # "lib": the loaded library or None once a load was tried
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return ""
 
 
 def _supported_machine() -> bool:
