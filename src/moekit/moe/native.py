@@ -9,18 +9,21 @@ activation and the weighted combine. Two regimes (see its header):
   machine's read bandwidth; register-blocked loops stream each expert's weights front to back;
 - many rows per expert (prefill, batches; and every training call, forward and backward): the work
   is arithmetic; each thread takes an equal share of the sorted rows and runs its experts' products
-  on its own with the BLAS's sgemm (the one torch links, called through a pointer), the gathers,
-  activation and combine fused around them while the blocks are in cache. Taken only where that
-  sgemm is found and passes a check on a small problem (`blas_sgemm`).
+  on its own with moekit's blocked GEMM (`csrc/gemm.c`: AVX-512 where the CPU has it, about twice
+  the MKL inside torch on this AMD machine; the BLAS's sgemm, the one torch links, called through a
+  pointer, for products too small for it), the gathers, activation and combine fused around them
+  while the blocks are in cache. Taken only where that sgemm is found and passes a check on a small
+  problem (`blas_sgemm`).
 
 Entries: `sorted_rows` (rows already sorted by a dispatcher), `routed` (a routing's assignments as
 they come, sorted by expert in C: the MoE layer's inference path, `ExpertBank.forward_routed`),
 `topk_layer` (at decode sizes the top-k softmax router too, `csrc/router.c`: the whole layer in one
-call, kept prepared by `MoE._native_inference`), `sorted_rows` with a hidden to save and `sorted_rows_backward` (under autograd, `fused.FusedExperts`). The same
-per-thread sgemm scheme runs the LM head and its cross-entropy (`csrc/cross_entropy.c`,
-`linear_cross_entropy`) and scaled dot-product attention both ways (`csrc/attention.c`,
-`attention`), and one pass per row runs RMSNorm (`csrc/norms.c`) and rotary (`csrc/rope.c`) both
-ways. `docs/benchmarks.md` has what each changed.
+call, kept prepared by `MoE._native_inference`), `sorted_rows` with a hidden to save and
+`sorted_rows_backward` (under autograd, `fused.FusedExperts`). The same per-thread GEMM scheme runs
+the LM head and its cross-entropy (`csrc/cross_entropy.c`, `linear_cross_entropy`) and scaled
+dot-product attention both ways (`csrc/attention.c`, `attention`), `gemm` / `linear` run the
+model's linear layers on torch's threads, and one pass per row runs RMSNorm (`csrc/norms.c`) and
+rotary (`csrc/rope.c`) both ways. `docs/benchmarks.md` has what each changed.
 
 The sources ship with the package and are compiled together by the system's C compiler (`$CC`, else
 `cc`) with `-O3 -march=native -fopenmp` into a cache folder (`$MOEKIT_CACHE_DIR`, else
@@ -33,8 +36,9 @@ runtime torch has already loaded: torch's own thread pool.
 They apply on CPU to float32 contiguous tensors (the expert kernels: the activations below; in
 training all but GPT-OSS's), on Linux x86-64 with AVX2 and FMA; everything else, a missing compiler
 or a failed build takes the torch path (the same results up to float32 rounding). MOEKIT_NATIVE=0 in
-the environment turns them all off, MOEKIT_NATIVE_MANY=0 the sgemm-based ones (the many-row regime,
-the LM head + loss and attention).
+the environment turns them all off, MOEKIT_NATIVE_MANY=0 the GEMM-based ones (the many-row regime,
+the LM head + loss, attention and the linear layers), MOEKIT_NATIVE_GEMM=blas sends their products to
+the BLAS's sgemm.
 """
 
 from __future__ import annotations
