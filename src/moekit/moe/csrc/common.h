@@ -50,6 +50,11 @@ typedef void (*sgemm_fn)(const char *, const char *, const void *, const void *,
 int moekit_gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, const float *A, int64_t lda, const float *B,
                 int64_t ldb, float beta, float *C, int64_t ldc);
 extern int moekit_gemm_blas; /* 1: every product by the BLAS (moekit_set_gemm) */
+/* The calling thread's next product will read op(B) [k, n] at B (row stride ldb; B stored [n, k]
+   when tb): the current product's last blocks read its first block ahead, as they do their own next
+   ones. For a kernel whose products follow each other (an expert's W_in, its W_out, the next
+   expert's W_in): their weights' first blocks otherwise come from memory while the core waits. */
+void moekit_gemm_next(int tb, int64_t k, int64_t n, const float *B, int64_t ldb);
 
 /* C [m, n] = op(A) [m, k] op(B) [k, n] + beta C, all row-major with leading dimensions lda, ldb,
    ldc; op(A) = A^T when ta (A stored [k, m]), likewise op(B) when tb (B stored [n, k]). By moekit's

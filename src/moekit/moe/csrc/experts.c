@@ -417,9 +417,12 @@ void moekit_many_rows(const float *x, const int64_t *token, const float *weight,
                     memcpy(x_b + i * D, x + token[r0 + i] * D, D * sizeof(float));
                     if (b_in) memcpy(h_b + i * H, b_in + e * H, H * sizeof(float));
                 }
+                moekit_gemm_next(0, F, D, w_out + e * F * D, D); /* read ahead: this expert's W_out */
                 gemm_rows(sgemm, m, H, D, x_b, D, w_in + e * D * H, H, b_in ? 1.0f : 0.0f, h_b, H);
                 for (int64_t i = 0; i < m; i++)
                     activate_row(act, h_b + i * H, glu ? h_b + i * H + F : NULL, a_b + i * lda, F);
+                if (r0 + BM >= t && g + 1 < G && bounds[3 * (g + 1) + 1] < hi) /* then the next expert's W_in */
+                    moekit_gemm_next(0, D, H, w_in + bounds[3 * (g + 1)] * D * H, H);
                 gemm_rows(sgemm, m, D, F, a_b, lda, w_out + e * F * D, D, 0.0f, y_b, D);
                 for (int64_t i = 0; i < m; i++) {
                     float *o = acc + token[r0 + i] * D;

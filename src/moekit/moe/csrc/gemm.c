@@ -264,6 +264,18 @@ static inline void prefetch_some(struct prefetch *f)
         _mm_prefetch(f->base + (f->next / f->lines) * f->stride + (f->next % f->lines) * 64, _MM_HINT_T1);
 }
 
+/* The calling thread's next product's B (moekit_gemm_next in common.h), taken by its current one. */
+static __thread struct {
+    const float *B;
+    int64_t ldb, k, n;
+    int tb;
+} next_product = {NULL, 0, 0, 0, 0};
+
+void moekit_gemm_next(int tb, int64_t k, int64_t n, const float *B, int64_t ldb)
+{
+    next_product.B = B, next_product.ldb = ldb, next_product.k = k, next_product.n = n, next_product.tb = tb;
+}
+
 /* This thread's packing buffers (the kernels' OpenMP threads live as long as the process): allocated
    at the first product, kept. NULL if memory ran out. */
 static float *pack_buffers(void)
@@ -306,6 +318,12 @@ int moekit_gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, const float *A,
                 const int64_t next_kc = k - next_pc < KC ? k - next_pc : KC;
                 const int64_t calls = (nc + NR - 1) / NR * ((mc + MR - 1) / MR);
                 struct prefetch next = next_block(tb, B, ldb, next_pc, next_jc, next_kc, n, k, calls);
+                if (next_pc >= k && next.base == NULL && next_product.B) { /* the product after this one */
+                    const int64_t kc1 = next_product.k < KC ? next_product.k : KC;
+                    next = next_block(next_product.tb, next_product.B, next_product.ldb, 0, 0, kc1, next_product.n,
+                                      next_product.k, calls);
+                    next_product.B = NULL;
+                }
                 for (int64_t s = 0; s < nc; s += NR) {
                     const int nr = nc - s < NR ? (int)(nc - s) : NR;
                     for (int64_t t = 0; t < mc; t += MR) {
