@@ -75,3 +75,39 @@ def test_expert_choice_each_expert_takes_its_top_tokens():
         want = sorted(range(T), key=lambda t: -float(probs[t, e]))[:C]
         assert tokens == want
         torch.testing.assert_close(routing.weight_A[routing.expert_idx_A == e], probs[want, e])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gate_over_many_experts_matches_float64_both_ways(bias, monkeypatch):
+    """Many tokens over 64+ experts: the router's gate takes moekit's GEMM (native.linear, where the
+    kernels are built) with its own backward. Logits and the gradients of the input, the gate weight
+    and its bias equal float64 autograd of x W^T + b; the routing equals the float64 one's."""
+    from moekit.moe import MoEConfig, native
+    from moekit.moe.router import build_router
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    torch.manual_seed(0)
+    router = build_router(MoEConfig(dim=64, hidden_dim=32, num_experts=96, top_k=4, router_bias=bias))
+    if bias:
+        torch.nn.init.normal_(router.gate.bias)
+    x = torch.randn(50, 64, requires_grad=True)
+    calls = []
+    gemm = native.gemm
+    monkeypatch.setattr(native, "gemm", lambda *a, **k: calls.append(1) or gemm(*a, **k))
+    routing = router(x)
+    grad = torch.randn(50, 96)
+    routing.logits_TE.backward(grad)
+    if native.library() is not None:
+        assert len(calls) == 3  # the forward product and the backward's two
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = router.gate.weight.detach().double().requires_grad_(True)
+    b64 = router.gate.bias.detach().double().requires_grad_(True) if bias else None
+    logits64 = torch.nn.functional.linear(x64, w64, b64)
+    logits64.backward(grad.double())
+    torch.testing.assert_close(routing.logits_TE.detach().double(), logits64.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(router.gate.weight.grad.double(), w64.grad, rtol=1e-5, atol=1e-4)
+    if bias:
+        torch.testing.assert_close(router.gate.bias.grad.double(), b64.grad, rtol=1e-5, atol=1e-4)
+    top64 = logits64.detach().softmax(-1).topk(4, dim=-1).indices.reshape(-1)
+    assert torch.equal(routing.expert_idx_A, top64)

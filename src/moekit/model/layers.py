@@ -46,7 +46,7 @@ def linear(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
     large `nn.Linear` on CPU without autograd.
 
     Many rows (a training step's, a prompt's: `native.applies_linear`) go to moekit's own GEMM
-    (moe/csrc/gemm.c) split over torch's threads, with its own backward (`_LinearFunction`): MKL ran
+    (moe/csrc/gemm.c) split over torch's threads, with its own backward (`native.linear`): MKL ran
     the default model's attention projections ([2048, 256] x [256, 256] and their gradients) at about
     half a core's rate per thread.
 
@@ -64,11 +64,7 @@ def linear(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weight, bias = lin.weight, lin.bias
     x_ND = x.reshape(-1, x.shape[-1]) if x.is_contiguous() else None
     if x_ND is not None and native.applies_linear(x_ND, weight, bias):  # rows: moekit's GEMM
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            out_NO = _LinearFunction.apply(x_ND, weight, bias)
-        else:
-            out_NO = native.linear(x_ND, weight, bias)
-        return out_NO.view(*x.shape[:-1], weight.shape[0])
+        return native.linear(x_ND, weight, bias).view(*x.shape[:-1], weight.shape[0])
     if torch.is_grad_enabled():
         return lin(x)
     out_features, in_features = weight.shape
@@ -80,33 +76,6 @@ def linear(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if bias is not None:
         y_O = y_O + bias
     return y_O.view(*x.shape[:-1], out_features)
-
-
-class _LinearFunction(torch.autograd.Function):
-    """x [N, D] @ weight [O, D]^T (+ bias [O]) by moekit's GEMM both ways (native.gemm on torch's
-    threads): dL/dx = g weight, dL/dweight = g^T x, dL/dbias = the column sums of g."""
-
-    @staticmethod
-    def forward(ctx, x_ND, weight_OD, bias_O):  # type: ignore[override]
-        ctx.save_for_backward(x_ND, weight_OD)
-        ctx.has_bias = bias_O is not None
-        return native.linear(x_ND, weight_OD, bias_O)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_NO):  # type: ignore[override]
-        x_ND, weight_OD = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        grad_NO = grad_NO.contiguous()
-        threads = torch.get_num_threads()
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            grad_x = native.gemm(grad_NO, weight_OD, torch.empty_like(x_ND), threads=threads)
-        if need_w:
-            grad_w = native.gemm(grad_NO, x_ND, torch.empty_like(weight_OD), ta=True, threads=threads)
-        if need_b and ctx.has_bias:
-            grad_b = grad_NO.sum(0)
-        return grad_x, grad_w, grad_b
 
 
 class RMSNorm(nn.Module):

@@ -58,6 +58,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from moekit.moe.grouped import GroupPlan
 from moekit.moe.memory import scratch
@@ -322,11 +323,45 @@ def applies_linear(x_ND: Tensor, weight_OD: Tensor, bias_O: Tensor | None) -> bo
 
 
 def linear(x_ND: Tensor, weight_OD: Tensor, bias_O: Tensor | None) -> Tensor:
-    """x @ weight^T (+ bias) by moekit's GEMM on torch's threads -> [N, O], no autograd (the model's
-    `_LinearFunction` is the autograd one). Where `applies_linear`."""
+    """x @ weight^T (+ bias) by moekit's GEMM on torch's threads -> [N, O], with its own backward
+    where autograd records (`_Linear`). Where `applies_linear`: the model's linear layers
+    (model.layers.linear) and a router's gate over many experts."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_ND, weight_OD, bias_O)):
+        return _Linear.apply(x_ND, weight_OD, bias_O)
+    return _linear_forward(x_ND, weight_OD, bias_O)
+
+
+def _linear_forward(x_ND: Tensor, weight_OD: Tensor, bias_O: Tensor | None) -> Tensor:
     out_NO = torch.empty(x_ND.shape[0], weight_OD.shape[0])
     gemm(x_ND, weight_OD, out_NO, tb=True, threads=torch.get_num_threads())
     return out_NO if bias_O is None else out_NO.add_(bias_O)
+
+
+class _Linear(torch.autograd.Function):
+    """x [N, D] @ weight [O, D]^T (+ bias [O]) by moekit's GEMM both ways (on torch's threads):
+    dL/dx = g weight, dL/dweight = g^T x, dL/dbias = the column sums of g."""
+
+    @staticmethod
+    def forward(ctx, x_ND, weight_OD, bias_O):  # type: ignore[override]
+        ctx.save_for_backward(x_ND, weight_OD)
+        ctx.has_bias = bias_O is not None
+        return _linear_forward(x_ND, weight_OD, bias_O)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_NO):  # type: ignore[override]
+        x_ND, weight_OD = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_NO = grad_NO.contiguous()
+        threads = torch.get_num_threads()
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = gemm(grad_NO, weight_OD, torch.empty_like(x_ND), threads=threads)
+        if need_w:
+            grad_w = gemm(grad_NO, x_ND, torch.empty_like(weight_OD), ta=True, threads=threads)
+        if need_b and ctx.has_bias:
+            grad_b = grad_NO.sum(0)
+        return grad_x, grad_w, grad_b
 
 
 def library() -> ctypes.CDLL | None:

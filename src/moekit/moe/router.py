@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.moe import native
 from moekit.moe.config import MoEConfig
 
 
@@ -101,6 +102,8 @@ class Router(nn.Module):
         if torch.is_autocast_enabled(x_TD.device.type):
             with torch.autocast(device_type=x_TD.device.type, enabled=False):
                 logits_TE = F.linear(x_TD, weight, bias)  # [T, E] float32 (float64 for float64 input)
+        elif not low_precision and native.applies_linear(x_TD, weight, bias):
+            logits_TE = native.linear(x_TD, weight, bias)  # many tokens over 64+ experts: moekit's GEMM
         else:
             logits_TE = F.linear(x_TD, weight, bias)
         if low_precision:
