@@ -33,111 +33,98 @@
 #define MC 144 /* at most, a multiple of MR: the A block, 144 x KC floats (in L2) */
 #define NC 128 /* a multiple of NR: the B block, KC x 128 floats (in L2) */
 
+/* The micro-kernel's vector type and operations: 16 floats with AVX-512, 8 with AVX2. */
 #ifdef __AVX512F__
-/* C tile [mr, nr] = beta C + the 6 x 32 product of a packed A panel (kc x MR) and B panel (kc x NR);
-   only the first mr rows and nr columns are written. 12 of the 32 AVX-512 registers hold the tile. */
-static void micro_kernel(int64_t kc, const float *restrict a, const float *restrict b, float *c, int64_t ldc,
-                         float beta, int mr, int nr)
+typedef __m512 vec;
+#define VW 16
+#define vzero _mm512_setzero_ps
+#define vload _mm512_load_ps
+#define vfma _mm512_fmadd_ps
+#define vset1(p) _mm512_set1_ps(*(p))
+#else
+typedef __m256 vec;
+#define VW 8
+#define vzero _mm256_setzero_ps
+#define vload _mm256_load_ps
+#define vfma _mm256_fmadd_ps
+#define vset1(p) _mm256_broadcast_ss(p)
+#endif
+
+/* Rows i and j of the tile, one k: two broadcast values of A times the panel's row of B (b0 | b1)
+   into the four accumulators c<row><half>. */
+#define TWO_ROWS(i, j)                                                                                        \
+    do {                                                                                                      \
+        const vec ai = vset1(a + i), aj = vset1(a + j);                                                       \
+        c##i##0 = vfma(ai, b0, c##i##0), c##i##1 = vfma(ai, b1, c##i##1);                                     \
+        c##j##0 = vfma(aj, b0, c##j##0), c##j##1 = vfma(aj, b1, c##j##1);                                     \
+    } while (0)
+
+/* C rows [mr, nr] = beta C + acc (the tile's first mr rows, first nr columns); beta 0 never reads C
+   (it may hold NaN). */
+static inline void store_tile(const vec acc[MR][2], float *c, int64_t ldc, float beta, int mr, int nr)
 {
-    /* the C tile's lines, read at the end: a large C (799 x 2816, an expert's block) is in L3 or
-       memory, and a 128-deep tile is too short to wait for it */
-    for (int i = 0; i < mr; i++) {
-        _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
-        _mm_prefetch((const char *)(c + i * ldc + 16), _MM_HINT_T0);
-    }
-    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-    __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    for (int64_t p = 0; p < kc; p++) {
-        const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
-        __m512 a0 = _mm512_set1_ps(a[0]), a1 = _mm512_set1_ps(a[1]);
-        c00 = _mm512_fmadd_ps(a0, b0, c00);
-        c01 = _mm512_fmadd_ps(a0, b1, c01);
-        c10 = _mm512_fmadd_ps(a1, b0, c10);
-        c11 = _mm512_fmadd_ps(a1, b1, c11);
-        a0 = _mm512_set1_ps(a[2]);
-        a1 = _mm512_set1_ps(a[3]);
-        c20 = _mm512_fmadd_ps(a0, b0, c20);
-        c21 = _mm512_fmadd_ps(a0, b1, c21);
-        c30 = _mm512_fmadd_ps(a1, b0, c30);
-        c31 = _mm512_fmadd_ps(a1, b1, c31);
-        a0 = _mm512_set1_ps(a[4]);
-        a1 = _mm512_set1_ps(a[5]);
-        c40 = _mm512_fmadd_ps(a0, b0, c40);
-        c41 = _mm512_fmadd_ps(a0, b1, c41);
-        c50 = _mm512_fmadd_ps(a1, b0, c50);
-        c51 = _mm512_fmadd_ps(a1, b1, c51);
-        a += MR;
-        b += NR;
-    }
-    const __m512 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+#ifdef __AVX512F__
     const __mmask16 lo = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
     const __mmask16 hi = nr >= 32 ? (__mmask16)0xFFFF : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : 0;
     const __m512 vb = _mm512_set1_ps(beta);
     for (int i = 0; i < mr; i++) {
         float *ci = c + i * ldc;
         __m512 v0 = acc[i][0], v1 = acc[i][1];
-        if (beta != 0.0f) { /* (beta 0 never reads C: it may hold NaN) */
+        if (beta != 0.0f) {
             v0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(lo, ci), v0);
             v1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(hi, ci + 16), v1);
         }
         _mm512_mask_storeu_ps(ci, lo, v0);
         _mm512_mask_storeu_ps(ci + 16, hi, v1);
     }
-}
 #else
-/* C tile [mr, nr] = beta C + the 6 x 16 product of a packed A panel (kc x MR) and B panel (kc x NR);
-   only the first mr rows and nr columns are written. */
-static void micro_kernel(int64_t kc, const float *restrict a, const float *restrict b, float *c, int64_t ldc,
-                         float beta, int mr, int nr)
-{
-    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    for (int64_t p = 0; p < kc; p++) {
-        const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-        __m256 a0 = _mm256_broadcast_ss(a), a1 = _mm256_broadcast_ss(a + 1);
-        c00 = _mm256_fmadd_ps(a0, b0, c00);
-        c01 = _mm256_fmadd_ps(a0, b1, c01);
-        c10 = _mm256_fmadd_ps(a1, b0, c10);
-        c11 = _mm256_fmadd_ps(a1, b1, c11);
-        a0 = _mm256_broadcast_ss(a + 2);
-        a1 = _mm256_broadcast_ss(a + 3);
-        c20 = _mm256_fmadd_ps(a0, b0, c20);
-        c21 = _mm256_fmadd_ps(a0, b1, c21);
-        c30 = _mm256_fmadd_ps(a1, b0, c30);
-        c31 = _mm256_fmadd_ps(a1, b1, c31);
-        a0 = _mm256_broadcast_ss(a + 4);
-        a1 = _mm256_broadcast_ss(a + 5);
-        c40 = _mm256_fmadd_ps(a0, b0, c40);
-        c41 = _mm256_fmadd_ps(a0, b1, c41);
-        c50 = _mm256_fmadd_ps(a1, b0, c50);
-        c51 = _mm256_fmadd_ps(a1, b1, c51);
-        a += MR;
-        b += NR;
-    }
-    const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    if (nr == NR) {
-        const __m256 vb = _mm256_set1_ps(beta);
-        for (int i = 0; i < mr; i++) {
-            float *ci = c + i * ldc;
-            __m256 lo = acc[i][0], hi = acc[i][1];
-            if (beta != 0.0f) { /* (beta 0 never reads C: it may hold NaN) */
-                lo = _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci), lo);
-                hi = _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci + 8), hi);
-            }
-            _mm256_storeu_ps(ci, lo);
-            _mm256_storeu_ps(ci + 8, hi);
-        }
-        return;
-    }
     float tile[NR] __attribute__((aligned(32)));
     for (int i = 0; i < mr; i++) {
         float *ci = c + i * ldc;
+        if (nr == NR) {
+            __m256 lo = acc[i][0], hi = acc[i][1];
+            if (beta != 0.0f) {
+                lo = _mm256_fmadd_ps(_mm256_set1_ps(beta), _mm256_loadu_ps(ci), lo);
+                hi = _mm256_fmadd_ps(_mm256_set1_ps(beta), _mm256_loadu_ps(ci + 8), hi);
+            }
+            _mm256_storeu_ps(ci, lo);
+            _mm256_storeu_ps(ci + 8, hi);
+            continue;
+        }
         _mm256_store_ps(tile, acc[i][0]);
         _mm256_store_ps(tile + 8, acc[i][1]);
         for (int j = 0; j < nr; j++) ci[j] = tile[j] + (beta != 0.0f ? beta * ci[j] : 0.0f);
     }
-}
 #endif
+}
+
+/* C tile [mr, nr] = beta C + the 6 x NR product of a packed A panel (kc x MR) and B panel (kc x NR);
+   only the first mr rows and nr columns are written. 12 vector registers hold the tile (of 32 with
+   AVX-512, 16 with AVX2), two a row of B, two broadcast values of A. */
+static void micro_kernel(int64_t kc, const float *restrict a, const float *restrict b, float *c, int64_t ldc,
+                         float beta, int mr, int nr)
+{
+#ifdef __AVX512F__
+    /* the C tile's lines, read at the end: a large C (799 x 2816, an expert's block) is in L3 or
+       memory, and a 128-deep tile is too short to wait for it */
+    for (int i = 0; i < mr; i++) {
+        _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
+        _mm_prefetch((const char *)(c + i * ldc + 16), _MM_HINT_T0);
+    }
+#endif
+    vec c00 = vzero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    vec c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int64_t p = 0; p < kc; p++) {
+        const vec b0 = vload(b), b1 = vload(b + VW);
+        TWO_ROWS(0, 1);
+        TWO_ROWS(2, 3);
+        TWO_ROWS(4, 5);
+        a += MR;
+        b += NR;
+    }
+    const vec acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    store_tile(acc, c, ldc, beta, mr, nr);
+}
 
 /* op(A)[ic : ic + mc, pc : pc + kc] into panels of MR rows: ap[t][p][i] = op(A)[ic + t MR + i, pc + p],
    rows past mc zero. */
