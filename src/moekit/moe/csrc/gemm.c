@@ -178,7 +178,13 @@ static void pack_b(int tb, const float *B, int64_t ldb, int64_t pc, int64_t jc, 
                 float *dst = bp + (s * kc + p) * NR;
                 const int64_t cols = nc - s * NR;
                 if (cols >= NR) {
-                    for (int q = 0; q < NR; q += 8) _mm256_store_ps(dst + q, _mm256_loadu_ps(row + s * NR + q));
+#ifdef __AVX512F__
+                    _mm512_store_ps(dst, _mm512_loadu_ps(row + s * NR));
+                    _mm512_store_ps(dst + 16, _mm512_loadu_ps(row + s * NR + 16));
+#else
+                    _mm256_store_ps(dst, _mm256_loadu_ps(row + s * NR));
+                    _mm256_store_ps(dst + 8, _mm256_loadu_ps(row + s * NR + 8));
+#endif
                 } else {
                     for (int j = 0; j < NR; j++) dst[j] = j < cols ? row[s * NR + j] : 0.0f;
                 }
