@@ -256,13 +256,14 @@ def _load(path: Path | None = None) -> ctypes.CDLL:
     ):
         getattr(lib, name).argtypes = [i64, i64, i64, i32, i32] + ([] if "few" in name else [i64])
         getattr(lib, name).restype = i64
-    lib.moekit_set_gemm.argtypes = [i32]
-    lib.moekit_set_gemm.restype = None
-    lib.moekit_gemm.argtypes = [i32, i32, i64, i64, i64, p, i64, p, i64, ctypes.c_float, p, i64]
-    lib.moekit_gemm.restype = i32
-    lib.moekit_matmul.argtypes = [*lib.moekit_gemm.argtypes, i32]
-    lib.moekit_matmul.restype = i32
-    lib.moekit_set_gemm(int(BLAS_GEMM))
+    if hasattr(lib, "moekit_set_gemm"):  # (a build of older sources, bench_native --baseline, has none)
+        lib.moekit_set_gemm.argtypes = [i32]
+        lib.moekit_set_gemm.restype = None
+        lib.moekit_gemm.argtypes = [i32, i32, i64, i64, i64, p, i64, p, i64, ctypes.c_float, p, i64]
+        lib.moekit_gemm.restype = i32
+        lib.moekit_matmul.argtypes = [*lib.moekit_gemm.argtypes, i32]
+        lib.moekit_matmul.restype = i32
+        lib.moekit_set_gemm(int(BLAS_GEMM))
     return lib
 
 
@@ -318,7 +319,7 @@ def applies_linear(x_ND: Tensor, weight_OD: Tensor, bias_O: Tensor | None) -> bo
         and x_ND.shape[0] >= 12 * torch.get_num_threads()
         and min(weight_OD.shape) >= 64
         and applies_rows(x_ND, weight_OD, bias_O)
-        and library() is not None
+        and hasattr(library(), "moekit_matmul")  # (not in a build of older sources: bench_native --baseline)
     )
 
 
