@@ -62,9 +62,10 @@ def linear(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(lin) is not nn.Linear or x.device.type != "cpu":
         return lin(x)
     weight, bias = lin.weight, lin.bias
-    x_ND = x.reshape(-1, x.shape[-1]) if x.is_contiguous() else None
-    if x_ND is not None and native.applies_linear(x_ND, weight, bias):  # rows: moekit's GEMM
-        return native.linear(x_ND, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    if x.numel() != x.shape[-1] and x.is_contiguous():  # (a decode step's one row skips this)
+        x_ND = x.reshape(-1, x.shape[-1])
+        if native.applies_linear(x_ND, weight, bias):  # many rows: moekit's GEMM
+            return native.linear(x_ND, weight, bias).view(*x.shape[:-1], weight.shape[0])
     if torch.is_grad_enabled():
         return lin(x)
     out_features, in_features = weight.shape

@@ -118,7 +118,7 @@ TRAINING_ACTIVATIONS = {k: v for k, v in ACTIVATIONS.items() if k[0] != "gpt_oss
 ENABLED = os.environ.get("MOEKIT_NATIVE", "1") != "0"
 MANY_ROWS = os.environ.get("MOEKIT_NATIVE_MANY", "1") != "0"
 # "blas": every matrix product of the kernels by the BLAS's sgemm; default: moekit's own GEMM
-# (csrc/gemm.c) from 12 rows, 64 columns and a depth of 64 on (see `use_blas_gemm`)
+# (csrc/gemm.c) for all but the smallest products (common.h's gemm_rm; see `use_blas_gemm`)
 BLAS_GEMM = os.environ.get("MOEKIT_NATIVE_GEMM", "") == "blas"
 
 
@@ -333,7 +333,7 @@ def linear(x_ND: Tensor, weight_OD: Tensor, bias_O: Tensor | None) -> Tensor:
 
 
 def _linear_forward(x_ND: Tensor, weight_OD: Tensor, bias_O: Tensor | None) -> Tensor:
-    out_NO = torch.empty(x_ND.shape[0], weight_OD.shape[0])
+    out_NO = x_ND.new_empty(x_ND.shape[0], weight_OD.shape[0])
     gemm(x_ND, weight_OD, out_NO, tb=True, threads=torch.get_num_threads())
     return out_NO if bias_O is None else out_NO.add_(bias_O)
 
