@@ -342,6 +342,73 @@ def test_layer_prepared_call_follows_the_layer_settings(monkeypatch):
 
 
 @needs_kernel
+def test_layer_call_keeps_each_outputs_routing_and_runs_hooks_and_checks(monkeypatch):
+    # A decode-size call leaves its routing in the prepared call's buffers until it is read
+    # (native.KernelRouting): an output still held when the next call overwrites them must keep its
+    # own routing, statistics and losses; one dropped costs no copy. The layer's call skips
+    # nn.Module's dispatch only where that would do nothing: hooks still run, bad input still gets the
+    # layer's error, and a bias replaced under the prepared call is read afresh.
+    from tests.moe_reference import reference_moe
+
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=5, top_k=2, router_bias=True)).eval()
+    with torch.no_grad():
+        layer.router.gate.bias.normal_()
+    calls = _count_calls(monkeypatch)
+    copies = []
+    real_tensors = native.KernelRouting.tensors
+    monkeypatch.setattr(native.KernelRouting, "tensors", lambda self: copies.append(1) or real_tensors(self))
+    xs = [torch.randn(2, 32) for _ in range(3)]
+
+    def check(out, x):
+        ref, info = reference_moe(layer, x)
+        torch.testing.assert_close(out.output, ref, rtol=1e-5, atol=1e-5)
+        logits = x.double() @ layer.router.gate.weight.double().T + layer.router.gate.bias.double()
+        torch.testing.assert_close(out.router_logits.double(), logits, rtol=1e-5, atol=1e-5)
+        counts = torch.zeros(5, dtype=torch.long)
+        for _, e, _, _ in info["assignments"]:
+            counts[e] += 1
+        assert torch.equal(out.stats.routed_per_expert, counts)
+        for name in ("load_balance", "z"):  # (the top-k router's losses)
+            expected = torch.tensor(float(info["losses"][name]), dtype=torch.float64)
+            torch.testing.assert_close(out.losses[name].double(), expected, rtol=1e-4, atol=1e-6)
+
+    with torch.no_grad():
+        for x in xs:
+            layer(x)  # dropped: nothing copied
+        assert len(calls) == 3 and copies == []
+        held = [layer(x) for x in xs]  # each held while the next call writes the buffers
+    assert len(calls) == 6 and len(copies) == 2
+    for out, x in zip(held, xs):
+        check(out, x)
+
+    seen = []
+    handles = [
+        layer.register_forward_pre_hook(lambda module, args: (args[0] * 2,)),
+        layer.register_forward_hook(lambda module, args, out: seen.append(out)),
+    ]
+    with torch.no_grad():
+        hooked = layer(xs[0])
+    for handle in handles:
+        handle.remove()
+    assert len(seen) == 1 and seen[0] is hooked
+    check(hooked, xs[0] * 2)  # the pre-hook's input
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(out) if module is layer else None
+    )
+    with torch.no_grad():
+        globally_hooked = layer(xs[1])
+    handle.remove()
+    assert len(seen) == 2 and seen[1] is globally_hooked
+
+    with torch.no_grad(), pytest.raises(ValueError, match=r"expected \[..., dim=32\]"):
+        layer(torch.randn(2, 31))
+    layer.router.gate.bias.data = torch.randn(5)  # new memory under the same parameter
+    with torch.no_grad():
+        check(layer(xs[2]), xs[2])
+
+
+@needs_kernel
 def test_layer_routes_in_the_kernel_unless_the_router_is_hooked_or_the_logits_are_not_finite(monkeypatch):
     # the router in C stands in for TopKRouter's forward: analysis and calibration hook that forward,
     # so a hooked router runs itself; a NaN in the input reaches the router's own error

@@ -87,15 +87,6 @@ class ExpertBank(nn.Module):
             raise RuntimeError("ExpertBank.forward_tokens does not apply expert dropout: use forward")
         return self._fused(x_TD, token_N, weight_N, self._plan(counts, token_N.shape[0]))
 
-    def native_tensors(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """(w_in, w_out, b_in, b_out), read from the module's dicts (what MoE._native_key compares
-        on every decode-size call: nn.Module.__getattr__ costs microseconds on cold caches). A bias
-        that is None lives in the instance dict, a parameter in `_parameters`."""
-        params, attrs = self._parameters, self.__dict__
-        b_in = attrs["b_in_EF"] if "b_in_EF" in attrs else params["b_in_EF"]
-        b_out = attrs["b_out_ED"] if "b_out_ED" in attrs else params["b_out_ED"]
-        return params["w_in_EDF"], params["w_out_EFD"], b_in, b_out
-
     def _native_bank(self) -> native.Experts:
         return native.Experts(
             self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED, self.activation, self.is_glu

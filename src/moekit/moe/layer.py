@@ -119,19 +119,31 @@ class MoEOutput:
     when first read: a decode step that never reads them skips their ops; the values are the same.
     """
 
-    __slots__ = ("output", "stats", "router_logits", "_compute_losses", "_losses")
+    __slots__ = ("output", "_stats", "_router_logits", "_compute_losses", "_losses")
 
     def __init__(
         self,
         output: Tensor,
-        stats: MoEStats,
-        router_logits: Tensor | None,
+        stats: MoEStats | Callable[[], MoEStats],  # (stats and logits: or a function giving them
+        router_logits: Tensor | Callable[[], Tensor] | None,  # when first read)
         compute_losses: Callable[[], tuple[dict[str, Tensor], Tensor, Tensor]],
     ):
-        self.output, self.stats, self.router_logits = output, stats, router_logits
+        self.output, self._stats, self._router_logits = output, stats, router_logits
         self._compute_losses, self._losses = compute_losses, None
         if torch.is_grad_enabled():
             self._read()
+
+    @property
+    def stats(self) -> MoEStats:
+        if callable(self._stats):
+            self._stats = self._stats()
+        return self._stats
+
+    @property
+    def router_logits(self) -> Tensor | None:
+        if callable(self._router_logits):
+            self._router_logits = self._router_logits()
+        return self._router_logits
 
     def _read(self) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         if self._losses is None:
@@ -195,6 +207,19 @@ class MoE(nn.Module):
         self.loss_reduction: Callable[..., dict[str, Tensor]] | None = None
 
     # ------------------------------------------------------------------ forward
+    def __call__(self, *args: Any, **kwargs: Any) -> MoEOutput:
+        """nn.Module's call (hooks, a compiled forward), except for a decode-size inference call on
+        [T, D] that nothing hooks: that one goes straight to the native call (`_native_inference`).
+        On caches flushed by the other layers of a decode step, nn.Module's call and forward's checks
+        around the native call cost as much as reading a small expert's weights."""
+        if len(args) == 1 and not kwargs and not _has_hooks(self, call=True):
+            x = args[0]
+            native_out = self._native_inference(x) if isinstance(x, Tensor) and x.ndim == 2 else None
+            if native_out is not None:
+                routing, out_TD = native_out
+                return self._output(x, x, out_TD, routing, None, None, None, None)
+        return super().__call__(*args, **kwargs)
+
     def forward(self, x: Tensor, mask: Tensor | None = None, task_ids: Tensor | None = None) -> MoEOutput:
         """x [..., D]; mask [...] (True = real token); task_ids: the task of every sequence, a leading
         part of x's shape (e.g. [B] for x [B, S, D]), read only by task routers (router='task')."""
@@ -205,8 +230,7 @@ class MoE(nn.Module):
         native_out = self._native_inference(x_TD) if mask_T is None else None
         if native_out is not None:
             routing, out_TD = native_out
-            counts_E = _counts_when_read(routing.expert_idx_A, cfg.num_experts)
-            return self._output(x, x_TD, out_TD, routing, counts_E, counts_E, None, None)
+            return self._output(x, x_TD, out_TD, routing, None, None, None, None)
         if getattr(self.router, "uses_task_ids", False):
             routing = self.router(x_TD, mask_T, _task_of_tokens(task_ids, x))
         else:
@@ -245,7 +269,7 @@ class MoE(nn.Module):
             # the native kernel's batch sizes; see ExpertBank.forward_routed)
             out_TD = self.experts.forward_routed(x_TD, routing.expert_idx_A, routing.weight_A, routing.top_k)
         if out_TD is not None:
-            routed_E = kept_E = _counts_when_read(routing.expert_idx_A, cfg.num_experts)  # [E]
+            routed_E = kept_E = None  # (counted when read)
         elif self._fused_local():
             # 2.-4. on one process, gather, experts and combine run fused block by block (with their
             # own backward): no [N, D] copy of the routed rows, outputs or gradients is ever made
@@ -277,26 +301,27 @@ class MoE(nn.Module):
         x: Tensor,
         x_TD: Tensor,
         out_TD: Tensor,
-        routing: Routing,
-        routed_E: Tensor | Callable[[], Tensor],
-        kept_E: Tensor | Callable[[], Tensor],
+        routing: Routing | Callable[[], Routing],
+        routed_E: Tensor | None,
+        kept_E: Tensor | None,
         real_A: Tensor | None,
         mask_T: Tensor | None,
         inner_aux: Tensor | None = None,
         inner_z: Tensor | None = None,
     ) -> MoEOutput:
         """Step 5 (the shared experts) and the output: the routing's statistics, and its losses
-        (computed when read without autograd)."""
+        (computed when read without autograd). Without counts (routed_E, kept_E None: inference
+        straight from the routing, every assignment computed) the statistics are computed when read,
+        and a native call's routing (then a function giving it: native.KernelRouting) is read only
+        then too."""
         cfg = self.config
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 
-        stats = self._stats(routing, routed_E, kept_E, mask_T)
-
         def compute_losses() -> tuple[dict[str, Tensor], Tensor, Tensor]:
-            losses = self._losses(x, routing, real_A, mask_T)
+            losses = self._losses(x, _read(routing), real_A, mask_T)
             if self.loss_reduction is not None:
-                losses = self.loss_reduction(self, losses, x, routing, real_A, mask_T)
+                losses = self.loss_reduction(self, losses, x, _read(routing), real_A, mask_T)
             aux_loss = _weighted_sum(
                 (cfg.load_balance_coef, losses["load_balance"]),
                 (cfg.importance_coef, losses["importance"]),
@@ -309,7 +334,13 @@ class MoE(nn.Module):
             return losses, aux_loss, z_loss
 
         out = out_TD if x.ndim == 2 else out_TD.view(x.shape)
-        return MoEOutput(out, stats, routing.logits_TE, compute_losses)
+        if routed_E is None or kept_E is None:
+            stats = lambda: self._stats(_read(routing), None, None, None)  # noqa: E731
+            logits_TE = (lambda: routing().logits_TE) if callable(routing) else routing.logits_TE
+            return MoEOutput(out, stats, logits_TE, compute_losses)
+        return MoEOutput(
+            out, self._stats(routing, routed_E, kept_E, mask_T), routing.logits_TE, compute_losses
+        )
 
     def forward_one_token(self, x_1D: Tensor) -> Tensor | None:
         """Steps 1-5 for one token without autograd (a decode step) -> [1, D], or None where the
@@ -328,12 +359,13 @@ class MoE(nn.Module):
         out_1D = self.experts.forward_routed(x_1D, routing.expert_idx_A, routing.weight_A, routing.top_k)
         return out_1D if self.shared is None else out_1D + self.shared(x_1D)
 
-    def _native_inference(self, x_TD: Tensor) -> tuple[Routing, Tensor] | None:
+    def _native_inference(self, x_TD: Tensor) -> tuple[Callable[[], Routing], Tensor] | None:
         """Steps 1-4 of an inference call in one native call (native.TopKLayer), where they can run
         there: no autograd, no capacity, the top-k softmax router (float32, no hooks: analysis and
         calibration hook the router's output) and the fused local expert bank, at the kernel's batch
-        sizes -> (the routing, out [T, D]); None otherwise. Its routing is the router's own, computed
-        in C (the same decisions and weights up to float32 rounding).
+        sizes -> (a function giving the routing, out [T, D]); None otherwise. Its routing is the
+        router's own, computed in C (the same decisions and weights up to float32 rounding), and
+        copied out of the kernel's buffers when first read (native.KernelRouting).
 
         The call is prepared once and kept (a plain attribute; copies and pickles drop it) with the
         key it was prepared for (`_native_key`); a call whose key differs prepares it again. A decode
@@ -350,48 +382,55 @@ class MoE(nn.Module):
         result = call(x_TD)
         if result is None:
             return None
-        out_TD, logits_TE, probs_TE, expert_idx_A, weight_A = result
-        return Routing(logits_TE, probs_TE, expert_idx_A, weight_A, call.top_k), out_TD
+        out_TD, kernel_routing = result
+        return _routing_when_read(kernel_routing, call.top_k), out_TD
 
     def _native_key(self, x_TD: Tensor) -> tuple:
-        """What `_prepare_native` reads: the router and expert bank (the objects: a replaced one
-        prepares again), the dispatcher's type, the training flags, the router's hooks, the config's
-        values, the router's and bank's settings, and what native.topk_layer_key names (the input's
-        size and layout, the tensors' memory, threads, switches). Submodules and parameters are read
-        from the modules' dicts: each nn.Module.__getattr__ costs microseconds on cold caches."""
+        """What `_prepare_native` reads: the submodules (the objects: a replaced one prepares again),
+        the dispatcher's type, the training flags, the router's hooks, the config's values, the
+        router's and bank's settings, the memory of their tensors (a parameter replaced, moved or
+        converted has new memory), and what native.topk_layer_key names (the input's size and layout,
+        threads, switches). One flat expression reading the modules' dicts: on the caches a decode
+        step flushes, each nn.Module.__getattr__, helper call or torch call here costs microseconds."""
         modules = self._modules
         router, experts = modules["router"], modules["experts"]
-        if type(router) is not TopKRouter or not isinstance(experts, ExpertBank):
+        if type(router) is not TopKRouter or type(experts) is not ExpertBank:
             return (router, experts)
-        dropout = experts._modules["dropout"]
+        gate, params, attrs = router._modules["gate"]._parameters, experts._parameters, experts.__dict__
         return (
-            router,
-            experts,
+            *modules.values(),
             type(self.dispatcher),
             self.training,
-            dropout,
-            dropout.training,
+            experts._modules["dropout"].training,
             _has_hooks(router),
-            tuple(self.config.__dict__.values()),
+            *self.config.__dict__.values(),
             router.top_k,
-            experts.strategy,
-            experts.activation,
-            experts.is_glu,
-            *native.topk_layer_key(x_TD, (*router.gate_tensors(), *experts.native_tensors())),
+            attrs["strategy"],
+            attrs["activation"],
+            attrs["is_glu"],
+            gate["weight"].data_ptr(),
+            _data_ptr(gate["bias"]),
+            params["w_in_EDF"].data_ptr(),
+            params["w_out_EFD"].data_ptr(),
+            _data_ptr(params.get("b_in_EF")),  # (a bias that is None lives in the instance dict)
+            _data_ptr(params.get("b_out_ED")),
+            *native.topk_layer_key(x_TD),
         )
 
     def _prepare_native(self, x_TD: Tensor, key: tuple) -> native.TopKLayer:
         """The native call for what `key` names; one that answers None where it cannot run."""
         router, experts = self.router, self.experts
         if not (
-            type(router) is TopKRouter
+            x_TD.ndim == 2
+            and x_TD.shape[1] == self.config.dim
+            and type(router) is TopKRouter
             and self.config.router_dtype == "float32"
             and self.config.capacity(1, self.training) is None
             and not _has_hooks(router)
             and self._fused_local()
         ):
             return native.TopKLayer.declined(key)
-        gate_ED, bias_E = router.gate_tensors()
+        gate_ED, bias_E = router.gate.weight, router.gate.bias
         top_k, renormalize = router.top_k, self.config.norm_topk_prob
         bank = experts._native_bank()
         return native.TopKLayer(x_TD, gate_ED, bias_E, top_k, renormalize, bank, experts.strategy, key)
@@ -461,15 +500,13 @@ class MoE(nn.Module):
             )
         return losses
 
-    @staticmethod
     def _stats(
-        routing: Routing,
-        routed_E: Tensor | Callable[[], Tensor],
-        kept_E: Tensor | Callable[[], Tensor],
-        mask_T: Tensor | None,
+        self, routing: Routing, routed_E: Tensor | None, kept_E: Tensor | None, mask_T: Tensor | None
     ) -> MoEStats:
-        kept_E, routed_E = (c if callable(c) else c.detach() for c in (kept_E, routed_E))
-        return MoEStats(kept_E, routed_E, probs_TE=routing.probs_TE, mask_T=mask_T)
+        """The call's statistics; without counts, every assignment of the routing counts."""
+        if routed_E is None or kept_E is None:
+            routed_E = kept_E = L.expert_counts(routing.expert_idx_A, None, self.config.num_experts)
+        return MoEStats(kept_E.detach(), routed_E.detach(), probs_TE=routing.probs_TE, mask_T=mask_T)
 
     # ------------------------------------------------------------------ training hooks
     def update_bias(self, tokens_per_expert_E: Tensor) -> None:
@@ -508,25 +545,54 @@ def _task_of_tokens(task_ids: Tensor | None, x: Tensor) -> Tensor | None:
     return view.expand(lead).reshape(-1)
 
 
-def _counts_when_read(expert_idx_A: Tensor, num_experts: int) -> Callable[[], Tensor]:
-    """[E] assignments per expert, computed on the first call (a decode step never asks)."""
-    computed: list[Tensor] = []
-
-    def counts() -> Tensor:
-        if not computed:
-            computed.append(L.expert_counts(expert_idx_A, None, num_experts))
-        return computed[0]
-
-    return counts
+def _data_ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether calling `module` runs forward hooks, its own or global ones (torch's own test)."""
+def _read(routing: Routing | Callable[[], Routing]) -> Routing:
+    return routing() if callable(routing) else routing
+
+
+def _routing_when_read(kernel_routing: native.KernelRouting, top_k: int) -> Callable[[], Routing]:
+    """The Routing of a native call, built (its tensors copied out of the kernel's buffers) on the
+    first call."""
+    return _Once(lambda: Routing(*kernel_routing.tensors(), top_k))
+
+
+class _Once:
+    """fn's value, computed on the first call (functools.cache builds its wrapper in Python code:
+    on the flushed caches of a decode step, more than the call it saves)."""
+
+    __slots__ = ("_fn", "_value")
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._fn, self._value = fn, None
+
+    def __call__(self) -> Any:
+        if self._fn is not None:
+            self._value, self._fn = self._fn(), None
+        return self._value
+
+
+def _has_hooks(module: nn.Module, call: bool = False) -> bool:
+    """Whether calling `module` runs forward hooks, its own or global ones (torch's own test); with
+    `call`, whether nn.Module's call does anything but call forward (backward hooks too, or a
+    compiled forward: Module.compile)."""
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
         or torch_module._global_forward_hooks
         or torch_module._global_forward_pre_hooks
+        or (
+            call
+            and (
+                module._backward_hooks
+                or module._backward_pre_hooks
+                or torch_module._global_backward_hooks
+                or torch_module._global_backward_pre_hooks
+                or module._compiled_call_impl is not None
+            )
+        )
     )
 
 

@@ -52,6 +52,7 @@ import platform
 import subprocess
 import tempfile
 import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -637,37 +638,57 @@ def topk_layer(
     (out [T, D], logits [T, E], probs [T, E], expert_idx [T * top_k], weight [T * top_k]), what the
     router and `routed` give. None when a logit is not finite (the router's own path reports it) or
     where `applies_topk_layer` does not hold. No autograd (csrc/router.c)."""
-    return TopKLayer(x_TD, gate_ED, bias_E, top_k, renormalize, experts)(x_TD)
+    result = TopKLayer(x_TD, gate_ED, bias_E, top_k, renormalize, experts)(x_TD)
+    return None if result is None else (result[0], *result[1].tensors())
 
 
-def topk_layer_key(x_TD: Tensor, tensors: tuple[Tensor | None, ...], *extra) -> tuple:
-    """What a `TopKLayer` depends on besides its holder's settings (`extra`): the token count, the
-    input's dtype and layout, the memory of `tensors` (the gate's and the bank's: a parameter
-    replaced, moved or converted has new memory), the thread count, this thread (the work memory is
-    per thread), the module's switches and library."""
+def topk_layer_key(x_TD: Tensor) -> tuple:
+    """What a `TopKLayer` depends on besides its holder's layer (which the holder names): the token
+    count, the input's dtype and layout, the thread count, this thread (the work memory is per
+    thread), the module's switches and library."""
     return (
         x_TD.shape,
         x_TD.dtype,
         x_TD.is_cpu and x_TD.is_contiguous(),
-        *[None if t is None else t.data_ptr() for t in tensors],
         torch.get_num_threads(),
         threading.get_ident(),
         ENABLED,
         MAX_MEAN_ROWS,
         _state.get("lib"),  # (a benchmark may swap the library: benchmarks/bench_native.py --baseline)
-        *extra,
     )
+
+
+class KernelRouting:
+    """The routing of one `TopKLayer` call: (logits [T, E], probs [T, E], expert_idx [T * K],
+    weight [T * K]), as `topk_layer` gives them. The kernel writes them into buffers the prepared
+    call keeps; they are copied out when first read (`tensors`), or by the next call before it
+    writes there while this object is still referenced. A decode step that never reads its routing
+    allocates nothing for it."""
+
+    __slots__ = ("_tensors", "_copied", "__weakref__")
+
+    def __init__(self, buffers: tuple[Tensor, Tensor, Tensor, Tensor]):
+        self._tensors, self._copied = buffers, False
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if not self._copied:
+            self._tensors, self._copied = tuple(t.clone() for t in self._tensors), True
+        return self._tensors  # type: ignore[return-value]
+
+
+def _no_routing() -> None:
+    return None
 
 
 class TopKLayer:
     """`topk_layer` prepared for one layer's tensors and token count: the checks and the arguments of
-    the native call that do not change between calls (pointers, sizes, the work memory) are done
-    once, and each call is the outputs' allocation and the call. A decode step runs every other layer
-    between two calls of the same layer, and their weights flush the caches: each of the few dozen
-    Python and torch steps of checking and building the call then misses in the caches on torch's
-    code and data: prepared, a one-token layer call right after a 256 MiB read took 80-90 us less
-    (1.12-1.14x, in turns with the unprepared call). Valid while `topk_layer_key` gives the same key
-    (the caller compares and keeps it; a copy or pickle of the holder drops it)."""
+    the native call that do not change between calls (pointers, sizes, the work memory, the routing's
+    buffers) are done once, and each call is the output's allocation and the call. A decode step runs
+    every other layer between two calls of the same layer, and their weights flush the caches: each of
+    the few dozen Python and torch steps of checking and building the call then misses in the caches
+    on torch's code and data: prepared, a one-token layer call right after a 256 MiB read took 80-90 us
+    less (1.12-1.14x, in turns with the unprepared call). Valid while `topk_layer_key` gives the same
+    key (the caller compares and keeps it; a copy or pickle of the holder drops it)."""
 
     def __init__(
         self,
@@ -683,6 +704,7 @@ class TopKLayer:
         """Prepared where `applies_topk_layer`; elsewhere the call answers None (kept all the same:
         the key says when to ask again)."""
         self.key, self.top_k, self._fn = key, top_k, None
+        self._last = _no_routing  # () -> the last call's KernelRouting while referenced, else None
         if not applies_topk_layer(x_TD, gate_ED, bias_E, top_k, experts, strategy):
             return
         tokens, dim = x_TD.shape
@@ -691,16 +713,20 @@ class TopKLayer:
         floats, _ = _kernel_work("forward", *_shape_key(x_TD, num_rows, experts), False)
         # The pool's buffer stays valid for this call after later uses of the pool (held here), and
         # is shared with them: this thread's kernel calls run one at a time (the key names the thread).
-        (self._work,) = scratch(x_TD, (floats,), pool="native")
-        self._sizes = (tokens, num_experts, num_rows, dim)
-        self._gate = (
-            gate_ED.data_ptr(),
-            None if bias_E is None else bias_E.data_ptr(),
-            top_k,
-            int(renormalize),
+        (work,) = scratch(x_TD, (floats,), pool="native")
+        self._routing = (
+            torch.empty((tokens, num_experts)),  # logits
+            torch.empty((tokens, num_experts)),  # probs
+            torch.empty(num_rows, dtype=torch.int64),  # expert_idx
+            torch.empty(num_rows),  # weight
         )
-        self._bank = _bank_args(experts, dim)
-        self._threads = torch.get_num_threads()
+        self._out_shape = (tokens, dim)
+        gate = (gate_ED.data_ptr(), None if bias_E is None else bias_E.data_ptr(), top_k, int(renormalize))
+        routing = tuple(t.data_ptr() for t in self._routing)
+        # the call's arguments: x, `_before` (tokens, gate, routing, bank), out, `_after` (work, threads)
+        self._before = (tokens, *gate, *routing, num_experts, *_bank_args(experts, dim))
+        self._after = (work.data_ptr(), torch.get_num_threads())
+        self._work = work
         self._fn = library().moekit_topk_layer
 
     @classmethod
@@ -708,7 +734,7 @@ class TopKLayer:
         """A call that answers None, for a holder whose layer cannot run here (kept all the same:
         the key says when to ask again)."""
         call = cls.__new__(cls)
-        call.key, call.top_k, call._fn = key, 0, None
+        call.key, call.top_k, call._fn, call._last = key, 0, None, _no_routing
         return call
 
     def __deepcopy__(self, memo: dict) -> None:
@@ -717,32 +743,22 @@ class TopKLayer:
     def __reduce__(self) -> tuple:
         return (_nothing, ())
 
-    def __call__(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+    def __call__(self, x_TD: Tensor) -> tuple[Tensor, KernelRouting] | None:
+        """-> (out [T, D], the call's routing), or None where the layer takes torch's path."""
         if self._fn is None:
             return None
-        tokens, num_experts, num_rows, dim = self._sizes
-        out_TD = torch.empty((tokens, dim))
-        logits_TE, probs_TE = torch.empty((tokens, num_experts)), torch.empty((tokens, num_experts))
-        expert_idx_A, weight_A = torch.empty(num_rows, dtype=torch.int64), torch.empty(num_rows)
-        status = self._fn(
-            x_TD.data_ptr(),
-            tokens,
-            *self._gate,
-            logits_TE.data_ptr(),
-            probs_TE.data_ptr(),
-            expert_idx_A.data_ptr(),
-            weight_A.data_ptr(),
-            num_experts,
-            *self._bank,
-            out_TD.data_ptr(),
-            self._work.data_ptr(),
-            self._threads,
-        )
+        last = self._last()
+        if last is not None:  # still referenced: its routing moves out of the buffers written now
+            last.tensors()
+        out_TD = torch.empty(self._out_shape)
+        status = self._fn(x_TD.data_ptr(), *self._before, out_TD.data_ptr(), *self._after)
         if status == 1:
             return None
         if status != 0:
             raise MemoryError(f"the native expert kernel could not allocate its index arrays ({status})")
-        return out_TD, logits_TE, probs_TE, expert_idx_A, weight_A
+        routing = KernelRouting(self._routing)
+        self._last = weakref.ref(routing)
+        return out_TD, routing
 
 
 def _nothing() -> None:

@@ -81,12 +81,6 @@ class Router(nn.Module):
         if self.gate.bias is not None:
             nn.init.zeros_(self.gate.bias)
 
-    def gate_tensors(self) -> tuple[Tensor, Tensor | None]:
-        """The gate's (weight [E, D], bias [E] or None), read from the modules' dicts (compared on
-        every decode-size call of MoE: nn.Module.__getattr__ costs microseconds on cold caches)."""
-        params = self._modules["gate"]._parameters
-        return params["weight"], params.get("bias")
-
     def compute_logits(self, x_TD: Tensor) -> Tensor:
         dtype = router_dtype(x_TD)
         weight, bias = self.gate.weight, self.gate.bias
