@@ -409,6 +409,31 @@ def test_layer_call_keeps_each_outputs_routing_and_runs_hooks_and_checks(monkeyp
 
 
 @needs_kernel
+def test_layer_call_outputs_made_a_few_at_a_time_are_each_their_own_tensor(monkeypatch):
+    # The prepared call allocates its outputs a batch at a time: over several batches, every output
+    # held keeps its own values (a naive loop's), owns its own memory (no view of a shared block),
+    # and writing into one changes no other.
+    from tests.moe_reference import reference_moe
+
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=5, top_k=2)).eval()
+    calls = _count_calls(monkeypatch)
+    monkeypatch.setattr(native, "OUTPUT_BATCH", 3)
+    xs = [torch.randn(2, 32) for _ in range(8)]
+    with torch.no_grad():
+        outs = [layer(x).output for x in xs]
+    assert len(calls) == 8
+    assert len({o.data_ptr() for o in outs}) == 8
+    for out, x in zip(outs, xs):
+        assert out._base is None and out.untyped_storage().nbytes() == 2 * 32 * 4
+        torch.testing.assert_close(out, reference_moe(layer, x)[0], rtol=1e-5, atol=1e-5)
+    before = [o.clone() for o in outs]
+    outs[3].add_(1.0)
+    for i, (out, old) in enumerate(zip(outs, before)):
+        assert torch.equal(out, old + 1.0 if i == 3 else old)
+
+
+@needs_kernel
 def test_layer_routes_in_the_kernel_unless_the_router_is_hooked_or_the_logits_are_not_finite(monkeypatch):
     # the router in C stands in for TopKRouter's forward: analysis and calibration hook that forward,
     # so a hooked router runs itself; a NaN in the input reaches the router's own error

@@ -658,6 +658,13 @@ def topk_layer_key(x_TD: Tensor) -> tuple:
     )
 
 
+# A prepared call allocates its outputs (each its own tensor) a few at a time, up to this many and
+# this many bytes ahead: on the caches a decode step's other layers flush, the first torch.empty of a
+# call costs 25-55 us and the next ones 2-3 us each (measured after a 256 MiB read).
+OUTPUT_BATCH = 8
+OUTPUT_BATCH_BYTES = 64 << 10
+
+
 class KernelRouting:
     """The routing of one `TopKLayer` call: (logits [T, E], probs [T, E], expert_idx [T * K],
     weight [T * K]), as `topk_layer` gives them. The kernel writes them into buffers the prepared
@@ -683,7 +690,7 @@ def _no_routing() -> None:
 class TopKLayer:
     """`topk_layer` prepared for one layer's tensors and token count: the checks and the arguments of
     the native call that do not change between calls (pointers, sizes, the work memory, the routing's
-    buffers) are done once, and each call is the output's allocation and the call. A decode step runs
+    buffers) are done once, outputs are allocated a few at a time, and each call is the call. A decode step runs
     every other layer between two calls of the same layer, and their weights flush the caches: each of
     the few dozen Python and torch steps of checking and building the call then misses in the caches
     on torch's code and data: prepared, a one-token layer call right after a 256 MiB read took 80-90 us
@@ -721,6 +728,10 @@ class TopKLayer:
             torch.empty(num_rows),  # weight
         )
         self._out_shape = (tokens, dim)
+        self._outputs: list[
+            tuple[Tensor, int]
+        ] = []  # (out, its data pointer), made OUTPUT_BATCH_BYTES at a time
+        self._batch = max(1, min(OUTPUT_BATCH, OUTPUT_BATCH_BYTES // (tokens * dim * 4)))
         gate = (gate_ED.data_ptr(), None if bias_E is None else bias_E.data_ptr(), top_k, int(renormalize))
         routing = tuple(t.data_ptr() for t in self._routing)
         # the call's arguments: x, `_before` (tokens, gate, routing, bank), out, `_after` (work, threads)
@@ -750,8 +761,13 @@ class TopKLayer:
         last = self._last()
         if last is not None:  # still referenced: its routing moves out of the buffers written now
             last.tensors()
-        out_TD = torch.empty(self._out_shape)
-        status = self._fn(x_TD.data_ptr(), *self._before, out_TD.data_ptr(), *self._after)
+        outputs = self._outputs
+        if not outputs:  # (one torch.empty after the caches were flushed costs 25-55 us; the next few 2-3)
+            outputs.extend(
+                (t, t.data_ptr()) for t in (torch.empty(self._out_shape) for _ in range(self._batch))
+            )
+        out_TD, out_ptr = outputs.pop()
+        status = self._fn(x_TD.data_ptr(), *self._before, out_ptr, *self._after)
         if status == 1:
             return None
         if status != 0:
