@@ -291,15 +291,11 @@ def _zero_grads(modules: list[nn.Module], x: Tensor) -> None:
 def _run_fn(
     mode: str, impl: str, module: nn.Module, x_TD: Tensor, x_req: Tensor, grad_TD: Tensor
 ) -> Callable[[], None]:
-    """One timed run: a no-grad forward, or a forward+backward from the fixed output gradient."""
+    """One timed run: a forward (run with autograd off: `bench_shape` times the forward cells inside
+    one no_grad block, as a decode loop runs, not a no_grad block per call), or a forward+backward
+    from the fixed output gradient."""
     if mode == "fwd":
-        run = forward_fn(impl, module, x_TD)
-
-        def call() -> None:
-            with torch.no_grad():
-                run()
-
-        return call
+        return forward_fn(impl, module, x_TD)
     run = forward_fn(impl, module, x_req)
     return lambda: run().backward(grad_TD)
 
@@ -371,16 +367,18 @@ def bench_shape(
             if mode == "fwd" and tokens <= 8:
                 fns["probe_read"] = probes.read
             times: dict[str, list[float]] = {name: [] for name in fns}
-            for i in range(warmup + repeats):
-                for impl, fn in fns.items():
-                    if len(times[impl]) >= MIN_REPEATS and sum(times[impl]) > BUDGET_S:
-                        continue  # a very slow baseline: enough runs for a median
-                    _zero_grads(list(modules.values()), x_req)
-                    start = time.perf_counter()
-                    fn()
-                    elapsed = time.perf_counter() - start
-                    if i >= warmup:
-                        times[impl].append(elapsed)
+            # the forward cells with autograd off for the whole loop (the probes need none)
+            with torch.set_grad_enabled(mode != "fwd"):
+                for i in range(warmup + repeats):
+                    for impl, fn in fns.items():
+                        if len(times[impl]) >= MIN_REPEATS and sum(times[impl]) > BUDGET_S:
+                            continue  # a very slow baseline: enough runs for a median
+                        _zero_grads(list(modules.values()), x_req)
+                        start = time.perf_counter()
+                        fn()
+                        elapsed = time.perf_counter() - start
+                        if i >= warmup:
+                            times[impl].append(elapsed)
             sgemm_in_phase = probes.sgemm_gflops(statistics.median(times["probe_sgemm"]))
             for impl in IMPLS:
                 seconds = statistics.median(times[impl])
