@@ -82,13 +82,14 @@ def _problem(dim, hidden, counts, tokens, glu, bias, seed=0):
 @pytest.mark.parametrize(("act", "glu"), list(native.ACTIVATIONS))
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("counts", [[2, 0, 70, 1, 5], [2, 0, 70, 1]])
+@pytest.mark.parametrize("counts", [[2, 0, 70, 1, 5], [2, 0, 70, 1], [3, 4, 0, 1]])
 def test_kernel_matches_float64_loop(act, glu, bias, threads, counts, regime):
     # dims off the kernel's 16- and 8-wide column steps and 8-row blocks; a group of 70 rows takes
-    # three passes of at most 32; an empty expert. 4 or 3 groups on 1, 2 or 3 threads: whole
-    # experts per thread and the split of the groups left over (3 threads split 21 hidden units
-    # unevenly, 8, 8, 5). Many rows: 78 rows cut into 1-3 ranges mid-group, blocks of 16 rows,
-    # tokens repeated across threads' accumulators
+    # three passes of at most 32; groups of 1-5 rows (up to 4 share each weight load, more go by
+    # blocks); an empty expert. 4 or 3 groups on 1, 2 or 3 threads: whole experts per thread and the
+    # split of the groups left over (3 threads split 21 hidden units unevenly, 8, 8, 5). Many rows:
+    # 78 rows cut into 1-3 ranges mid-group, blocks of 16 rows, tokens repeated across threads'
+    # accumulators
     x, token, weight, w_in, w_out, b_in, b_out = _problem(37, 21, counts, 6, glu, bias)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -100,6 +101,25 @@ def test_kernel_matches_float64_loop(act, glu, bias, threads, counts, regime):
     ref = _reference(x, token, weight, counts, w_in, w_out, b_in, b_out, act, glu)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
+
+@needs_kernel
+def test_few_row_kernel_built_for_avx2_only_matches_float64_loop(monkeypatch, tmp_path):
+    # machines without AVX-512 read the weights for 1-4 rows with AVX2 (one row at a time for one,
+    # blocks for more): built here with AVX-512 off, groups of 1-5 rows on 1 and 2 threads
+    path = native.build(native.SOURCES, tmp_path, extra_flags=("-mno-avx512f",))
+    monkeypatch.setitem(native._state, "lib", native._load(path))
+    counts = [1, 2, 0, 3, 4, 5]
+    x, token, weight, w_in, w_out, b_in, b_out = _problem(37, 21, counts, 6, True, True)
+    bank = native.Experts(w_in, w_out, b_in, b_out, "swiglu", True)
+    ref = _reference(x, token, weight, counts, w_in, w_out, b_in, b_out, "swiglu", True)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = native.sorted_rows(x, token, weight, GroupPlan.from_counts(counts), bank)
+            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(old)
 
 @needs_kernel
 def test_kernel_at_layer_size(regime):

@@ -16,8 +16,10 @@
         3. combine: out[token[n]] += weight[n] * (y[n] + b_out[e]), y summed over threads in (2).
 
       Every weight byte is read once per pass of up to MR rows. The products are register-blocked:
-      up to 4 rows share every weight vector loaded (accumulators in registers), over blocks of DB
-      weight rows x CB columns that stay in L1.
+      up to 4 rows share every weight vector loaded (accumulators in registers). With AVX-512, 1-4
+      rows read WR whole weight rows at a time (rows_times_weight_wide); more rows, and AVX2 builds,
+      go by blocks of DB weight rows x CB columns that stay in L1 (one row alone on AVX2: one weight
+      row at a time, row_times_weight).
 
    B. Many rows per expert (prefill, batches and training: moekit_many_rows). The work is arithmetic, and the
       BLAS's GEMM (the sgemm torch links, passed in as a function pointer) runs it near its best when
@@ -143,6 +145,72 @@ static void block_rows(int m, float *const *h, const float *const *xs, const flo
 #undef BLOCK_CASE
 }
 
+#ifdef __AVX512F__
+/* h_i[c] += sum_{d < K} x_i[d] * W[d * ldw + c] for c < ncols and m <= 4 rows, with AVX-512: the
+   weight is read WR whole rows at a time (one contiguous stretch of memory where ldw == ncols), each
+   16-column vector of them loaded once and used by every row, whose h is loaded and stored once per
+   WR weight rows. No software prefetch: whole rows are streams the hardware prefetcher follows.
+   Against one weight row at a time (AVX2, a prefetch 2 KiB ahead: the loop before), one token
+   through the Mixtral-like and the fine-grained experts, 2 threads, caches flushed, in a C harness
+   against a plain sum of the same bytes: when the host's read bandwidth is high (85-91 GB/s) 1.04-1.06x
+   the sum's time against 1.20-1.25x (4 rows at a time 1.12-1.17x, 16 rows 1.05-1.08x); at 52-55 GB/s
+   1.02-1.05x against 1.06-1.09x. h's load and store for every weight row were what held it back (the
+   same loop with h in registers instead: 0.99-1.05x). In the layer (`bench_native.py --baseline`,
+   caches flushed, in turns with the loop before): one token 0.99-1.11x, 8 tokens 1.06-1.09x, both
+   shapes; 16 and 64 tokens unchanged (0.98-1.05x). */
+#define WR 8
+#define DEFINE_WIDE(M)                                                                                  \
+    static inline __attribute__((always_inline)) void wide_##M(float *const *h, const float *const *x,  \
+                                                               const float *W, int64_t ldw, int64_t d,  \
+                                                               int nd, int64_t ncols)                   \
+    {                                                                                                   \
+        float xs[M][WR]; /* (a local copy: h's stores cannot alias it, so it is read once) */           \
+        for (int i = 0; i < M; i++)                                                                     \
+            for (int r = 0; r < nd; r++) xs[i][r] = x[i][d + r];                                        \
+        const float *Wd = W + d * ldw;                                                                  \
+        int64_t c = 0;                                                                                  \
+        for (; c + 16 <= ncols; c += 16) {                                                              \
+            __m512 w[WR];                                                                               \
+            for (int r = 0; r < nd; r++) w[r] = _mm512_loadu_ps(Wd + r * ldw + c);                      \
+            for (int i = 0; i < M; i++) {                                                               \
+                __m512 acc = _mm512_loadu_ps(h[i] + c);                                                 \
+                for (int r = 0; r < nd; r++) acc = _mm512_fmadd_ps(_mm512_set1_ps(xs[i][r]), w[r], acc); \
+                _mm512_storeu_ps(h[i] + c, acc);                                                        \
+            }                                                                                           \
+        }                                                                                               \
+        if (c < ncols) { /* the last columns, masked */                                                 \
+            const __mmask16 k = (__mmask16)((1u << (ncols - c)) - 1);                                   \
+            for (int i = 0; i < M; i++) {                                                               \
+                __m512 acc = _mm512_maskz_loadu_ps(k, h[i] + c);                                        \
+                for (int r = 0; r < nd; r++)                                                            \
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(xs[i][r]), _mm512_maskz_loadu_ps(k, Wd + r * ldw + c), acc); \
+                _mm512_mask_storeu_ps(h[i] + c, k, acc);                                                \
+            }                                                                                           \
+        }                                                                                               \
+    }
+DEFINE_WIDE(1)
+DEFINE_WIDE(2)
+DEFINE_WIDE(3)
+DEFINE_WIDE(4)
+
+static void rows_times_weight_wide(float *const *h, const float *const *x, int m, const float *W, int64_t ldw,
+                                   int64_t K, int64_t ncols)
+{
+#define WIDE_CASE(M)                                                                 \
+    case M:                                                                          \
+        for (d = 0; d + WR <= K; d += WR) wide_##M(h, x, W, ldw, d, WR, ncols);     \
+        if (d < K) wide_##M(h, x, W, ldw, d, (int)(K - d), ncols);                   \
+        break;
+    int64_t d;
+    switch (m) {
+    WIDE_CASE(1)
+    WIDE_CASE(2)
+    WIDE_CASE(3)
+    default: WIDE_CASE(4)
+    }
+#undef WIDE_CASE
+}
+#else
 /* h[c] += sum_{d < K} x[d] * W[d * ldw + c] for c < ncols: one row of x, the weight read row after
    row, one stream front to back, with a prefetch ROW_PREFETCH_BYTES ahead (into the next row at a
    row's end). With one row the blocks' register reuse buys nothing, and their DB short streams at
@@ -166,15 +234,23 @@ static void row_times_weight(float *h, const float *x, const float *W, int64_t l
         for (; c < ncols; c++) h[c] += x[d] * w[c];
     }
 }
+#endif
 
 /* h_i[c] += sum_{d < K} x_i[d] * W[d * ldw + c] for c < ncols and m rows i (pointers). */
 static void rows_times_weight(float *const *h, const float *const *x, int m, const float *W, int64_t ldw,
                               int64_t K, int64_t ncols)
 {
+#ifdef __AVX512F__
+    if (m <= 4) {
+        rows_times_weight_wide(h, x, m, W, ldw, K, ncols);
+        return;
+    }
+#else
     if (m == 1) {
         row_times_weight(h[0], x[0], W, ldw, K, ncols);
         return;
     }
+#endif
     for (int64_t d0 = 0; d0 < K; d0 += DB) {
         const int nd = K - d0 < DB ? (int)(K - d0) : DB;
         for (int64_t c0 = 0; c0 < ncols; c0 += CB) {
