@@ -121,6 +121,7 @@ def test_few_row_kernel_built_for_avx2_only_matches_float64_loop(monkeypatch, tm
     finally:
         torch.set_num_threads(old)
 
+
 @needs_kernel
 def test_kernel_at_layer_size(regime):
     # full 8 x 256 blocks plus tails in both products: dim 520, hidden 300
