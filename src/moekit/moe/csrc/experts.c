@@ -16,7 +16,7 @@
         3. combine: out[token[n]] += weight[n] * (y[n] + b_out[e]), y summed over threads in (2).
 
       Every weight byte is read once per pass of up to MR rows. The products are register-blocked:
-      up to 4 rows share every weight vector loaded (accumulators in registers). With AVX-512, 1-4
+      up to 4 rows share every weight vector loaded (accumulators in registers). With AVX-512, 1-2
       rows read WR whole weight rows at a time (rows_times_weight_wide); more rows, and AVX2 builds,
       go by blocks of DB weight rows x CB columns that stay in L1 (one row alone on AVX2: one weight
       row at a time, row_times_weight).
@@ -146,7 +146,7 @@ static void block_rows(int m, float *const *h, const float *const *xs, const flo
 }
 
 #ifdef __AVX512F__
-/* h_i[c] += sum_{d < K} x_i[d] * W[d * ldw + c] for c < ncols and m <= 4 rows, with AVX-512: the
+/* h_i[c] += sum_{d < K} x_i[d] * W[d * ldw + c] for c < ncols and m <= 2 rows, with AVX-512: the
    weight is read WR whole rows at a time (one contiguous stretch of memory where ldw == ncols), each
    16-column vector of them loaded once and used by every row, whose h is loaded and stored once per
    WR weight rows. No software prefetch: whole rows are streams the hardware prefetcher follows.
@@ -155,9 +155,15 @@ static void block_rows(int m, float *const *h, const float *const *xs, const flo
    against a plain sum of the same bytes: when the host's read bandwidth is high (85-91 GB/s) 1.04-1.06x
    the sum's time against 1.20-1.25x (4 rows at a time 1.12-1.17x, 16 rows 1.05-1.08x); at 52-55 GB/s
    1.02-1.05x against 1.06-1.09x. h's load and store for every weight row were what held it back (the
-   same loop with h in registers instead: 0.99-1.05x). In the layer (`bench_native.py --baseline`,
-   caches flushed, in turns with the loop before): one token 0.99-1.11x, 8 tokens 1.06-1.09x, both
-   shapes; 16 and 64 tokens unchanged (0.98-1.05x). */
+   same loop with h in registers instead: 0.99-1.05x). Against the blocks (below), in turns, six
+   Mixtral-like or eight fine-grained experts on two threads: 1 row 1.01-1.14x of the sum against
+   1.27-1.46x, 2 rows 1.22-1.58x against 1.33-1.40x (better in three of four runs), but 3 rows
+   1.34-1.58x against 1.22-1.43x and 4 rows 1.47-1.94x against 1.22-1.49x: from 3 rows on the blocks
+   stay (neither 2-4 partial sums per row, i.e. shorter FMA chains, nor 16 weight rows per pass, nor
+   the weight vectors pinned in registers changed that). In the layer (`bench_native.py --baseline`,
+   caches flushed, in turns with the loop before), with 1-4 rows here: one token 0.99-1.11x, 8 tokens
+   1.06-1.09x, both shapes; 16 and 64 tokens unchanged (0.98-1.05x); then 1-2 rows here against 1-4:
+   1.00-1.02x at 8 and 16 tokens (four runs). */
 #define WR 8
 #define DEFINE_WIDE(M)                                                                                  \
     static inline __attribute__((always_inline)) void wide_##M(float *const *h, const float *const *x,  \
@@ -190,8 +196,6 @@ static void block_rows(int m, float *const *h, const float *const *xs, const flo
     }
 DEFINE_WIDE(1)
 DEFINE_WIDE(2)
-DEFINE_WIDE(3)
-DEFINE_WIDE(4)
 
 static void rows_times_weight_wide(float *const *h, const float *const *x, int m, const float *W, int64_t ldw,
                                    int64_t K, int64_t ncols)
@@ -204,9 +208,7 @@ static void rows_times_weight_wide(float *const *h, const float *const *x, int m
     int64_t d;
     switch (m) {
     WIDE_CASE(1)
-    WIDE_CASE(2)
-    WIDE_CASE(3)
-    default: WIDE_CASE(4)
+    default: WIDE_CASE(2)
     }
 #undef WIDE_CASE
 }
@@ -241,7 +243,7 @@ static void rows_times_weight(float *const *h, const float *const *x, int m, con
                               int64_t K, int64_t ncols)
 {
 #ifdef __AVX512F__
-    if (m <= 4) {
+    if (m <= 2) {
         rows_times_weight_wide(h, x, m, W, ldw, K, ncols);
         return;
     }
