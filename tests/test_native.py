@@ -362,6 +362,15 @@ def test_layer_prepared_call_follows_the_layer_settings(monkeypatch):
     check(6)
 
 
+def _layer_with_router_bias(num_experts: int) -> MoE:
+    """A small top-2 layer (dim 32) whose router has a random bias, seeded, in eval mode."""
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=num_experts, top_k=2, router_bias=True)).eval()
+    with torch.no_grad():
+        layer.router.gate.bias.normal_()
+    return layer
+
+
 @needs_kernel
 def test_layer_call_keeps_each_outputs_routing_and_runs_hooks_and_checks(monkeypatch):
     # A decode-size call leaves its routing in the prepared call's buffers until it is read
@@ -371,10 +380,7 @@ def test_layer_call_keeps_each_outputs_routing_and_runs_hooks_and_checks(monkeyp
     # layer's error, and a bias replaced under the prepared call is read afresh.
     from tests.moe_reference import reference_moe
 
-    torch.manual_seed(0)
-    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=5, top_k=2, router_bias=True)).eval()
-    with torch.no_grad():
-        layer.router.gate.bias.normal_()
+    layer = _layer_with_router_bias(5)
     calls = _count_calls(monkeypatch)
     copies = []
     real_tensors = native.KernelRouting.tensors
@@ -458,10 +464,7 @@ def test_layer_call_outputs_made_a_few_at_a_time_are_each_their_own_tensor(monke
 def test_layer_routes_in_the_kernel_unless_the_router_is_hooked_or_the_logits_are_not_finite(monkeypatch):
     # the router in C stands in for TopKRouter's forward: analysis and calibration hook that forward,
     # so a hooked router runs itself; a NaN in the input reaches the router's own error
-    torch.manual_seed(0)
-    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2, router_bias=True)).eval()
-    with torch.no_grad():
-        layer.router.gate.bias.normal_()
+    layer = _layer_with_router_bias(4)
     x = torch.randn(3, 32)
     calls = _count_calls(monkeypatch)
     with torch.no_grad():

@@ -30,6 +30,23 @@ from moekit.moe.experts import ExpertBank, HierarchicalExperts, SharedExperts
 from moekit.moe.router import Routing, TopKRouter, build_router
 
 
+class _ReadOnce:
+    """An attribute kept in `slot` as its value, or as a function giving it that the first read calls
+    (and replaces by its value)."""
+
+    def __init__(self, slot: str):
+        self.slot = slot
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = getattr(obj, self.slot)
+        if callable(value):
+            value = value()
+            setattr(obj, self.slot, value)
+        return value
+
+
 class MoEStats:
     """Routing statistics of one call (detached tensors; no host sync needed to build them).
 
@@ -59,17 +76,8 @@ class MoEStats:
         self._probs_TE = probs_TE.detach() if probs_TE is not None and probs_TE.requires_grad else probs_TE
         self._mask_T = mask_T
 
-    @property
-    def tokens_per_expert(self) -> Tensor:
-        if callable(self._kept):
-            self._kept = self._kept()
-        return self._kept
-
-    @property
-    def routed_per_expert(self) -> Tensor:
-        if callable(self._routed):
-            self._routed = self._routed()
-        return self._routed
+    tokens_per_expert = _ReadOnce("_kept")  # Tensor [E]
+    routed_per_expert = _ReadOnce("_routed")  # Tensor [E]
 
     @property
     def dropped_fraction(self) -> Tensor:
@@ -133,17 +141,8 @@ class MoEOutput:
         if torch.is_grad_enabled():
             self._read()
 
-    @property
-    def stats(self) -> MoEStats:
-        if callable(self._stats):
-            self._stats = self._stats()
-        return self._stats
-
-    @property
-    def router_logits(self) -> Tensor | None:
-        if callable(self._router_logits):
-            self._router_logits = self._router_logits()
-        return self._router_logits
+    stats = _ReadOnce("_stats")  # MoEStats
+    router_logits = _ReadOnce("_router_logits")  # Tensor [T, E] | None
 
     def _read(self) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         if self._losses is None:
