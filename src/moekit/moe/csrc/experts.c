@@ -166,13 +166,17 @@ static void block_rows(int m, float *const *h, const float *const *xs, const flo
    1.00-1.02x at 8 and 16 tokens (four runs). */
 #define WR 8
 #define DEFINE_WIDE(M)                                                                                  \
-    static inline __attribute__((always_inline)) void wide_##M(float *const *h, const float *const *x,  \
+    static inline __attribute__((always_inline)) void wide_##M(float *const *hp, const float *const *x, \
                                                                const float *W, int64_t ldw, int64_t d,  \
                                                                int nd, int64_t ncols)                   \
     {                                                                                                   \
-        float xs[M][WR]; /* (a local copy: h's stores cannot alias it, so it is read once) */           \
-        for (int i = 0; i < M; i++)                                                                     \
+        /* local copies of x's values and of the row pointers: h's stores can alias neither, so neither \
+           is read again after every store (1.16-1.21x of a plain read against 1.26-1.27x at 2 rows) */  \
+        float xs[M][WR], *restrict h[M];                                                                \
+        for (int i = 0; i < M; i++) {                                                                   \
+            h[i] = hp[i];                                                                               \
             for (int r = 0; r < nd; r++) xs[i][r] = x[i][d + r];                                        \
+        }                                                                                               \
         const float *Wd = W + d * ldw;                                                                  \
         int64_t c = 0;                                                                                  \
         for (; c + 16 <= ncols; c += 16) {                                                              \
