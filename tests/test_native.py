@@ -881,10 +881,20 @@ def test_model_attention_takes_the_kernel_only_where_it_applies(monkeypatch):
 @pytest.mark.parametrize("tb", [False, True])
 @pytest.mark.parametrize(
     ("m", "n", "k"),
-    [(1, 1, 1), (5, 17, 3), (6, 16, 8), (13, 47, 70), (150, 130, 300), (64, 2816 // 8, 517), (290, 64, 9)],
+    [
+        (1, 1, 1),
+        (5, 17, 3),
+        (6, 16, 8),
+        (13, 47, 70),
+        (15, 33, 20),
+        (150, 130, 300),
+        (64, 2816 // 8, 517),
+        (290, 64, 9),
+    ],
 )
 def test_gemm_matches_float64_products(ta, tb, m, n, k):
-    # moekit's blocked GEMM (csrc/gemm.c) on every edge: rows and columns past whole tiles, k past a
+    # moekit's blocked GEMM (csrc/gemm.c) on every edge: rows and columns past whole tiles (last tiles
+    # of 1-5 rows: 1, 5, 13, 15, 64 and 290's last block of 86), k past a
     # slice and short of an 8-wide transpose block, blocks of rows split evenly, row strides wider
     # than the rows, and beta = 0 never reading C (NaN there) against beta = 0.5
     _check_gemm(native.gemm, ta, tb, m, n, k)

@@ -126,6 +126,45 @@ static void micro_kernel(int64_t kc, const float *restrict a, const float *restr
     store_tile(acc, c, ldc, beta, mr, nr);
 }
 
+/* The same for a last tile of M < MR rows (an expert's rows rarely divide by 6): only M rows of the
+   tile are computed, so the padding rows cost nothing (at 64 rows per expert, with 128 experts, the
+   last tiles' padding is ~4% of the rows). The A panel keeps its MR-wide layout. */
+#define DEFINE_SHORT_TILE(M)                                                                               \
+    static void micro_kernel_##M(int64_t kc, const float *restrict a, const float *restrict b, float *c,    \
+                                 int64_t ldc, float beta, int nr)                                           \
+    {                                                                                                      \
+        vec acc[MR][2];                                                                                    \
+        for (int i = 0; i < M; i++) acc[i][0] = acc[i][1] = vzero();                                       \
+        for (int64_t p = 0; p < kc; p++) {                                                                 \
+            const vec b0 = vload(b), b1 = vload(b + VW);                                                   \
+            for (int i = 0; i < M; i++) {                                                                  \
+                const vec ai = vset1(a + i);                                                               \
+                acc[i][0] = vfma(ai, b0, acc[i][0]), acc[i][1] = vfma(ai, b1, acc[i][1]);                   \
+            }                                                                                              \
+            a += MR;                                                                                       \
+            b += NR;                                                                                       \
+        }                                                                                                  \
+        store_tile(acc, c, ldc, beta, M, nr);                                                              \
+    }
+DEFINE_SHORT_TILE(1)
+DEFINE_SHORT_TILE(2)
+DEFINE_SHORT_TILE(3)
+DEFINE_SHORT_TILE(4)
+DEFINE_SHORT_TILE(5)
+
+/* A tile of mr <= MR rows. */
+static inline void tile(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, float beta, int mr, int nr)
+{
+    switch (mr) {
+    case 1: micro_kernel_1(kc, a, b, c, ldc, beta, nr); break;
+    case 2: micro_kernel_2(kc, a, b, c, ldc, beta, nr); break;
+    case 3: micro_kernel_3(kc, a, b, c, ldc, beta, nr); break;
+    case 4: micro_kernel_4(kc, a, b, c, ldc, beta, nr); break;
+    case 5: micro_kernel_5(kc, a, b, c, ldc, beta, nr); break;
+    default: micro_kernel(kc, a, b, c, ldc, beta, mr, nr);
+    }
+}
+
 /* op(A)[ic : ic + mc, pc : pc + kc] into panels of MR rows: ap[t][p][i] = op(A)[ic + t MR + i, pc + p],
    rows past mc zero. */
 static void pack_a(int ta, const float *A, int64_t lda, int64_t ic, int64_t pc, int64_t mc, int64_t kc, float *ap)
@@ -322,7 +361,7 @@ int moekit_gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, const float *A,
                     for (int64_t t = 0; t < mc; t += MR) {
                         const int mr = mc - t < MR ? (int)(mc - t) : MR;
                         prefetch_some(&next);
-                        micro_kernel(kc, ap + t * kc, bp + s * kc, C + (ic + t) * ldc + jc + s, ldc, b, mr, nr);
+                        tile(kc, ap + t * kc, bp + s * kc, C + (ic + t) * ldc + jc + s, ldc, b, mr, nr);
                     }
                 }
             }
