@@ -98,20 +98,27 @@ static inline void store_tile(const vec acc[MR][2], float *c, int64_t ldc, float
 #endif
 }
 
+/* The C tile's lines, read at the end: a large C (799 x 2816, an expert's block) is in L3 or memory,
+   and a 128-deep tile is too short to wait for it. */
+static inline void prefetch_c(const float *c, int64_t ldc, int mr)
+{
+#ifdef __AVX512F__
+    for (int i = 0; i < mr; i++) {
+        _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
+        _mm_prefetch((const char *)(c + i * ldc + 16), _MM_HINT_T0);
+    }
+#else
+    (void)c, (void)ldc, (void)mr;
+#endif
+}
+
 /* C tile [mr, nr] = beta C + the 6 x NR product of a packed A panel (kc x MR) and B panel (kc x NR);
    only the first mr rows and nr columns are written. 12 vector registers hold the tile (of 32 with
    AVX-512, 16 with AVX2), two a row of B, two broadcast values of A. */
 static void micro_kernel(int64_t kc, const float *restrict a, const float *restrict b, float *c, int64_t ldc,
                          float beta, int mr, int nr)
 {
-#ifdef __AVX512F__
-    /* the C tile's lines, read at the end: a large C (799 x 2816, an expert's block) is in L3 or
-       memory, and a 128-deep tile is too short to wait for it */
-    for (int i = 0; i < mr; i++) {
-        _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
-        _mm_prefetch((const char *)(c + i * ldc + 16), _MM_HINT_T0);
-    }
-#endif
+    prefetch_c(c, ldc, mr);
     vec c00 = vzero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     vec c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (int64_t p = 0; p < kc; p++) {
@@ -133,6 +140,7 @@ static void micro_kernel(int64_t kc, const float *restrict a, const float *restr
     static void micro_kernel_##M(int64_t kc, const float *restrict a, const float *restrict b, float *c,    \
                                  int64_t ldc, float beta, int nr)                                           \
     {                                                                                                      \
+        prefetch_c(c, ldc, M);                                                                             \
         vec acc[MR][2];                                                                                    \
         for (int i = 0; i < M; i++) acc[i][0] = acc[i][1] = vzero();                                       \
         for (int64_t p = 0; p < kc; p++) {                                                                 \
