@@ -98,6 +98,52 @@ static inline void store_tile(const vec acc[MR][2], float *c, int64_t ldc, float
 #endif
 }
 
+/* The next B block's memory, read into L2 a little before each micro-kernel call of this block, so
+   that its packing finds it there: weights read once per product (an expert's, at 64 rows) would
+   otherwise come from DRAM while the cores wait, 20-25% of the product's time. */
+struct prefetch {
+    const char *base;  /* first byte of segment 0 */
+    int64_t stride;    /* bytes between segments */
+    int64_t segments;  /* rows of B (or of B^T) in the block */
+    int64_t lines;     /* cache lines per segment */
+    int64_t next;      /* lines issued so far */
+    int64_t per_call;  /* lines to issue per micro-kernel call */
+    int64_t seg, line; /* the next line to issue: segment, line in it */
+};
+
+static struct prefetch next_block(int tb, const float *B, int64_t ldb, int64_t pc, int64_t jc, int64_t kc, int64_t n,
+                                  int64_t k, int64_t calls)
+{
+    struct prefetch f = {NULL, 0, 0, 0, 0, 0, 0, 0};
+    if (pc >= k) return f;
+    const int64_t nc = n - jc < NC ? n - jc : NC;
+    f.stride = ldb * (int64_t)sizeof(float);
+    if (!tb) { /* kc rows of nc floats */
+        f.base = (const char *)(B + pc * ldb + jc);
+        f.segments = kc;
+        f.lines = (nc * (int64_t)sizeof(float) + 63) / 64;
+    } else { /* nc rows of kc floats */
+        f.base = (const char *)(B + jc * ldb + pc);
+        f.segments = nc;
+        f.lines = (kc * (int64_t)sizeof(float) + 63) / 64;
+    }
+    f.per_call = (f.segments * f.lines + calls - 1) / calls;
+    return f;
+}
+
+static inline void prefetch_line(struct prefetch *f)
+{
+    if (f->seg >= f->segments) return;
+    _mm_prefetch(f->base + f->seg * f->stride + f->line * 64, _MM_HINT_T1);
+    if (++f->line == f->lines) f->line = 0, f->seg++;
+}
+
+/* A call's share of the next block at once (before a short tile). */
+static inline void prefetch_some(struct prefetch *f)
+{
+    for (int64_t i = 0; i < f->per_call; i++) prefetch_line(f);
+}
+
 /* The C tile's lines, read at the end: a large C (799 x 2816, an expert's block) is in L3 or memory,
    and a 128-deep tile is too short to wait for it. */
 static inline void prefetch_c(const float *c, int64_t ldc, int mr)
@@ -116,12 +162,19 @@ static inline void prefetch_c(const float *c, int64_t ldc, int mr)
    only the first mr rows and nr columns are written. 12 vector registers hold the tile (of 32 with
    AVX-512, 16 with AVX2), two a row of B, two broadcast values of A. */
 static void micro_kernel(int64_t kc, const float *restrict a, const float *restrict b, float *c, int64_t ldc,
-                         float beta, int mr, int nr)
+                         float beta, int mr, int nr, struct prefetch *f)
 {
     prefetch_c(c, ldc, mr);
     vec c00 = vzero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     vec c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    /* the call's share of the next block, one line every `every` steps of k, not all at once: a
+       burst of ~24 prefetches to memory stalls on the misses in flight */
+    int64_t left = f->per_call, every = left > 0 && kc / left > 0 ? kc / left : 1, countdown = 1;
     for (int64_t p = 0; p < kc; p++) {
+        if (--countdown == 0) {
+            countdown = every;
+            if (left > 0) prefetch_line(f), left--;
+        }
         const vec b0 = vload(b), b1 = vload(b + VW);
         TWO_ROWS(0, 1);
         TWO_ROWS(2, 3);
@@ -129,6 +182,7 @@ static void micro_kernel(int64_t kc, const float *restrict a, const float *restr
         a += MR;
         b += NR;
     }
+    while (left-- > 0) prefetch_line(f);
     const vec acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
     store_tile(acc, c, ldc, beta, mr, nr);
 }
@@ -161,15 +215,17 @@ DEFINE_SHORT_TILE(4)
 DEFINE_SHORT_TILE(5)
 
 /* A tile of mr <= MR rows. */
-static inline void tile(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, float beta, int mr, int nr)
+static inline void tile(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, float beta, int mr, int nr,
+                        struct prefetch *f)
 {
+    if (mr < MR) prefetch_some(f);
     switch (mr) {
     case 1: micro_kernel_1(kc, a, b, c, ldc, beta, nr); break;
     case 2: micro_kernel_2(kc, a, b, c, ldc, beta, nr); break;
     case 3: micro_kernel_3(kc, a, b, c, ldc, beta, nr); break;
     case 4: micro_kernel_4(kc, a, b, c, ldc, beta, nr); break;
     case 5: micro_kernel_5(kc, a, b, c, ldc, beta, nr); break;
-    default: micro_kernel(kc, a, b, c, ldc, beta, mr, nr);
+    default: micro_kernel(kc, a, b, c, ldc, beta, mr, nr, f);
     }
 }
 
@@ -265,45 +321,6 @@ int moekit_gemm_blas = 0;
 /* 1: gemm_rm takes the BLAS's sgemm for every product; 0: moekit_gemm where it applies. */
 void moekit_set_gemm(int blas) { moekit_gemm_blas = blas; }
 
-/* The next B block's memory, read into L2 a little before each micro-kernel call of this block, so
-   that its packing finds it there: weights read once per product (an expert's, at 64 rows) would
-   otherwise come from DRAM while the cores wait, 20-25% of the product's time. */
-struct prefetch {
-    const char *base;  /* first byte of segment 0 */
-    int64_t stride;    /* bytes between segments */
-    int64_t segments;  /* rows of B (or of B^T) in the block */
-    int64_t lines;     /* cache lines per segment */
-    int64_t next;      /* lines issued so far */
-    int64_t per_call;  /* lines to issue per micro-kernel call */
-};
-
-static struct prefetch next_block(int tb, const float *B, int64_t ldb, int64_t pc, int64_t jc, int64_t kc, int64_t n,
-                                  int64_t k, int64_t calls)
-{
-    struct prefetch f = {NULL, 0, 0, 0, 0, 0};
-    if (pc >= k) return f;
-    const int64_t nc = n - jc < NC ? n - jc : NC;
-    f.stride = ldb * (int64_t)sizeof(float);
-    if (!tb) { /* kc rows of nc floats */
-        f.base = (const char *)(B + pc * ldb + jc);
-        f.segments = kc;
-        f.lines = (nc * (int64_t)sizeof(float) + 63) / 64;
-    } else { /* nc rows of kc floats */
-        f.base = (const char *)(B + jc * ldb + pc);
-        f.segments = nc;
-        f.lines = (kc * (int64_t)sizeof(float) + 63) / 64;
-    }
-    f.per_call = (f.segments * f.lines + calls - 1) / calls;
-    return f;
-}
-
-static inline void prefetch_some(struct prefetch *f)
-{
-    const int64_t total = f->segments * f->lines;
-    for (int64_t i = 0; i < f->per_call && f->next < total; i++, f->next++)
-        _mm_prefetch(f->base + (f->next / f->lines) * f->stride + (f->next % f->lines) * 64, _MM_HINT_T1);
-}
-
 /* The calling thread's next product's B (moekit_gemm_next in common.h), taken by its current one. */
 static __thread struct {
     const float *B;
@@ -368,8 +385,7 @@ int moekit_gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, const float *A,
                     const int nr = nc - s < NR ? (int)(nc - s) : NR;
                     for (int64_t t = 0; t < mc; t += MR) {
                         const int mr = mc - t < MR ? (int)(mc - t) : MR;
-                        prefetch_some(&next);
-                        tile(kc, ap + t * kc, bp + s * kc, C + (ic + t) * ldc + jc + s, ldc, b, mr, nr);
+                        tile(kc, ap + t * kc, bp + s * kc, C + (ic + t) * ldc + jc + s, ldc, b, mr, nr, &next);
                     }
                 }
             }
