@@ -690,10 +690,10 @@ def _no_routing() -> None:
 class TopKLayer:
     """`topk_layer` prepared for one layer's tensors and token count: the checks and the arguments of
     the native call that do not change between calls (pointers, sizes, the work memory, the routing's
-    buffers) are done once, outputs are allocated a few at a time, and each call is the call. A decode step runs
-    every other layer between two calls of the same layer, and their weights flush the caches: each of
-    the few dozen Python and torch steps of checking and building the call then misses in the caches
-    on torch's code and data: prepared, a one-token layer call right after a 256 MiB read took 80-90 us
+    buffers) are done once, outputs are allocated a few at a time, and each call is the call. A
+    decode step runs every other layer between two calls of the same layer, and their weights flush
+    the caches: each of the few dozen Python and torch steps of checking and building the call then
+    misses in the caches on torch's code and data: prepared, a one-token layer call right after a 256 MiB read took 80-90 us
     less (1.12-1.14x, in turns with the unprepared call). Valid while `topk_layer_key` gives the same
     key (the caller compares and keeps it; a copy or pickle of the holder drops it)."""
 
@@ -728,9 +728,8 @@ class TopKLayer:
             torch.empty(num_rows),  # weight
         )
         self._out_shape = (tokens, dim)
-        self._outputs: list[
-            tuple[Tensor, int]
-        ] = []  # (out, its data pointer), made OUTPUT_BATCH_BYTES at a time
+        # (out, its data pointer): made a batch at a time, up to OUTPUT_BATCH and OUTPUT_BATCH_BYTES
+        self._outputs: list[tuple[Tensor, int]] = []
         self._batch = max(1, min(OUTPUT_BATCH, OUTPUT_BATCH_BYTES // (tokens * dim * 4)))
         gate = (gate_ED.data_ptr(), None if bias_E is None else bias_E.data_ptr(), top_k, int(renormalize))
         routing = tuple(t.data_ptr() for t in self._routing)

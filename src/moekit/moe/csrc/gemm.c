@@ -109,7 +109,6 @@ struct prefetch {
     int64_t stride;    /* bytes between segments */
     int64_t segments;  /* rows of B (or of B^T) in the block */
     int64_t lines;     /* cache lines per segment */
-    int64_t next;      /* lines issued so far */
     int64_t per_call;  /* lines to issue per micro-kernel call */
     int64_t seg, line; /* the next line to issue: segment, line in it */
 };
@@ -117,7 +116,7 @@ struct prefetch {
 static struct prefetch next_block(int tb, const float *B, int64_t ldb, int64_t pc, int64_t jc, int64_t kc, int64_t n,
                                   int64_t k, int64_t calls)
 {
-    struct prefetch f = {NULL, 0, 0, 0, 0, 0, 0, 0};
+    struct prefetch f = {NULL, 0, 0, 0, 0, 0, 0};
     if (pc >= k) return f;
     const int64_t nc = n - jc < NC ? n - jc : NC;
     f.stride = ldb * (int64_t)sizeof(float);
@@ -141,10 +140,30 @@ static inline void prefetch_line(struct prefetch *f)
     if (++f->line == f->lines) f->line = 0, f->seg++;
 }
 
-/* A call's share of the next block at once (before a short tile). */
-static inline void prefetch_some(struct prefetch *f)
+/* A micro-kernel call's share of the next block, spread over its kc steps of k: one line every `every`
+   steps (`share_step` in the loop), what is left after it (`share_rest`). All at once, a burst of ~24
+   prefetches to memory stalls on the misses in flight. */
+struct share {
+    int64_t left, every, countdown;
+};
+
+static inline struct share share_of(const struct prefetch *f, int64_t kc)
 {
-    for (int64_t i = 0; i < f->per_call; i++) prefetch_line(f);
+    const int64_t left = f->per_call;
+    return (struct share){left, left > 0 && kc / left > 0 ? kc / left : 1, 1};
+}
+
+static inline void share_step(struct share *s, struct prefetch *f)
+{
+    if (--s->countdown == 0) {
+        s->countdown = s->every;
+        if (s->left > 0) prefetch_line(f), s->left--;
+    }
+}
+
+static inline void share_rest(struct share *s, struct prefetch *f)
+{
+    for (; s->left > 0; s->left--) prefetch_line(f);
 }
 
 /* The C tile's lines, read at the end: a large C (799 x 2816, an expert's block) is in L3 or memory,
@@ -170,14 +189,9 @@ static void micro_kernel(int64_t kc, const float *restrict a, const float *restr
     prefetch_c(c, ldc, mr);
     vec c00 = vzero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     vec c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    /* the call's share of the next block, one line every `every` steps of k, not all at once: a
-       burst of ~24 prefetches to memory stalls on the misses in flight */
-    int64_t left = f->per_call, every = left > 0 && kc / left > 0 ? kc / left : 1, countdown = 1;
+    struct share share = share_of(f, kc);
     for (int64_t p = 0; p < kc; p++) {
-        if (--countdown == 0) {
-            countdown = every;
-            if (left > 0) prefetch_line(f), left--;
-        }
+        share_step(&share, f);
         const vec b0 = vload(b), b1 = vload(b + VW);
         TWO_ROWS(0, 1);
         TWO_ROWS(2, 3);
@@ -185,7 +199,7 @@ static void micro_kernel(int64_t kc, const float *restrict a, const float *restr
         a += MR;
         b += NR;
     }
-    while (left-- > 0) prefetch_line(f);
+    share_rest(&share, f);
     const vec acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
     store_tile(acc, c, ldc, beta, mr, nr);
 }
@@ -195,12 +209,14 @@ static void micro_kernel(int64_t kc, const float *restrict a, const float *restr
    last tiles' padding is ~4% of the rows). The A panel keeps its MR-wide layout. */
 #define DEFINE_SHORT_TILE(M)                                                                               \
     static void micro_kernel_##M(int64_t kc, const float *restrict a, const float *restrict b, float *c,    \
-                                 int64_t ldc, float beta, int nr)                                           \
+                                 int64_t ldc, float beta, int nr, struct prefetch *f)                       \
     {                                                                                                      \
         prefetch_c(c, ldc, M);                                                                             \
         vec acc[MR][2];                                                                                    \
         for (int i = 0; i < M; i++) acc[i][0] = acc[i][1] = vzero();                                       \
+        struct share share = share_of(f, kc);                                                              \
         for (int64_t p = 0; p < kc; p++) {                                                                 \
+            share_step(&share, f);                                                                         \
             const vec b0 = vload(b), b1 = vload(b + VW);                                                   \
             for (int i = 0; i < M; i++) {                                                                  \
                 const vec ai = vset1(a + i);                                                               \
@@ -209,6 +225,7 @@ static void micro_kernel(int64_t kc, const float *restrict a, const float *restr
             a += MR;                                                                                       \
             b += NR;                                                                                       \
         }                                                                                                  \
+        share_rest(&share, f);                                                                             \
         store_tile(acc, c, ldc, beta, M, nr);                                                              \
     }
 DEFINE_SHORT_TILE(1)
@@ -221,13 +238,12 @@ DEFINE_SHORT_TILE(5)
 static inline void tile(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, float beta, int mr, int nr,
                         struct prefetch *f)
 {
-    if (mr < MR) prefetch_some(f);
     switch (mr) {
-    case 1: micro_kernel_1(kc, a, b, c, ldc, beta, nr); break;
-    case 2: micro_kernel_2(kc, a, b, c, ldc, beta, nr); break;
-    case 3: micro_kernel_3(kc, a, b, c, ldc, beta, nr); break;
-    case 4: micro_kernel_4(kc, a, b, c, ldc, beta, nr); break;
-    case 5: micro_kernel_5(kc, a, b, c, ldc, beta, nr); break;
+    case 1: micro_kernel_1(kc, a, b, c, ldc, beta, nr, f); break;
+    case 2: micro_kernel_2(kc, a, b, c, ldc, beta, nr, f); break;
+    case 3: micro_kernel_3(kc, a, b, c, ldc, beta, nr, f); break;
+    case 4: micro_kernel_4(kc, a, b, c, ldc, beta, nr, f); break;
+    case 5: micro_kernel_5(kc, a, b, c, ldc, beta, nr, f); break;
     default: micro_kernel(kc, a, b, c, ldc, beta, mr, nr, f);
     }
 }
