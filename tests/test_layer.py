@@ -630,3 +630,49 @@ def test_one_token_inference_matches_reference(case, activation, bias, threads, 
         torch.testing.assert_close(fast.aux_loss, general.aux_loss.detach())
         torch.testing.assert_close(fast.z_loss, general.z_loss.detach())
     assert len(calls) == 4  # the one-token path ran (and only without autograd)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [dict(top_k=2), dict(top_k=1, num_experts=9), dict(top_k=3, expert_bias=True), dict(top_k=2, activation="gelu"),
+     dict(top_k=2, num_shared_experts=1, shared_gate=True)],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
+)  # fmt: skip
+@pytest.mark.parametrize("one_shot", [False, True], ids=["cpu-gathers", "gpu-gathers"])
+def test_gpu_path_matches_reference_when_run_on_the_cpu(case, one_shot, monkeypatch):
+    """The GPU's dropless path (sort, torch._grouped_mm over device-side group ends, batched
+    combine; ExpertBank.forward_device serves it on CUDA only) forced on the CPU in float32:
+    outputs, every gradient and the load statistics match the naive reference, with empty experts
+    (9 experts at top-1 leave some without tokens) and biases, and without autograd too; with the
+    dispatcher's gathers as the CPU runs them (K at a time) and as a GPU does (all at once)."""
+    from moekit.moe import dispatch
+    from moekit.moe import experts as experts_module
+
+    monkeypatch.setattr(dispatch, "_one_shot", lambda t: one_shot)  # the GPU's gathers, or the CPU's
+    calls = []
+
+    def on_any_device(bank, x_TD, expert_idx_A, weight_A, top_k):
+        calls.append(x_TD.shape[0])
+        return experts_module.experts_on_device(bank, x_TD, expert_idx_A, weight_A, top_k)
+
+    monkeypatch.setattr(experts_module.ExpertBank, "forward_device", on_any_device)
+    torch.manual_seed(23)
+    cfg = dict(num_experts=E) | case
+    moe = MoE(MoEConfig(dim=D, hidden_dim=HID, **cfg))
+    with torch.no_grad():
+        for p in moe.experts.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(2, 7, D, requires_grad=True)
+    _, info = _compare(moe, x)
+    assert calls == [14]
+    load = [0.0] * moe.config.num_experts
+    for _, e, _, _ in info["assignments"]:
+        load[e] += 1
+    torch.testing.assert_close(moe(x).stats.tokens_per_expert, torch.tensor(load))
+    assert 0.0 in load or case.get("num_experts") != 9
+    with torch.no_grad():
+        torch.testing.assert_close(
+            moe(x[:, :1]).output, reference_moe(moe, x[:, :1])[0], atol=1e-5, rtol=1e-5
+        )
+    assert calls == [14, 14, 2]
+    assert "experts.w_in_EDF" in info["compared_gradients"]

@@ -142,11 +142,18 @@ class DispatchState:
 def _sum_gathered(src_ND: Tensor, row_TK: Tensor, weight_TK: Tensor | None = None) -> Tensor:
     """out[t] = sum_k (weight[t, k] *) src[row[t, k]]: K row gathers accumulated into one [T, D].
 
-    Gathering all T*K rows at once would allocate a fresh [T*K, D] tensor (often past glibc's mmap
-    threshold, so page faults on every call) and a batched product opens an OpenMP region even for
-    the tiny batches of a decode step; K gathers into a reused [T, D] buffer do neither.
+    On the CPU, gathering all T*K rows at once would allocate a fresh [T*K, D] tensor (often past
+    glibc's mmap threshold, so page faults on every call) and a batched product opens an OpenMP
+    region even for the tiny batches of a decode step; K gathers into a reused [T, D] buffer do
+    neither. On a GPU, where each op is a kernel launch that the host pays for, one gather and one
+    reduction do it (`_one_shot`), whatever K.
     """
     num_tokens, top_k = row_TK.shape
+    if _one_shot(src_ND):
+        src_TKD = src_ND.index_select(0, row_TK.reshape(-1)).view(num_tokens, top_k, -1)
+        if weight_TK is None:
+            return src_TKD.sum(1)
+        return (src_TKD * weight_TK[:, :, None]).sum(1)  # (a [T, 1, K] x [T, K, D] bmm is slow on GPUs)
     out_TD = src_ND.new_empty(num_tokens, src_ND.shape[1])
     torch.index_select(src_ND, 0, row_TK[:, 0], out=out_TD)
     if weight_TK is not None:
@@ -159,6 +166,11 @@ def _sum_gathered(src_ND: Tensor, row_TK: Tensor, weight_TK: Tensor | None = Non
         else:
             out_TD.addcmul_(buf_TD, weight_TK[:, k : k + 1])
     return out_TD
+
+
+def _one_shot(t: Tensor) -> bool:
+    """Whether gathers of K rows per token run as one op rather than K (off the CPU: see _sum_gathered)."""
+    return t.device.type != "cpu"
 
 
 class _GatherRows(torch.autograd.Function):
@@ -204,7 +216,10 @@ class _CombineTopK(torch.autograd.Function):
             weight_N = weight_TK.reshape(-1).index_select(0, perm_N)
             token_N = perm_N.div(top_k, rounding_mode="floor")
             grad_y = grad_TD.index_select(0, token_N).mul_(weight_N[:, None])  # [N, D]
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and _one_shot(y_ND):  # every (t, k) dot product at once
+            y_TKD = y_ND.index_select(0, row_TK.reshape(-1)).view(*row_TK.shape, -1)
+            grad_w = (y_TKD * grad_TD[:, None, :]).sum(-1).reshape(-1).to(ctx.weight_dtype)
+        elif ctx.needs_input_grad[1]:
             grad_TK = weight_TK.new_empty(weight_TK.shape)
             buf_TD = grad_TD.new_empty(grad_TD.shape)
             for k in range(top_k):
@@ -212,6 +227,23 @@ class _CombineTopK(torch.autograd.Function):
                 torch.sum(buf_TD.mul_(grad_TD), dim=1, out=grad_TK[:, k])
             grad_w = grad_TK.reshape(-1).to(ctx.weight_dtype)
         return grad_y, grad_w, None, None, None
+
+
+def inverse_permutation(perm_N: Tensor) -> Tensor:
+    """row_A with row_A[perm_N[n]] = n: the sorted row of every assignment."""
+    return torch.empty_like(perm_N).scatter_(0, perm_N, torch.arange(perm_N.shape[0], device=perm_N.device))
+
+
+def gather_token_rows(x_TD: Tensor, token_N: Tensor, row_A: Tensor, top_k: int) -> Tensor:
+    """x_ND = x_TD[token_N] for a dropless token-major routing (every token has K rows, listed by
+    row_A), with a backward of K gathers instead of a scatter-add."""
+    return _GatherRows.apply(x_TD, token_N, row_A, top_k)
+
+
+def combine_top_k(y_ND: Tensor, weight_A: Tensor, row_A: Tensor, perm_N: Tensor, top_k: int) -> Tensor:
+    """out_TD[t] = sum_k weight_A[t * K + k] * y_ND[row_A[t * K + k]], with gathers in both
+    directions (no scatter-add, no atomics)."""
+    return _CombineTopK.apply(y_ND, weight_A, row_A, perm_N, top_k)
 
 
 class LocalDispatcher:
@@ -254,10 +286,8 @@ class LocalDispatcher:
             )
         if dropless_token_major:
             perm_N = slots.perm_N
-            row_A = torch.empty_like(perm_N).scatter_(
-                0, perm_N, torch.arange(perm_N.shape[0], device=perm_N.device)
-            )
-            x_ND = _GatherRows.apply(x_TD, token_N, row_A, top_k)
+            row_A = inverse_permutation(perm_N)
+            x_ND = gather_token_rows(x_TD, token_N, row_A, top_k)
             state = DispatchState(
                 token_N,
                 weight_N,
@@ -276,7 +306,7 @@ class LocalDispatcher:
     def combine(self, y_ND: Tensor, state: DispatchState) -> Tensor:
         """[T, D] = sum over a token's kept assignments of weight * expert output."""
         if state.row_A is not None:
-            return _CombineTopK.apply(y_ND, state.weight_A, state.row_A, state.perm_N, state.top_k)
+            return combine_top_k(y_ND, state.weight_A, state.row_A, state.perm_N, state.top_k)
         weighted_ND = y_ND * state.weight_N.to(y_ND.dtype)[:, None]
         out_TD = y_ND.new_zeros(state.num_tokens, y_ND.shape[1])
         return out_TD.index_add(0, state.token_N, weighted_ND)

@@ -29,8 +29,9 @@ from moekit.moe.activations import (  # noqa: F401  (re-exported: the dense FFN 
     glu_activation,
 )
 from moekit.moe.config import MoEConfig
+from moekit.moe.dispatch import combine_top_k, gather_token_rows, inverse_permutation
 from moekit.moe.fused import DEFAULT_BLOCK_BYTES, ExpertSpec, FusedExperts, experts_forward
-from moekit.moe.grouped import GroupPlan, expert_of_rows, expert_pair, grouped_mm
+from moekit.moe.grouped import GroupPlan, expert_of_rows, expert_pair, grouped_mm, grouped_mm_on_device
 
 
 class ExpertBank(nn.Module):
@@ -149,6 +150,17 @@ class ExpertBank(nn.Module):
         y_KD = y_parts[0] if len(y_parts) == 1 else torch.cat(y_parts)  # top-2: the pair's output as it is
         return torch.mm(weight_K[None], y_KD)  # [1, D] = sum_k w_k y_k
 
+    def forward_device(
+        self, x_TD: Tensor, expert_idx_A: Tensor, weight_A: Tensor, top_k: int
+    ) -> tuple[Tensor, Tensor] | None:
+        """Steps 2-4 of a dropless token-choice layer on a GPU -> (out [T, D], assignments per
+        expert [E] float32), or None where this path does not serve (not CUDA, a strategy other
+        than "auto"/"grouped_mm", or no `torch._grouped_mm` for the tensors): see
+        `experts_on_device`."""
+        if x_TD.device.type != "cuda" or self.strategy not in ("auto", "grouped_mm"):
+            return None
+        return experts_on_device(self, x_TD, expert_idx_A, weight_A, top_k)
+
     def _fused(self, x: Tensor, token_N: Tensor | None, weight_N: Tensor | None, plan: GroupPlan) -> Tensor:
         params = (x, weight_N, self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED)
         spec = ExpertSpec(self.activation, self.is_glu, self.strategy, self.block_bytes)
@@ -189,6 +201,48 @@ class ExpertBank(nn.Module):
             config.expert_bias,
             config.expert_dropout,
         )
+
+
+def experts_on_device(
+    bank: ExpertBank, x_TD: Tensor, expert_idx_A: Tensor, weight_A: Tensor, top_k: int
+) -> tuple[Tensor, Tensor] | None:
+    """The GPU's dropless experts: nothing is read back to the host, so the CPU keeps queueing
+    kernels while the GPU computes (the CPU path's host-side group plan would wait for the GPU at
+    every layer). -> (out [T, D], assignments per expert [E] float32), or None where
+    `torch._grouped_mm` does not serve these tensors.
+
+    The A = T * K assignments (token-major: assignment a is token a // K) are sorted by expert on
+    the device; each expert's group ends at the number of assignments to experts <= e (a
+    searchsorted over the sorted ids: no bincount, whose output size is read on the host). Rows
+    gather their tokens, run the two grouped products with the activation between, and each
+    token's K outputs are summed with its K weights. The gather and the combine are the local
+    dispatcher's (dispatch.py): gathers both ways, no scatter-add (whose deterministic CUDA backward
+    sorts its indices), no batched [T, 1, K] x [T, K, D] product (a slow kernel for such shapes).
+    Under autocast, operands are cast to autocast's dtype as `torch.mm`'s would be.
+    """
+    device = x_TD.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
+    w_in_EDH, w_out_EFD = bank.w_in_EDF.to(dtype), bank.w_out_EFD.to(dtype)
+    expert_N, perm_N = torch.sort(expert_idx_A, stable=True)  # sorted row n is assignment perm_N[n]
+    experts_E = torch.arange(bank.num_experts, device=expert_idx_A.device, dtype=expert_N.dtype)
+    ends_E = torch.searchsorted(expert_N, experts_E, right=True)  # [E] end row of each group
+    offs_E = ends_E.to(torch.int32)
+    row_A = inverse_permutation(perm_N)  # the sorted row of every assignment
+    x_ND = gather_token_rows(x_TD.to(dtype), perm_N.div(top_k, rounding_mode="floor"), row_A, top_k)
+    h_NH = grouped_mm_on_device(x_ND, w_in_EDH, offs_E)
+    if h_NH is None:
+        return None
+    if bank.b_in_EF is not None:
+        h_NH = h_NH + bank.b_in_EF.to(dtype)[expert_N]
+    a_NF = apply_activation(bank.activation, h_NH, bank.is_glu)
+    y_ND = grouped_mm_on_device(a_NF, w_out_EFD, offs_E)
+    if y_ND is None:
+        return None
+    if bank.b_out_ED is not None:
+        y_ND = y_ND + bank.b_out_ED.to(dtype)[expert_N]
+    out_TD = combine_top_k(y_ND, weight_A, row_A, perm_N, top_k)
+    routed_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1)).float()
+    return out_TD, routed_E
 
 
 class SharedExperts(nn.Module):

@@ -131,6 +131,20 @@ def _grouped_mm_ok(x_ND: Tensor, w_EDF: Tensor) -> bool:
     return aligned and all((s * size) % 16 == 0 for s in strides)
 
 
+def grouped_mm_on_device(x_ND: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor | None:
+    """[N, F] = `x_ND[group e] @ w_EDF[e]` by one `torch._grouped_mm`, with autograd (torch's own
+    backward), where group e ends at row `offs_E[e]` (int32 cumulative counts, on x's device: no
+    host sync). None where `_grouped_mm` does not serve these tensors (dtype, alignment, or it
+    raised once for this device and dtype): the caller then takes the host-planned path."""
+    if not _grouped_mm_ok(x_ND, w_EDF):
+        return None
+    try:
+        return torch._grouped_mm(x_ND, w_EDF, offs=offs_E)
+    except RuntimeError:  # no kernel for this device/dtype (e.g. float32 on some GPUs): remember
+        _GROUPED_MM_UNSUPPORTED.add((x_ND.device.type, x_ND.dtype))
+        return None
+
+
 def pick_strategy(strategy: str, plan: GroupPlan, x_ND: Tensor, w_EDF: Tensor) -> str:
     """The strategy to run: the requested one, or for "auto" the fastest that applies."""
     if strategy not in STRATEGIES:

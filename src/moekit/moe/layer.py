@@ -262,13 +262,12 @@ class MoE(nn.Module):
                 )
                 capacity, order_A = None, None
         inner_aux = inner_z = None
-        out_TD = None
-        if self._routed_inference(routing, valid_A, capacity):
-            # 2.-4. decode-size inference straight from the routing, where it can (a single token, or
-            # the native kernel's batch sizes; see ExpertBank.forward_routed)
-            out_TD = self.experts.forward_routed(x_TD, routing.expert_idx_A, routing.weight_A, routing.top_k)
-        if out_TD is not None:
-            routed_E = kept_E = None  # (counted when read)
+        # 2.-4. straight from the routing where a path serves: a GPU's grouped products on the
+        # device, or decode-size inference
+        straight = self._straight(x_TD, routing) if self._dropless_local(routing, valid_A, capacity) else None
+        if straight is not None:
+            out_TD, routed_E = straight
+            kept_E = routed_E
         elif self._fused_local():
             # 2.-4. on one process, gather, experts and combine run fused block by block (with their
             # own backward): no [N, D] copy of the routed rows, outputs or gradients is ever made
@@ -353,10 +352,12 @@ class MoE(nn.Module):
             return out_1D if self.shared is None else out_1D + self.shared(x_1D)
         routing = self.router(x_1D)
         capacity = self.config.capacity(routing.top_k, self.training) if routing.top_k > 0 else None
-        if not self._routed_inference(routing, routing.keep_A, capacity):
+        straight = (
+            self._straight(x_1D, routing) if self._dropless_local(routing, routing.keep_A, capacity) else None
+        )
+        if straight is None:
             return None
-        out_1D = self.experts.forward_routed(x_1D, routing.expert_idx_A, routing.weight_A, routing.top_k)
-        return out_1D if self.shared is None else out_1D + self.shared(x_1D)
+        return straight[0] if self.shared is None else straight[0] + self.shared(x_1D)
 
     def _native_inference(self, x_TD: Tensor) -> tuple[Callable[[], Routing], Tensor] | None:
         """Steps 1-4 of an inference call in one native call (native.TopKLayer), where they can run
@@ -434,13 +435,25 @@ class MoE(nn.Module):
         bank = experts._native_bank()
         return native.TopKLayer(x_TD, gate_ED, bias_E, top_k, renormalize, bank, experts.strategy, key)
 
-    def _routed_inference(self, routing: Routing, valid_A: Tensor | None, capacity: int | None) -> bool:
-        """Whether steps 2-4 may go straight from the routing (ExpertBank.forward_routed): no
-        autograd, a token-choice routing whose every assignment counts (no padding mask, no random
-        drop, no capacity: `valid_A` None), and the fused local expert bank."""
+    def _straight(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor | None] | None:
+        """Steps 2-4 straight from a dropless routing, where a path serves -> (out [T, D],
+        assignments per expert, or None: counted when read), else None. On a GPU the device's
+        grouped products (ExpertBank.forward_device: no host sync, with autograd); for inference
+        the decode-size paths (ExpertBank.forward_routed: one token, or the native kernel's sizes)."""
+        device_out = self.experts.forward_device(x_TD, routing.expert_idx_A, routing.weight_A, routing.top_k)
+        if device_out is not None:
+            return device_out
+        if torch.is_grad_enabled():
+            return None
+        out_TD = self.experts.forward_routed(x_TD, routing.expert_idx_A, routing.weight_A, routing.top_k)
+        return None if out_TD is None else (out_TD, None)
+
+    def _dropless_local(self, routing: Routing, valid_A: Tensor | None, capacity: int | None) -> bool:
+        """Whether steps 2-4 may go straight from the routing (ExpertBank.forward_device on a GPU,
+        forward_routed for inference): a token-choice routing whose every assignment counts (no
+        padding mask, no random drop, no capacity: `valid_A` None), and the fused local bank."""
         return (
-            not torch.is_grad_enabled()
-            and valid_A is None
+            valid_A is None
             and capacity is None
             and routing.top_k > 0
             and routing.token_idx_A is None
