@@ -151,7 +151,8 @@ def test_gpu_bench_runs_its_code_on_the_cpu_and_checks_outputs(tmp_path):
                     c["impl"] for c in cells if (c["shape"], c["tokens"], c["mode"]) == (shape, tokens, mode)
                 }
                 assert got == impls
-    assert all(c["matches"] and c["ms"] > 0 for c in cells), [c for c in cells if not c["matches"]]
+    # float32 on the CPU: every implementation (routers included) matches the float32 layer
+    assert all(c["tokens_off"] <= bench_gpu.MAX_TOKENS_OFF and c["ms"] > 0 for c in cells), cells
     # the GPU configuration: experts in bf16, the router's weight kept in float32
     modules = bench_gpu.build(bench_gpu.QUICK_SHAPES[0], torch.device("cpu"), torch.bfloat16)
     moe = modules["moekit"]
