@@ -86,6 +86,24 @@ def test_config_round_trip_and_unknown_keys():
         MoEConfig.from_dict({**cfg.to_dict(), "topk": 3})
 
 
+def test_config_counts_field_assignments_and_compares_by_fields_alone():
+    """Every field assignment is counted (prepared native calls compare the count); the count is
+    no field: equality, to_dict, copies and pickles see the fields alone."""
+    import copy
+    import pickle
+
+    cfg = MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2)
+    start = cfg.assignments
+    assert start >= 4  # construction assigns every field
+    cfg.top_k = 1
+    cfg.top_k = 2  # back to the same value: still two assignments
+    assert cfg.assignments == start + 2
+    twin = MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2)
+    assert twin == cfg and twin.assignments != cfg.assignments
+    assert "_assignments" not in cfg.to_dict() and MoEConfig.from_dict(cfg.to_dict()) == cfg
+    assert copy.deepcopy(cfg) == cfg and pickle.loads(pickle.dumps(cfg)) == cfg
+
+
 def test_capacity_rule():
     cfg = MoEConfig(dim=8, hidden_dim=8, num_experts=8, top_k=2, capacity_factor=1.25, min_capacity=4)
     assert cfg.capacity(2 * 100, training=True) == 32  # ceil(1.25 * 200 / 8) = 31.25 -> 32

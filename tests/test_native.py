@@ -360,6 +360,8 @@ def test_layer_prepared_call_follows_the_layer_settings(monkeypatch):
     layer.router.top_k = 3
     layer.config.top_k = 3  # (the reference reads the config)
     check(6)
+    layer.config.norm_topk_prob = False  # a field assigned (the key counts assignments): prepared again
+    check(7)
 
 
 def _layer_with_router_bias(num_experts: int) -> MoE:

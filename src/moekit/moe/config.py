@@ -95,6 +95,17 @@ class MoEConfig:
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form metadata, never read by the layer
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Every assignment is counted (`assignments`): a layer's prepared native call compares the
+        # count, not every field, on each decode step (MoE._native_key).
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "_assignments", self.__dict__.get("_assignments", 0) + 1)
+
+    @property
+    def assignments(self) -> int:
+        """How many times a field of this config was assigned (construction included)."""
+        return self.__dict__["_assignments"]
+
     def __post_init__(self) -> None:
         if isinstance(self.inner, dict):
             self.inner = MoEConfig.from_dict(self.inner)

@@ -387,7 +387,8 @@ class MoE(nn.Module):
 
     def _native_key(self, x_TD: Tensor) -> tuple:
         """What `_prepare_native` reads: the submodules (the objects: a replaced one prepares again),
-        the dispatcher's type, the training flags, the router's hooks, the config's values, the
+        the dispatcher's type, the training flags, the router's hooks, the config (the object and
+        its count of field assignments: one number instead of every field), the
         router's and bank's settings, the memory of their tensors (a parameter replaced, moved or
         converted has new memory), and what native.topk_layer_key names (the input's size and layout,
         threads, switches). One flat expression reading the modules' dicts: on the caches a decode
@@ -403,7 +404,8 @@ class MoE(nn.Module):
             self.training,
             experts._modules["dropout"].training,
             _has_hooks(router),
-            *self.config.__dict__.values(),
+            self.config,
+            self.config.__dict__["_assignments"],  # (its count of assignments: any field changed)
             router.top_k,
             attrs["strategy"],
             attrs["activation"],

@@ -221,6 +221,8 @@ def _load(path: Path | None = None) -> ctypes.CDLL:
     # threads
     lib.moekit_topk_layer.argtypes = [p, i64, p, p, i64, i32, p, p, p, p, i64, *bank[:-1], p, p, i32]
     lib.moekit_topk_layer.restype = i32
+    lib.moekit_topk_layer_packed.argtypes = [p, p, p]  # x, out, the other arguments (TopKLayer)
+    lib.moekit_topk_layer_packed.restype = i32
     lib.moekit_many_rows_backward.argtypes = [
         *sorted_rows,
         *[p] * 5,  # w_in, w_out, b_out, h_save, grad_out
@@ -733,11 +735,21 @@ class TopKLayer:
         self._batch = max(1, min(OUTPUT_BATCH, OUTPUT_BATCH_BYTES // (tokens * dim * 4)))
         gate = (gate_ED.data_ptr(), None if bias_E is None else bias_E.data_ptr(), top_k, int(renormalize))
         routing = tuple(t.data_ptr() for t in self._routing)
-        # the call's arguments: x, `_before` (tokens, gate, routing, bank), out, `_after` (work, threads)
-        self._before = (tokens, *gate, *routing, num_experts, *_bank_args(experts, dim))
-        self._after = (work.data_ptr(), torch.get_num_threads())
+        # the call's other arguments, packed once (moekit_topk_layer_packed: tokens, gate, routing,
+        # bank, work, threads; a missing pointer is 0)
+        args = (
+            tokens,
+            *gate,
+            *routing,
+            num_experts,
+            *_bank_args(experts, dim),
+            work.data_ptr(),
+            torch.get_num_threads(),
+        )
+        self._args = (ctypes.c_int64 * len(args))(*(0 if a is None else a for a in args))
+        self._args_ptr = ctypes.addressof(self._args)
         self._work = work
-        self._fn = library().moekit_topk_layer
+        self._fn = library().moekit_topk_layer_packed
 
     @classmethod
     def declined(cls, key: tuple = ()) -> TopKLayer:
@@ -766,7 +778,7 @@ class TopKLayer:
                 (t, t.data_ptr()) for t in (torch.empty(self._out_shape) for _ in range(self._batch))
             )
         out_TD, out_ptr = outputs.pop()
-        status = self._fn(x_TD.data_ptr(), *self._before, out_ptr, *self._after)
+        status = self._fn(x_TD.data_ptr(), out_ptr, self._args_ptr)
         if status == 1:
             return None
         if status != 0:

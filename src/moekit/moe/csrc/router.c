@@ -95,3 +95,19 @@ int moekit_topk_layer(const float *x, int64_t T, const float *W, const float *b,
     return moekit_routed(x, idx, weight, K, E, w_in, w_out, b_in, b_out, D, F, glu, act, T * K, out, work, nthreads,
                          NULL, 0);
 }
+
+/* moekit_topk_layer with the arguments that do not change between a prepared layer's calls read
+   from `args` (int64 each, pointers as integers), in moekit_topk_layer's order without x and out:
+   T, W, b, K, renormalize, logits, probs, idx, weight, E, w_in, w_out, b_in, b_out, D, F, glu, act,
+   work, nthreads. A decode step calls this after the other layers flushed the caches: through
+   ctypes, 3 arguments instead of 22 take about 10 us less. */
+int moekit_topk_layer_packed(const float *x, float *out, const int64_t *args)
+{
+#define PTR(i, type) ((type)(intptr_t)args[i])
+    return moekit_topk_layer(x, args[0], PTR(1, const float *), PTR(2, const float *), args[3], (int)args[4],
+                             PTR(5, float *), PTR(6, float *), PTR(7, int64_t *), PTR(8, float *), args[9],
+                             PTR(10, const float *), PTR(11, const float *), PTR(12, const float *),
+                             PTR(13, const float *), args[14], args[15], (int)args[16], (int)args[17], out,
+                             PTR(18, float *), (int)args[19]);
+#undef PTR
+}
