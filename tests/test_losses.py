@@ -178,3 +178,19 @@ def test_stats_against_direct_counts():
     assert out.stats.max_load_violation.item() == pytest.approx(max(routed) / (24 / E) - 1)
     ent = sum(-sum(p * math.log(p) for p in row) for row in probs.tolist()) / 24
     assert out.stats.router_entropy.item() == pytest.approx(ent, rel=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_counts_by_scatter_match_a_loop(weighted):
+    """The sync-free counts used off the CPU (a scatter-add) and the CPU's bincount both equal a
+    plain loop, with and without weights, empty bins included."""
+    g = torch.Generator().manual_seed(3)
+    index = torch.randint(0, 7, (50,), generator=g)
+    index[index == 4] = 5  # bin 4 stays empty
+    weights = torch.rand(50, generator=g) if weighted else None
+    expected = [0.0] * 9
+    for i, v in enumerate(index.tolist()):
+        expected[v] += 1.0 if weights is None else float(weights[i])
+    for got in (L.scatter_counts(index, weights, 9), L.counts(index, weights, 9)):
+        assert got.dtype == torch.float32 and got.shape == (9,)
+        torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=1e-6)

@@ -26,10 +26,27 @@ def _mask_or_ones(mask_T: Tensor | None, num_tokens: int, device: torch.device) 
     return mask_T.to(torch.float32)
 
 
+def counts(index: Tensor, weights: Tensor | None, size: int) -> Tensor:
+    """[size] float32 sums of `weights` (ones when None) by index in [0, size). `torch.bincount` on
+    the CPU; elsewhere a scatter-add (`scatter_counts`): CUDA's bincount reads the largest index
+    back to the host to size its output, a sync in every layer's losses."""
+    if index.device.type != "cpu":
+        return scatter_counts(index, weights, size)
+    return torch.bincount(index, weights=weights, minlength=size).to(torch.float32)
+
+
+def scatter_counts(index: Tensor, weights: Tensor | None, size: int) -> Tensor:
+    """`counts` by a scatter-add into [size] zeros (no host sync on any device)."""
+    if weights is None:
+        values = torch.ones(index.shape, dtype=torch.float32, device=index.device)
+    else:
+        values = weights.to(torch.float32)
+    return torch.zeros(size, dtype=torch.float32, device=index.device).index_add_(0, index, values)
+
+
 def expert_counts(expert_idx_A: Tensor, valid_A: Tensor | None, num_experts: int) -> Tensor:
     """[E] float32 number of (valid) assignments per expert."""
-    weights = None if valid_A is None else valid_A.to(torch.float32)
-    return torch.bincount(expert_idx_A, weights=weights, minlength=num_experts).to(torch.float32)
+    return counts(expert_idx_A, None if valid_A is None else valid_A.to(torch.float32), num_experts)
 
 
 def switch_load_balance_loss(probs_TE: Tensor, counts_E: Tensor, mask_T: Tensor | None = None) -> Tensor:
@@ -108,8 +125,7 @@ def sequence_balance_loss(
     p_BE = p_BE / real_B.clamp_min(1.0)[:, None]
     seq_A = token_idx_A // seq_len
     flat_idx = seq_A * num_experts + expert_idx_A
-    counts_BE = torch.bincount(flat_idx, weights=m_T[token_idx_A], minlength=num_sequences * num_experts)
-    counts_BE = counts_BE.view(num_sequences, num_experts).to(torch.float32)
+    counts_BE = counts(flat_idx, m_T[token_idx_A], num_sequences * num_experts).view(num_sequences, num_experts)
     f_BE = counts_BE / counts_BE.sum(dim=1, keepdim=True).clamp_min(1.0)
     per_seq_B = num_experts * (f_BE * p_BE).sum(dim=1)
     has_tokens_B = (real_B > 0).to(torch.float32)
