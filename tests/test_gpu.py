@@ -58,6 +58,17 @@ def _forward_backward(moe, x, probe):
     return out.output, grads
 
 
+def _reference_forward_backward(reference, x, probe):
+    """The naive float64 loop's output and the gradients of (output * probe).sum() w.r.t. x and
+    every parameter of `reference` (a float64 CPU layer)."""
+    x = x.double().requires_grad_(True)
+    ref, _ = reference_moe(reference, x)
+    (ref * probe.double()).sum().backward()
+    grads = {"x": x.grad}
+    grads.update({n: p.grad for n, p in reference.named_parameters() if p.grad is not None})
+    return ref, grads
+
+
 def _layer_pair(seed: int, **kw):
     """A float32 CPU layer and its bf16-expert, float32-router copy on DEVICE, and the float64 CPU
     reference layer holding the bf16-rounded weights the device copy computes with."""
@@ -95,13 +106,7 @@ def test_bf16_layer_matches_float64_reference(strategy, monkeypatch):
     probe = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
     out, grads = _forward_backward(device, x.to(DEVICE), probe)
     assert out.dtype == torch.bfloat16 and out.device.type == DEVICE.type
-    ref_x = x.double().requires_grad_(True)
-    ref, _ = reference_moe(reference, ref_x)
-    (ref * probe.double()).sum().backward()
-    ref_grads = {
-        "x": ref_x.grad,
-        **{n: p.grad for n, p in reference.named_parameters() if p.grad is not None},
-    }
+    ref, ref_grads = _reference_forward_backward(reference, x, probe)
     assert _relative_error(out, ref) < 1e-2
     assert grads.keys() == ref_grads.keys()
     for name in grads:  # bf16 rounding of activations and gradients: about 2^-8 relative each
@@ -136,13 +141,7 @@ def test_autocast_layer_over_float32_weights_matches_float64_reference():
         routing = layer.router(x.to(DEVICE))
         out, grads = _forward_backward(layer, x.to(DEVICE), probe)
     assert routing.logits_TE.dtype == torch.float32
-    ref_x = x.double().requires_grad_(True)
-    ref, _ = reference_moe(reference, ref_x)
-    (ref * probe.double()).sum().backward()
-    ref_grads = {
-        "x": ref_x.grad,
-        **{n: p.grad for n, p in reference.named_parameters() if p.grad is not None},
-    }
+    ref, ref_grads = _reference_forward_backward(reference, x, probe)
     assert _relative_error(out, ref) < 2e-2
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():

@@ -125,7 +125,9 @@ def sequence_balance_loss(
     p_BE = p_BE / real_B.clamp_min(1.0)[:, None]
     seq_A = token_idx_A // seq_len
     flat_idx = seq_A * num_experts + expert_idx_A
-    counts_BE = counts(flat_idx, m_T[token_idx_A], num_sequences * num_experts).view(num_sequences, num_experts)
+    counts_BE = counts(flat_idx, m_T[token_idx_A], num_sequences * num_experts).view(
+        num_sequences, num_experts
+    )
     f_BE = counts_BE / counts_BE.sum(dim=1, keepdim=True).clamp_min(1.0)
     per_seq_B = num_experts * (f_BE * p_BE).sum(dim=1)
     has_tokens_B = (real_B > 0).to(torch.float32)
