@@ -161,6 +161,7 @@ def test_grouped_mm_without_a_kernel_falls_back_to_the_loop(monkeypatch):
         raise RuntimeError("grouped gemm is not supported on this device")
 
     monkeypatch.setattr(grouped, "_GROUPED_MM_UNSUPPORTED", set())
+    monkeypatch.setattr(grouped, "_GROUPED_MM_WORKS", set())
     monkeypatch.setattr(torch, "_grouped_mm", no_kernel)
     counts = [3, 0, 5, 1]
     _check(counts, "grouped_mm", torch.float32)  # forward and backward against the per-row loop
@@ -168,3 +169,33 @@ def test_grouped_mm_without_a_kernel_falls_back_to_the_loop(monkeypatch):
     assert len(calls) == 1 and unsupported == {("cpu", torch.float32)}
     plan = GroupPlan.from_counts(counts)
     assert pick_strategy("grouped_mm", plan, torch.randn(9, 16), torch.randn(4, 16, 8)) == "loop"
+
+
+def test_grouped_mm_errors_where_it_has_run_or_out_of_memory_are_raised(monkeypatch):
+    """Only a first failure on a device and dtype reads as "no kernel" (the loop from then on): an
+    error where torch._grouped_mm has run before, or running out of memory, is the caller's."""
+    real = torch._grouped_mm
+    monkeypatch.setattr(grouped, "_GROUPED_MM_UNSUPPORTED", set())
+    monkeypatch.setattr(grouped, "_GROUPED_MM_WORKS", set())
+    x, w = torch.randn(9, 16), torch.randn(4, 16, 8)
+    offs = torch.tensor([3, 3, 8, 9], dtype=torch.int32)
+    y = grouped.grouped_mm_on_device(x, w, offs)
+    torch.testing.assert_close(y[3:8], x[3:8] @ w[2])
+    assert ("cpu", torch.float32) in grouped._GROUPED_MM_WORKS and len(grouped._GROUPED_MM_WORKS) == 1
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an error after it worked")
+
+    monkeypatch.setattr(torch, "_grouped_mm", broken)
+    with pytest.raises(RuntimeError, match="after it worked"):
+        grouped.grouped_mm_on_device(x, w, offs)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(grouped, "_GROUPED_MM_WORKS", set())
+    monkeypatch.setattr(torch, "_grouped_mm", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        grouped.grouped_mm_on_device(x, w, offs)
+    assert not grouped._GROUPED_MM_UNSUPPORTED
+    monkeypatch.setattr(torch, "_grouped_mm", real)

@@ -676,3 +676,5 @@ def test_gpu_path_matches_reference_when_run_on_the_cpu(case, one_shot, monkeypa
         )
     assert calls == [14, 14, 2]
     assert "experts.w_in_EDF" in info["compared_gradients"]
+    empty = moe(torch.randn(0, D, requires_grad=True))  # no tokens: the host-planned path's zeros
+    assert empty.output.shape == (0, D) and calls == [14, 14, 2, 0]

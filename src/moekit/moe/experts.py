@@ -220,6 +220,8 @@ def experts_on_device(
     sorts its indices), no batched [T, 1, K] x [T, K, D] product (a slow kernel for such shapes).
     Under autocast, operands are cast to autocast's dtype as `torch.mm`'s would be.
     """
+    if expert_idx_A.shape[0] == 0:
+        return None  # no tokens: the host-planned path returns its zeros
     device = x_TD.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
     w_in_EDH, w_out_EFD = bank.w_in_EDF.to(dtype), bank.w_out_EFD.to(dtype)

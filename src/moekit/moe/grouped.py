@@ -117,6 +117,26 @@ class GroupPlan:
 # (device type, dtype) where torch._grouped_mm raised (e.g. a GPU generation it has no kernel
 # for): the loop serves them from then on instead of failing every call
 _GROUPED_MM_UNSUPPORTED: set[tuple[str, torch.dtype]] = set()
+# (device type, dtype) where it ran: an error there later is a real one (raised, not a fallback)
+_GROUPED_MM_WORKS: set[tuple[str, torch.dtype]] = set()
+
+
+def _try_grouped_mm(x_ND: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor | None:
+    """torch._grouped_mm(x, w, offs), or None where it has no kernel for this device and dtype
+    (remembered: `_grouped_mm_ok` answers False from then on). Out of memory, or any error where it
+    has run before, is raised."""
+    key = (x_ND.device.type, x_ND.dtype)
+    try:
+        y_NF = torch._grouped_mm(x_ND, w_EDF, offs=offs_E)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:
+        if key in _GROUPED_MM_WORKS:
+            raise
+        _GROUPED_MM_UNSUPPORTED.add(key)
+        return None
+    _GROUPED_MM_WORKS.add(key)
+    return y_NF
 
 
 def _grouped_mm_ok(x_ND: Tensor, w_EDF: Tensor) -> bool:
@@ -138,11 +158,7 @@ def grouped_mm_on_device(x_ND: Tensor, w_EDF: Tensor, offs_E: Tensor) -> Tensor 
     raised once for this device and dtype): the caller then takes the host-planned path."""
     if not _grouped_mm_ok(x_ND, w_EDF):
         return None
-    try:
-        return torch._grouped_mm(x_ND, w_EDF, offs=offs_E)
-    except RuntimeError:  # no kernel for this device/dtype (e.g. float32 on some GPUs): remember
-        _GROUPED_MM_UNSUPPORTED.add((x_ND.device.type, x_ND.dtype))
-        return None
+    return _try_grouped_mm(x_ND, w_EDF, offs_E)
 
 
 def pick_strategy(strategy: str, plan: GroupPlan, x_ND: Tensor, w_EDF: Tensor) -> str:
@@ -177,10 +193,8 @@ def mm_groups(x_ND: Tensor, w_EDF: Tensor, plan: GroupPlan, out_NF: Tensor, stra
     strategy = pick_strategy(strategy, plan, x_ND, w_EDF)
     if strategy == "grouped_mm" and plan.bounds:
         offs_E = torch.tensor(plan.counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        try:
-            y_NF = torch._grouped_mm(x_ND, w_EDF, offs=offs_E.to(x_ND.device))
-        except RuntimeError:  # no kernel for this device/dtype: remember, and loop instead
-            _GROUPED_MM_UNSUPPORTED.add((x_ND.device.type, x_ND.dtype))
+        y_NF = _try_grouped_mm(x_ND, w_EDF, offs_E.to(x_ND.device))
+        if y_NF is None:  # no kernel for this device/dtype: the loop instead
             strategy = "loop"
         else:
             out_NF[: plan.num_rows].copy_(y_NF[: plan.num_rows])
