@@ -104,7 +104,7 @@ class MoEConfig:
     @property
     def assignments(self) -> int:
         """How many times a field of this config was assigned (construction included)."""
-        return self.__dict__["_assignments"]
+        return self.__dict__.get("_assignments", 0)  # (0: unpickled from before the count)
 
     def __post_init__(self) -> None:
         if isinstance(self.inner, dict):

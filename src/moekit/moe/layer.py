@@ -405,7 +405,7 @@ class MoE(nn.Module):
             experts._modules["dropout"].training,
             _has_hooks(router),
             self.config,
-            self.config.__dict__["_assignments"],  # (its count of assignments: any field changed)
+            self.config.assignments,  # (its count of field assignments: any field changed)
             router.top_k,
             attrs["strategy"],
             attrs["activation"],
