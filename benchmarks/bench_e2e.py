@@ -87,10 +87,10 @@ def paired_speedup(times: dict[str, list[float]]) -> float:
 
 
 def mixed_precision(device: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a GPU (float32 weights); nothing on the CPU (float32 throughout)."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """What moekit's trainer trains under: bf16 autocast on a GPU (float32 weights), float32 on the CPU."""
+    from moekit.train.trainer import autocast_for
+
+    return autocast_for(torch.device(device), "auto")
 
 
 def train_step_fn(
