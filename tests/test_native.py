@@ -168,7 +168,26 @@ def test_routed_rejects_expert_indices_out_of_range():
 def test_topk_layer_matches_float64_router_and_experts(bias, renormalize, threads, tokens, top_k):
     # the router in C (logits, softmax, top-k, renormalization) and the experts after it, against
     # the router's formulas in float64 and the float64 loop of the experts
-    experts, dim = 6, 40
+    _check_topk_layer(6, 40, tokens, top_k, bias, renormalize, threads)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("experts", "dim", "tokens"),
+    [
+        (64, 64, 200),  # routing work past ROUTE_SERIAL_MACS: the tokens routed on the threads;
+        # 400 assignments: the sort's arrays on the heap
+        (300, 32, 3),  # more experts than the sort keeps on the stack
+    ],
+)
+def test_topk_layer_with_many_tokens_or_experts_matches_float64(threads, experts, dim, tokens):
+    _check_topk_layer(experts, dim, tokens, 2, True, True, threads)
+
+
+def _check_topk_layer(experts, dim, tokens, top_k, bias, renormalize, threads):
+    """native.topk_layer on `threads` threads against float64: logits, probabilities, the top-k
+    (largest first), their weights and the experts' weighted outputs (a loop)."""
     x, _, _, w_in, w_out, b_in, b_out = _problem(dim, 24, [1] * experts, tokens, True, bias, seed=4)
     gen = torch.Generator().manual_seed(5)
     gate = torch.randn(experts, dim, generator=gen) / dim**0.5
@@ -216,26 +235,46 @@ def test_topk_layer_breaks_ties_by_lower_expert_and_reports_non_finite_logits():
     assert native.topk_layer(x, gate, None, 3, False, bank) is None
 
 
-def _count_calls(monkeypatch, entries: tuple[str, ...] = ("sorted_rows", "routed")) -> list[int]:
+class _Calls:
+    """Calls counted: of the Python entries patched, plus the library's own count of its one-call
+    layer (native.topk_layer_calls: the layer's prepared call, whether by the C++ call or ctypes)."""
+
+    def __init__(self):
+        self.python: list[int] = []
+        self.start = native.topk_layer_calls()
+
+    def __len__(self) -> int:
+        return len(self.python) + native.topk_layer_calls() - self.start
+
+    def reset(self) -> None:
+        self.python.clear()
+        self.start = native.topk_layer_calls()
+
+
+@pytest.fixture(params=["cpp", "python"])
+def call_path(request, monkeypatch):
+    """Where a layer's prepared decode-size call checks its guards and calls the kernel: in C++
+    (csrc/decode.cpp, native.decode_module) or, where that module cannot be built, in Python and
+    ctypes. Set before the layer's first call (a prepared call keeps its path)."""
+    if request.param == "cpp" and native.decode_module() is None:
+        pytest.skip("the C++ decode call cannot be built here")
+    if request.param == "python":
+        monkeypatch.setitem(native._state, "decode", None)
+    return request.param
+
+
+def _count_calls(monkeypatch, entries: tuple[str, ...] = ("sorted_rows", "routed")) -> _Calls:
     """Counts the calls of the kernel's entries (by default after a dispatcher and straight from a
     routing) and of the layer's prepared call with the top-k router in it."""
-    calls: list[int] = []
+    calls = _Calls()
     for name in entries:
         real = getattr(native, name)
 
         def counted(*args, _real=real, **kwargs):
-            calls.append(1)
+            calls.python.append(1)
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(native, name, counted)
-    prepared_call = native.TopKLayer.__call__
-
-    def counted_topk_layer(self, x_TD):  # a layer's prepared call, where it runs the kernel
-        if self._fn is not None:
-            calls.append(1)
-        return prepared_call(self, x_TD)
-
-    monkeypatch.setattr(native.TopKLayer, "__call__", counted_topk_layer)
     return calls
 
 
@@ -266,7 +305,9 @@ def test_layer_takes_kernel_at_few_tokens_and_matches_torch(monkeypatch, tokens,
 
 
 @needs_kernel
-def test_layer_prepared_call_follows_the_weights_tokens_and_threads_and_is_dropped_by_copies(monkeypatch):
+def test_layer_prepared_call_follows_the_weights_tokens_and_threads_and_is_dropped_by_copies(
+    monkeypatch, call_path
+):
     # The layer keeps its native call prepared (native.TopKLayer) between calls: a
     # change of what it was prepared for (weights modified in place or replaced, the token count, the
     # thread count, the dtype) must show in the next output, and a copy or pickle of the layer must
@@ -302,11 +343,14 @@ def test_layer_prepared_call_follows_the_weights_tokens_and_threads_and_is_dropp
     assert layer._native_call is not prepared
     check(x3, 5)  # another token count
     prepared = layer._native_call
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # another thread count (work size)
-    check(x3, 6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # another thread count (work size)
+    try:
+        check(x3, 6)
+    finally:
+        torch.set_num_threads(threads)
     assert layer._native_call is not prepared  # prepared again for three threads
-    monkeypatch.undo()
-    calls = _count_calls(monkeypatch)
+    calls.reset()
     twin = copy.deepcopy(layer)
     assert "_native_call" in layer.__dict__ and twin.__dict__.get("_native_call") is None
     restored = pickle.loads(pickle.dumps(layer))
@@ -324,7 +368,7 @@ def test_layer_prepared_call_follows_the_weights_tokens_and_threads_and_is_dropp
 
 
 @needs_kernel
-def test_layer_prepared_call_follows_the_layer_settings(monkeypatch):
+def test_layer_prepared_call_follows_the_layer_settings(monkeypatch, call_path):
     # the layer keeps its native call only while its settings are the ones it was prepared for: a
     # capacity set in the config afterwards, expert dropout in training, a replaced router or expert
     # bank and a changed top-k must each show in the next output (against the naive reference)
@@ -374,7 +418,7 @@ def _layer_with_router_bias(num_experts: int) -> MoE:
 
 
 @needs_kernel
-def test_layer_call_keeps_each_outputs_routing_and_runs_hooks_and_checks(monkeypatch):
+def test_layer_call_keeps_each_outputs_routing_and_runs_hooks_and_checks(monkeypatch, call_path):
     # A decode-size call leaves its routing in the prepared call's buffers until it is read
     # (native.KernelRouting): an output still held when the next call overwrites them must keep its
     # own routing, statistics and losses; one dropped costs no copy. The layer's call skips
@@ -438,7 +482,7 @@ def test_layer_call_keeps_each_outputs_routing_and_runs_hooks_and_checks(monkeyp
 
 
 @needs_kernel
-def test_layer_call_outputs_made_a_few_at_a_time_are_each_their_own_tensor(monkeypatch):
+def test_layer_call_outputs_made_a_few_at_a_time_are_each_their_own_tensor(monkeypatch, call_path):
     # The prepared call allocates its outputs a batch at a time: over several batches, every output
     # held keeps its own values (a naive loop's), owns its own memory (no view of a shared block),
     # and writing into one changes no other.
@@ -463,7 +507,9 @@ def test_layer_call_outputs_made_a_few_at_a_time_are_each_their_own_tensor(monke
 
 
 @needs_kernel
-def test_layer_routes_in_the_kernel_unless_the_router_is_hooked_or_the_logits_are_not_finite(monkeypatch):
+def test_layer_routes_in_the_kernel_unless_the_router_is_hooked_or_the_logits_are_not_finite(
+    monkeypatch, call_path
+):
     # the router in C stands in for TopKRouter's forward: analysis and calibration hook that forward,
     # so a hooked router runs itself; a NaN in the input reaches the router's own error
     layer = _layer_with_router_bias(4)
@@ -483,6 +529,105 @@ def test_layer_routes_in_the_kernel_unless_the_router_is_hooked_or_the_logits_ar
     x[1, 0] = float("nan")
     with torch.no_grad(), pytest.raises(ValueError, match="router logits contain 4 NaN/Inf"):
         layer(x)
+
+
+@needs_kernel
+def test_decode_call_answers_only_for_what_it_was_prepared_for(call_path):
+    # The prepared call's guards (native.TopKLayer.holds; in C++ also the layer's direct call): each
+    # input or state it was not prepared for turns it away, and the layer's output stays right.
+    import threading
+
+    from tests.moe_reference import reference_moe
+
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=5, top_k=2)).eval()
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        layer(x)
+    call = layer._native_call
+    assert (call.fast is not None) == (call_path == "cpp")
+    with torch.no_grad():
+        assert call.holds(x) and call.holds(torch.nn.Parameter(x, requires_grad=False))
+        strided = torch.randn(1, 64)[:, ::2]
+        for other in (x.double(), torch.randn(2, 32), strided, torch.randn(1, 33)):
+            assert not call.holds(other)
+        found = []
+        torch.vmap(lambda row: found.append(call.holds(row[None])) or row)(torch.randn(3, 32))
+        assert found == [False]  # (vmap's batched tensor is no plain tensor)
+        worker = threading.Thread(target=lambda: found.append(call.holds(x)))
+        worker.start()
+        worker.join()
+        assert found == [False, False]  # another thread: other work memory
+    assert not call.holds(x)  # autograd on
+    with torch.no_grad():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads + 1)
+        try:
+            assert not call.holds(x)
+        finally:
+            torch.set_num_threads(threads)
+        assert call.holds(x)
+        if call.fast is not None:
+            assert call.fast(x) is not None and call.fast(strided) is None
+            with pytest.raises(ValueError, match="plain CPU float32 tensor"):
+                call.fast.run(x.double())
+        layer.experts.w_out_EFD.data = layer.experts.w_out_EFD.data * 2  # new memory
+        assert not call.holds(x)
+        torch.testing.assert_close(layer(x).output, reference_moe(layer, x)[0], rtol=1e-5, atol=1e-5)
+        assert layer._native_call is not call
+        call = layer._native_call
+        handle = layer.register_forward_hook(lambda module, args, out: None)
+        assert not call.holds(x)  # a hook added
+        seen = []
+        handle.remove()
+        handle = layer.register_forward_pre_hook(lambda module, args: seen.append(1))
+        out = layer(x)  # prepared again with the hook: not direct
+        torch.testing.assert_close(out.output, reference_moe(layer, x)[0], rtol=1e-5, atol=1e-5)
+        call = layer._native_call
+        assert seen == [1] and call.holds(x)
+        if call.fast is not None:
+            assert call.fast(x) is None  # the layer's call runs its hooks: not the C++ call's to skip
+        layer(x)
+        assert seen == [1, 1]
+        handle.remove()
+
+
+def test_decode_call_checks_its_arguments():
+    decode = native.decode_module()
+    if decode is None:
+        pytest.skip("the C++ decode call cannot be built here")
+    args = [0, 0, 1, 4, 1, 0, False, (), (), (), (), list, native.KernelRouting, ()]
+    decode.Call(*args)
+    for i, bad, error, message in [
+        (7, ((1, 2, 3),), TypeError, r"same\[0\] must be a \(dict, key, value\) tuple"),
+        (8, (({}, "1"),), TypeError, r"sizes\[0\] must be a \(dict, int\) tuple"),
+        (9, (torch.zeros(1),), ValueError, "tensors and pointers must be tuples of the same length"),
+        (12, native.KernelRouting(()), TypeError, "routing must be the routing objects' type"),
+    ]:
+        with pytest.raises(error, match=message):
+            decode.Call(*args[:i], bad, *args[i + 1 :])
+
+
+def test_decode_call_unbuildable_falls_back_to_python(monkeypatch, tmp_path, caplog):
+    # no C++ compiler: the prepared call checks its guards in Python and calls the kernel by ctypes
+    if native.library() is None:
+        pytest.skip("no native kernel on this machine")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delitem(native._state, "decode", raising=False)
+    with caplog.at_level(logging.WARNING, logger="moekit.moe.native"):
+        assert native.decode_module() is None
+    assert "no-such-compiler" in caplog.text
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=5, top_k=2)).eval()
+    x = torch.randn(2, 32)
+    calls = native.topk_layer_calls()
+    with torch.no_grad():
+        out = layer(x).output
+    assert layer._native_call.fast is None and native.topk_layer_calls() == calls + 1
+    from tests.moe_reference import reference_moe
+
+    torch.testing.assert_close(out, reference_moe(layer, x)[0], rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
@@ -527,11 +672,11 @@ def test_few_row_kernel_not_used_with_autograd_large_groups_other_dtypes_pinned_
         layer.to(torch.float64)(torch.randn(5, 32, dtype=torch.float64))
         monkeypatch.setattr(native, "MAX_WORK_BYTES", 1024)  # more work memory than allowed
         layer.to(torch.float32)(torch.randn(5, 32))
-    assert calls == []
+    assert len(calls) == 0
     monkeypatch.setattr(native, "MAX_WORK_BYTES", 64 << 20)
     with torch.no_grad():
         layer(torch.randn(5, 32))
-    assert calls == [1]
+    assert len(calls) == 1
 
 
 needs_sgemm = pytest.mark.skipif(
@@ -696,9 +841,9 @@ def test_many_rows_without_sgemm_takes_torch(monkeypatch):
     calls = _count_calls(monkeypatch)
     with torch.no_grad():
         layer(torch.randn(200, 32))  # 100 rows per expert: past the few-row regime
-        assert calls == []
+        assert len(calls) == 0
         layer(torch.randn(4, 32))  # 2 rows per expert: the few-row regime still runs
-    assert calls == [1]
+    assert len(calls) == 1
 
 
 @needs_kernel

@@ -14,6 +14,7 @@ Shape legend: T tokens, D model dim, E experts, K experts per token, A assignmen
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -208,15 +209,24 @@ class MoE(nn.Module):
     # ------------------------------------------------------------------ forward
     def __call__(self, *args: Any, **kwargs: Any) -> MoEOutput:
         """nn.Module's call (hooks, a compiled forward), except for a decode-size inference call on
-        [T, D] that nothing hooks: that one goes straight to the native call (`_native_inference`).
-        On caches flushed by the other layers of a decode step, nn.Module's call and forward's checks
-        around the native call cost as much as reading a small expert's weights."""
-        if len(args) == 1 and not kwargs and not _has_hooks(self, call=True):
+        [T, D] that nothing hooks: that one goes straight to the native call (`_native_inference`;
+        where the C++ call was built, its guards and the kernel in that one call). On caches flushed
+        by the other layers of a decode step, nn.Module's call and forward's checks around the native
+        call cost as much as reading a small expert's weights."""
+        if len(args) == 1 and not kwargs:
             x = args[0]
-            native_out = self._native_inference(x) if isinstance(x, Tensor) and x.ndim == 2 else None
-            if native_out is not None:
-                routing, out_TD = native_out
-                return self._output(x, x, out_TD, routing, None, None, None, None)
+            call = self.__dict__.get("_native_call")
+            fast = None if call is None else call.fast
+            # (torch.compile traces the layer's forward: dynamo reads is_dynamo_compiling() as True;
+            # other tracers' tensors are not plain CPU tensors, which the call turns away)
+            if fast is not None and not torch.compiler.is_dynamo_compiling():
+                result = fast(x)  # None where a guard fails, or the call is not prepared direct
+                if result is not None:
+                    return self._native_output(x, *result, call.top_k)
+            if not _has_hooks(self, call=True):
+                native_out = self._native_inference(x) if isinstance(x, Tensor) and x.ndim == 2 else None
+                if native_out is not None:
+                    return self._native_output(x, *native_out)
         return super().__call__(*args, **kwargs)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, task_ids: Tensor | None = None) -> MoEOutput:
@@ -228,8 +238,7 @@ class MoE(nn.Module):
         # 1. route (decode-size inference behind a top-k softmax router: 1.-4. in one native call)
         native_out = self._native_inference(x_TD) if mask_T is None else None
         if native_out is not None:
-            routing, out_TD = native_out
-            return self._output(x, x_TD, out_TD, routing, None, None, None, None)
+            return self._native_output(x, *native_out)
         if getattr(self.router, "uses_task_ids", False):
             routing = self.router(x_TD, mask_T, _task_of_tokens(task_ids, x))
         else:
@@ -299,7 +308,7 @@ class MoE(nn.Module):
         x: Tensor,
         x_TD: Tensor,
         out_TD: Tensor,
-        routing: Routing | Callable[[], Routing],
+        routing: Routing,
         routed_E: Tensor | None,
         kept_E: Tensor | None,
         real_A: Tensor | None,
@@ -309,36 +318,43 @@ class MoE(nn.Module):
     ) -> MoEOutput:
         """Step 5 (the shared experts) and the output: the routing's statistics, and its losses
         (computed when read without autograd). Without counts (routed_E, kept_E None: inference
-        straight from the routing, every assignment computed) the statistics are computed when read,
-        and a native call's routing (then a function giving it: native.KernelRouting) is read only
-        then too."""
-        cfg = self.config
+        straight from the routing, every assignment computed) the statistics are computed when read
+        too. (A native call's output: `_native_output`.)"""
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
-
-        def compute_losses() -> tuple[dict[str, Tensor], Tensor, Tensor]:
-            losses = self._losses(x, _read(routing), real_A, mask_T)
-            if self.loss_reduction is not None:
-                losses = self.loss_reduction(self, losses, x, _read(routing), real_A, mask_T)
-            aux_loss = _weighted_sum(
-                (cfg.load_balance_coef, losses["load_balance"]),
-                (cfg.importance_coef, losses["importance"]),
-                (cfg.load_coef, losses["load"]),
-                (cfg.seq_balance_coef, losses["seq_balance"]),
-            )
-            z_loss = cfg.z_loss_coef * losses["z"]
-            if inner_aux is not None:
-                aux_loss, z_loss = aux_loss + inner_aux, z_loss + inner_z
-            return losses, aux_loss, z_loss
-
+        compute_losses = functools.partial(self._aux_losses, x, routing, real_A, mask_T, inner_aux, inner_z)
         out = out_TD if x.ndim == 2 else out_TD.view(x.shape)
         if routed_E is None or kept_E is None:
-            stats = lambda: self._stats(_read(routing), None, None, None)  # noqa: E731
-            logits_TE = (lambda: routing().logits_TE) if callable(routing) else routing.logits_TE
-            return MoEOutput(out, stats, logits_TE, compute_losses)
+            stats = lambda: self._stats(routing, None, None, None)  # noqa: E731
+            return MoEOutput(out, stats, routing.logits_TE, compute_losses)
         return MoEOutput(
             out, self._stats(routing, routed_E, kept_E, mask_T), routing.logits_TE, compute_losses
         )
+
+    def _aux_losses(
+        self,
+        x: Tensor,
+        routing: Routing,
+        real_A: Tensor | None,
+        mask_T: Tensor | None,
+        inner_aux: Tensor | None = None,
+        inner_z: Tensor | None = None,
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """(every loss unweighted, the balance losses weighted and summed, the weighted z-loss)."""
+        cfg = self.config
+        losses = self._losses(x, routing, real_A, mask_T)
+        if self.loss_reduction is not None:
+            losses = self.loss_reduction(self, losses, x, routing, real_A, mask_T)
+        aux_loss = _weighted_sum(
+            (cfg.load_balance_coef, losses["load_balance"]),
+            (cfg.importance_coef, losses["importance"]),
+            (cfg.load_coef, losses["load"]),
+            (cfg.seq_balance_coef, losses["seq_balance"]),
+        )
+        z_loss = cfg.z_loss_coef * losses["z"]
+        if inner_aux is not None:
+            aux_loss, z_loss = aux_loss + inner_aux, z_loss + inner_z
+        return losses, aux_loss, z_loss
 
     def forward_one_token(self, x_1D: Tensor) -> Tensor | None:
         """Steps 1-5 for one token without autograd (a decode step) -> [1, D], or None where the
@@ -348,7 +364,7 @@ class MoE(nn.Module):
             return None
         native_out = self._native_inference(x_1D)
         if native_out is not None:
-            out_1D = native_out[1]
+            out_1D = native_out[0]
             return out_1D if self.shared is None else out_1D + self.shared(x_1D)
         routing = self.router(x_1D)
         capacity = self.config.capacity(routing.top_k, self.training) if routing.top_k > 0 else None
@@ -359,69 +375,73 @@ class MoE(nn.Module):
             return None
         return straight[0] if self.shared is None else straight[0] + self.shared(x_1D)
 
-    def _native_inference(self, x_TD: Tensor) -> tuple[Callable[[], Routing], Tensor] | None:
+    def _native_inference(self, x_TD: Tensor) -> tuple[Tensor, native.KernelRouting, int] | None:
         """Steps 1-4 of an inference call in one native call (native.TopKLayer), where they can run
         there: no autograd, no capacity, the top-k softmax router (float32, no hooks: analysis and
         calibration hook the router's output) and the fused local expert bank, at the kernel's batch
-        sizes -> (a function giving the routing, out [T, D]); None otherwise. Its routing is the
+        sizes -> (out [T, D], the kernel's routing, top_k); None otherwise. Its routing is the
         router's own, computed in C (the same decisions and weights up to float32 rounding), and
         copied out of the kernel's buffers when first read (native.KernelRouting).
 
         The call is prepared once and kept (a plain attribute; copies and pickles drop it) with the
-        key it was prepared for (`_native_key`); a call whose key differs prepares it again. A decode
-        step runs every other layer between two calls of this one, and their weights flush the
-        caches: each Python and torch step of checking and building the call then misses on torch's
-        code and data (see docs/benchmarks.md)."""
+        guards of what it was prepared for (`_native_guards`); a call whose guards no longer hold
+        is prepared again. A decode step runs every other layer between two calls of this one, and
+        their weights flush the caches: each Python and torch step of checking and building the
+        call then misses on torch's code and data (see docs/benchmarks.md)."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (traced tensors have no memory)
             return None
-        key = self._native_key(x_TD)
         call = self.__dict__.get("_native_call")
-        if call is None or call.key != key:
-            call = self._prepare_native(x_TD, key)
+        if call is None or not call.holds(x_TD):
+            call = self._prepare_native(x_TD)
             self.__dict__["_native_call"] = call
         result = call(x_TD)
-        if result is None:
-            return None
-        out_TD, kernel_routing = result
-        return _routing_when_read(kernel_routing, call.top_k), out_TD
+        return None if result is None else (*result, call.top_k)
 
-    def _native_key(self, x_TD: Tensor) -> tuple:
-        """What `_prepare_native` reads: the submodules (the objects: a replaced one prepares again),
-        the dispatcher's type, the training flags, the router's hooks, the config (the object and
-        its count of field assignments: one number instead of every field), the
-        router's and bank's settings, the memory of their tensors (a parameter replaced, moved or
-        converted has new memory), and what native.topk_layer_key names (the input's size and layout,
-        threads, switches). One flat expression reading the modules' dicts: on the caches a decode
-        step flushes, each nn.Module.__getattr__, helper call or torch call here costs microseconds."""
-        modules = self._modules
+    def _native_guards(self) -> native.Guards:
+        """What `_prepare_native` reads, as it is now: the submodules (the objects: a replaced one
+        prepares again), the dispatcher, the training flags, the hooks (the layer's, the router's and
+        the global ones), a compiled forward, the config (the object and its count of field
+        assignments: one number instead of every field), the router's and bank's settings and
+        parameters, and the memory of the tensors the call reads (a parameter moved or converted
+        has new memory)."""
+        modules, attrs = self._modules, self.__dict__
         router, experts = modules["router"], modules["experts"]
-        if type(router) is not TopKRouter or type(experts) is not ExpertBank:
-            return (router, experts)
-        gate, params, attrs = router._modules["gate"]._parameters, experts._parameters, experts.__dict__
-        return (
-            *modules.values(),
-            type(self.dispatcher),
-            self.training,
-            experts._modules["dropout"].training,
-            _has_hooks(router),
-            self.config,
-            self.config.assignments,  # (its count of field assignments: any field changed)
-            router.top_k,
-            attrs["strategy"],
-            attrs["activation"],
-            attrs["is_glu"],
-            gate["weight"].data_ptr(),
-            _data_ptr(gate["bias"]),
-            params["w_in_EDF"].data_ptr(),
-            params["w_out_EFD"].data_ptr(),
-            _data_ptr(params.get("b_in_EF")),  # (a bias that is None lives in the instance dict)
-            _data_ptr(params.get("b_out_ED")),
-            *native.topk_layer_key(x_TD),
+        hooks = (
+            torch_module._global_forward_hooks,
+            torch_module._global_forward_pre_hooks,
+            torch_module._global_backward_hooks,
+            torch_module._global_backward_pre_hooks,
+            *(getattr(m, name) for m in (self, router) for name in _HOOKS),
         )
+        same = [
+            *native.same(modules, *modules),
+            *native.same(attrs, "dispatcher", "training", "config", "_compiled_call_impl", *_HOOKS),
+            *native.same(router.__dict__, *_HOOKS),
+            *native.same(self.config.__dict__, "_assignments"),
+        ]
+        sizes = [(modules, len(modules)), *((d, len(d)) for d in hooks)]
+        if type(router) is not TopKRouter or type(experts) is not ExpertBank:
+            return native.Guards(tuple(same), tuple(sizes))
+        gate = router._modules["gate"]
+        params = experts._parameters
+        dropout = experts._modules["dropout"]
+        same += [
+            *native.same(router.__dict__, "top_k"),
+            *native.same(router._modules, "gate"),
+            *native.same(gate._parameters, "weight", "bias"),
+            *native.same(experts.__dict__, "strategy", "activation", "is_glu"),
+            *native.same(experts._modules, "dropout"),
+            *native.same(dropout.__dict__, "training"),
+            *native.same(params, *params),
+        ]
+        sizes += [(params, len(params))]
+        tensors = tuple(t for t in (gate.weight, gate.bias, *params.values()) if t is not None)
+        return native.Guards(tuple(same), tuple(sizes), tensors)
 
-    def _prepare_native(self, x_TD: Tensor, key: tuple) -> native.TopKLayer:
-        """The native call for what `key` names; one that answers None where it cannot run."""
+    def _prepare_native(self, x_TD: Tensor) -> native.TopKLayer:
+        """The native call for x_TD and the layer as it is; one that answers None where it cannot run."""
         router, experts = self.router, self.experts
+        guards = self._native_guards()
         if not (
             x_TD.ndim == 2
             and x_TD.shape[1] == self.config.dim
@@ -431,11 +451,25 @@ class MoE(nn.Module):
             and not _has_hooks(router)
             and self._fused_local()
         ):
-            return native.TopKLayer.declined(key)
+            return native.TopKLayer.declined(x_TD, guards)
         gate_ED, bias_E = router.gate.weight, router.gate.bias
         top_k, renormalize = router.top_k, self.config.norm_topk_prob
         bank = experts._native_bank()
-        return native.TopKLayer(x_TD, gate_ED, bias_E, top_k, renormalize, bank, experts.strategy, key)
+        direct = not _has_hooks(self, call=True)
+        return native.TopKLayer(
+            x_TD, gate_ED, bias_E, top_k, renormalize, bank, experts.strategy, guards, direct
+        )
+
+    def _native_output(
+        self, x: Tensor, out_TD: Tensor, kernel_routing: native.KernelRouting, top_k: int
+    ) -> MoEOutput:
+        """Step 5 and the output of a native call on x [..., D]: its routing, statistics and losses
+        computed when read (`_NativeOutput`)."""
+        flat = x.ndim == 2
+        shared = self._modules.get("shared")
+        if shared is not None:
+            out_TD = out_TD + shared(x if flat else x.reshape(-1, x.shape[-1]))
+        return _NativeOutput(out_TD if flat else out_TD.view(x.shape), self, x, kernel_routing, top_k)
 
     def _straight(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor | None] | None:
         """Steps 2-4 straight from a dropless routing, where a path serves -> (out [T, D],
@@ -559,33 +593,44 @@ def _task_of_tokens(task_ids: Tensor | None, x: Tensor) -> Tensor | None:
     return view.expand(lead).reshape(-1)
 
 
-def _data_ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+class _NativeOutput(MoEOutput):
+    """A native call's output: its Routing (the tensors copied out of the kernel's buffers),
+    statistics, router logits and losses computed when first read. One object built in one step: on
+    the flushed caches of a decode step, each closure, cell or frame a call builds costs
+    microseconds."""
+
+    __slots__ = ("_layer", "_x", "_kernel_routing", "_top_k", "_routing")
+
+    def __init__(
+        self, output: Tensor, layer: MoE, x: Tensor, kernel_routing: native.KernelRouting, top_k: int
+    ):
+        self.output, self._layer, self._x = output, layer, x
+        self._kernel_routing, self._top_k = kernel_routing, top_k
+        self._routing = self._stats = self._router_logits = self._compute_losses = self._losses = None
+
+    def routing(self) -> Routing:
+        if self._routing is None:
+            self._routing = Routing(*self._kernel_routing.tensors(), self._top_k)
+        return self._routing
+
+    @property
+    def stats(self) -> MoEStats:  # type: ignore[override]
+        if self._stats is None:
+            self._stats = self._layer._stats(self.routing(), None, None, None)
+        return self._stats
+
+    @property
+    def router_logits(self) -> Tensor:  # type: ignore[override]
+        return self.routing().logits_TE
+
+    def _read(self) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        if self._losses is None:
+            self._losses = self._layer._aux_losses(self._x, self.routing(), None, None)
+        return self._losses
 
 
-def _read(routing: Routing | Callable[[], Routing]) -> Routing:
-    return routing() if callable(routing) else routing
-
-
-def _routing_when_read(kernel_routing: native.KernelRouting, top_k: int) -> Callable[[], Routing]:
-    """The Routing of a native call, built (its tensors copied out of the kernel's buffers) on the
-    first call."""
-    return _Once(lambda: Routing(*kernel_routing.tensors(), top_k))
-
-
-class _Once:
-    """fn's value, computed on the first call (functools.cache builds its wrapper in Python code:
-    on the flushed caches of a decode step, more than the call it saves)."""
-
-    __slots__ = ("_fn", "_value")
-
-    def __init__(self, fn: Callable[[], Any]):
-        self._fn, self._value = fn, None
-
-    def __call__(self) -> Any:
-        if self._fn is not None:
-            self._value, self._fn = self._fn(), None
-        return self._value
+# nn.Module's hook dicts that `_has_hooks` reads
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _has_hooks(module: nn.Module, call: bool = False) -> bool:

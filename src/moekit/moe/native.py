@@ -46,16 +46,19 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -121,6 +124,9 @@ MANY_ROWS = os.environ.get("MOEKIT_NATIVE_MANY", "1") != "0"
 # "blas": every matrix product of the kernels by the BLAS's sgemm; default: moekit's own GEMM
 # (csrc/gemm.c) for all but the smallest products (common.h's gemm_rm; see `use_blas_gemm`)
 BLAS_GEMM = os.environ.get("MOEKIT_NATIVE_GEMM", "") == "blas"
+# A prepared decode-size layer call checks its guards and runs in one C++ call (csrc/decode.cpp,
+# `decode_module`); off (MOEKIT_DECODE_CALL=0), TopKLayer does the same in Python and ctypes.
+DECODE_CALL = os.environ.get("MOEKIT_DECODE_CALL", "1") != "0"
 
 
 class Experts(NamedTuple):
@@ -163,15 +169,51 @@ def build(
     tests build the AVX2-only GEMM with -mno-avx512f).
 
     Raises RuntimeError with the compiler's message when the build fails."""
+    compiler = os.environ.get("CC", "cc")
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *extra_flags]
+    return _compile(sources, compiler, flags, ["-lm"], folder)
+
+
+def build_decode(folder: Path | None = None) -> Path:
+    """Compile csrc/decode.cpp (the prepared decode-size layer call, a Python extension module)
+    against this Python's and this torch's headers and libraries -> its path in the cache (built once
+    per source text, compiler, Python and torch). Raises RuntimeError when the build fails."""
+    torch_dir = Path(torch.__file__).parent
+    include, lib = torch_dir / "include", torch_dir / "lib"
+    flags = [
+        "-O2",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        "-w",  # (torch's headers warn under C++17)
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-I{sysconfig.get_paths()['include']}",
+        f"-I{include}",
+        f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",
+    ]
+    libs = [f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch_python", f"-Wl,-rpath,{lib}"]
+    versions = f"{sys.version} {torch.__version__}"
+    return _compile(CSRC / "decode.cpp", os.environ.get("CXX", "c++"), flags, libs, folder, versions)
+
+
+def _compile(
+    sources: Path | Sequence[Path],
+    compiler: str,
+    flags: Sequence[str],
+    libs: Sequence[str],
+    folder: Path | None,
+    versions: str = "",
+) -> Path:
+    """`compiler flags sources -o LIB libs` into `folder` (default: the cache), named by a hash of
+    the sources, their headers, the command, `versions` and the CPU's flags; nothing done where that
+    library is there. Written to a temporary file and renamed: processes starting together
+    (torchrun) never load a half-written one."""
     sources = [sources] if isinstance(sources, Path) else list(sources)
     names = ", ".join(source.name for source in sources)
     headers = sorted({h for source in sources for h in source.parent.glob("*.h")})
-    compiler = os.environ.get("CC", "cc")
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *extra_flags]
     texts = [f.read_bytes() for f in (*sources, *headers)]
-    key = hashlib.sha256(
-        b"\0".join([*texts, compiler.encode(), " ".join(flags).encode(), _cpu_flags().encode()])
-    )
+    command = " ".join([compiler, *flags, *libs, versions])
+    key = hashlib.sha256(b"\0".join([*texts, command.encode(), _cpu_flags().encode()]))
     stem = sources[0].stem if len(sources) == 1 else "moekit-native"
     if folder is None:
         folder = cache_dir() / "native"
@@ -187,7 +229,7 @@ def build(
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *flags, *map(str, sources), "-o", tmp, "-lm"],
+            [compiler, *flags, *map(str, sources), "-o", tmp, *libs],
             capture_output=True,
             text=True,
             timeout=300,
@@ -196,7 +238,7 @@ def build(
             raise RuntimeError(f"{compiler} failed to build {names}:\n{done.stderr.strip()}")
         os.replace(tmp, target)
     except (OSError, subprocess.SubprocessError) as err:
-        raise RuntimeError(f"could not run the C compiler {compiler!r} for {names}: {err}") from err
+        raise RuntimeError(f"could not run the compiler {compiler!r} for {names}: {err}") from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -386,6 +428,29 @@ def library() -> ctypes.CDLL | None:
                     log.warning("native kernels unavailable, using torch: %s", err)
             _state["lib"] = lib
     return _state["lib"]  # type: ignore[return-value]
+
+
+def decode_module() -> Any:
+    """The compiled decode-size layer call (csrc/decode.cpp: `Call`, what TopKLayer.fast is), or None
+    where it cannot be had: the kernels off, DECODE_CALL off, no C++ compiler or torch headers (then
+    TopKLayer checks its guards in Python and calls the kernel through ctypes; reason logged once)."""
+    if "decode" in _state:
+        return _state["decode"]
+    with _lock:
+        if "decode" not in _state:
+            module = None
+            if not DECODE_CALL:
+                log.info("the C++ decode call is off (MOEKIT_DECODE_CALL=0)")
+            elif library() is not None:
+                try:
+                    spec = importlib.util.spec_from_file_location("moekit_decode", build_decode())
+                    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+                    spec.loader.exec_module(module)  # type: ignore[union-attr]
+                except (RuntimeError, OSError, ImportError) as err:
+                    log.warning("the C++ decode call is unavailable, checking its guards in Python: %s", err)
+                    module = None
+            _state["decode"] = module
+    return _state["decode"]
 
 
 def blas_sgemm() -> int | None:
@@ -644,20 +709,28 @@ def topk_layer(
     return None if result is None else (result[0], *result[1].tensors())
 
 
-def topk_layer_key(x_TD: Tensor) -> tuple:
-    """What a `TopKLayer` depends on besides its holder's layer (which the holder names): the token
-    count, the input's dtype and layout, the thread count, this thread (the work memory is per
-    thread), the module's switches and library."""
-    return (
-        x_TD.shape,
-        x_TD.dtype,
-        x_TD.is_cpu and x_TD.is_contiguous(),
-        torch.get_num_threads(),
-        threading.get_ident(),
-        ENABLED,
-        MAX_MEAN_ROWS,
-        _state.get("lib"),  # (a benchmark may swap the library: benchmarks/bench_native.py --baseline)
-    )
+def topk_layer_calls() -> int:
+    """How many times the library's one-call layer ran (csrc/router.c), by any path; 0 without it."""
+    lib = library()
+    return 0 if lib is None else ctypes.c_int64.in_dll(lib, "moekit_topk_layer_calls").value
+
+
+class Guards(NamedTuple):
+    """What a prepared call (TopKLayer) was prepared for, as it was then: it applies while all hold
+    (csrc/decode.cpp's header). Its holder names its own state; TopKLayer adds the input's size and
+    layout, the thread count, this thread and the library's switches."""
+
+    same: tuple = ()  # (dict, key, value): dict.get(key) is value
+    sizes: tuple = ()  # (dict, size): len(dict) == size
+    tensors: tuple = ()  # tensors whose memory stays where it was
+
+
+NO_GUARDS = Guards()
+
+
+def same(d: dict, *keys: Any) -> list[tuple[dict, Any, Any]]:
+    """Guards.same entries for d's values at `keys` (as they are now; None where missing)."""
+    return [(d, k, d.get(k)) for k in keys]
 
 
 # A prepared call allocates its outputs (each its own tensor) a few at a time, up to this many and
@@ -674,7 +747,7 @@ class KernelRouting:
     writes there while this object is still referenced. A decode step that never reads its routing
     allocates nothing for it."""
 
-    __slots__ = ("_tensors", "_copied", "__weakref__")
+    __slots__ = ("_tensors", "_copied", "__weakref__")  # (the C++ call sets the first two itself)
 
     def __init__(self, buffers: tuple[Tensor, Tensor, Tensor, Tensor]):
         self._tensors, self._copied = buffers, False
@@ -689,6 +762,22 @@ def _no_routing() -> None:
     return None
 
 
+# Dispatch keys of the tensors of a tracer or transform (torch.export's fake and functional tensors,
+# vmap's batched ones): their memory, if any, is not their values.
+_TRACED_KEYS = tuple(
+    getattr(torch._C.DispatchKey, name)
+    for name in ("Python", "PythonTLSSnapshot", "Functionalize", "FuncTorchBatched", "FuncTorchGradWrapper")
+)
+
+
+def _plain(x: Tensor) -> bool:
+    """Whether x's memory holds its values, contiguous on the CPU (csrc/decode.cpp's input_fits)."""
+    if not (x.is_cpu and x.is_contiguous()):
+        return False
+    keys = torch._C._dispatch_keys(x)
+    return not any(keys.has(key) for key in _TRACED_KEYS)
+
+
 class TopKLayer:
     """`topk_layer` prepared for one layer's tensors and token count: the checks and the arguments of
     the native call that do not change between calls (pointers, sizes, the work memory, the routing's
@@ -696,8 +785,13 @@ class TopKLayer:
     decode step runs every other layer between two calls of the same layer, and their weights flush
     the caches: each of the few dozen Python and torch steps of checking and building the call then
     misses in the caches on torch's code and data: prepared, a one-token layer call right after a 256 MiB read took 80-90 us
-    less (1.12-1.14x, in turns with the unprepared call). Valid while `topk_layer_key` gives the same
-    key (the caller compares and keeps it; a copy or pickle of the holder drops it)."""
+    less (1.12-1.14x, in turns with the unprepared call).
+
+    Valid while its guards hold (`holds`: the holder's `Guards`, the input's size and layout, the
+    thread count, this thread, the library's switches). Where the C++ call can be built (`fast`:
+    csrc/decode.cpp), the guards are checked and the kernel called there: `fast(x)` is the whole
+    decode-size layer call from the holder's `__call__` (`direct`: the holder's call does nothing but
+    forward), None where a guard fails. A copy or pickle of the holder drops it."""
 
     def __init__(
         self,
@@ -708,11 +802,13 @@ class TopKLayer:
         renormalize: bool,
         experts: Experts,
         strategy: str = "auto",
-        key: tuple = (),
+        guards: Guards = NO_GUARDS,
+        direct: bool = False,
     ) -> None:
         """Prepared where `applies_topk_layer`; elsewhere the call answers None (kept all the same:
-        the key says when to ask again)."""
-        self.key, self.top_k, self._fn = key, top_k, None
+        the guards say when to ask again)."""
+        self._guard(x_TD, guards)
+        self.top_k, self._fn, self.fast = top_k, None, None
         self._last = _no_routing  # () -> the last call's KernelRouting while referenced, else None
         if not applies_topk_layer(x_TD, gate_ED, bias_E, top_k, experts, strategy):
             return
@@ -721,7 +817,7 @@ class TopKLayer:
         num_rows = tokens * top_k
         floats, _ = _kernel_work("forward", *_shape_key(x_TD, num_rows, experts), False)
         # The pool's buffer stays valid for this call after later uses of the pool (held here), and
-        # is shared with them: this thread's kernel calls run one at a time (the key names the thread).
+        # is shared with them: this thread's kernel calls run one at a time (the guards name the thread).
         (work,) = scratch(x_TD, (floats,), pool="native")
         self._routing = (
             torch.empty((tokens, num_experts)),  # logits
@@ -750,14 +846,62 @@ class TopKLayer:
         self._args_ptr = ctypes.addressof(self._args)
         self._work = work
         self._fn = library().moekit_topk_layer_packed
+        decode = decode_module()
+        if decode is not None:
+            self.fast = decode.Call(
+                ctypes.cast(self._fn, ctypes.c_void_p).value,
+                self._args_ptr,
+                tokens,
+                dim,
+                self._threads,
+                self._thread,
+                direct,
+                self._guards.same,
+                self._guards.sizes,
+                self._guards.tensors,
+                self._pointers,
+                self._new_outputs,
+                KernelRouting,
+                self._routing,
+            )
+
+    def _guard(self, x_TD: Tensor, guards: Guards) -> None:
+        """Keeps what the call is prepared for: `guards` and the library's switches, the input's
+        size and layout, the thread count and this thread."""
+        switches = (*same(globals(), "ENABLED", "MAX_MEAN_ROWS"), *same(_state, "lib"))
+        self._guards = guards._replace(same=(*guards.same, *switches))
+        self._pointers = tuple(t.data_ptr() for t in guards.tensors)
+        self._input = (x_TD.shape, x_TD.dtype, _plain(x_TD))
+        self._threads, self._thread = torch.get_num_threads(), threading.get_ident()
 
     @classmethod
-    def declined(cls, key: tuple = ()) -> TopKLayer:
+    def declined(cls, x_TD: Tensor, guards: Guards = NO_GUARDS) -> TopKLayer:
         """A call that answers None, for a holder whose layer cannot run here (kept all the same:
-        the key says when to ask again)."""
+        the guards say when to ask again)."""
         call = cls.__new__(cls)
-        call.key, call.top_k, call._fn, call._last = key, 0, None, _no_routing
+        call._guard(x_TD, guards)
+        call.top_k, call._fn, call.fast, call._last = 0, None, None, _no_routing
         return call
+
+    def holds(self, x_TD: Tensor) -> bool:
+        """Whether the call is still the one for input x_TD: every guard holds (autograd off)."""
+        if self.fast is not None:
+            return self.fast.guards_hold(x_TD)
+        guards = self._guards
+        return (
+            not torch.is_grad_enabled()
+            and (x_TD.shape, x_TD.dtype, _plain(x_TD)) == self._input
+            and torch.get_num_threads() == self._threads
+            and threading.get_ident() == self._thread
+            and all(d.get(k) is v for d, k, v in guards.same)
+            and all(len(d) == n for d, n in guards.sizes)
+            and all(t.data_ptr() == p for t, p in zip(guards.tensors, self._pointers))
+        )
+
+    def _new_outputs(self) -> list[Tensor]:
+        """A batch of outputs (one torch.empty after the caches were flushed costs 25-55 us; the
+        next few 2-3)."""
+        return [torch.empty(self._out_shape) for _ in range(self._batch)]
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a copied layer has other tensors: it prepares its own
@@ -766,17 +910,18 @@ class TopKLayer:
         return (_nothing, ())
 
     def __call__(self, x_TD: Tensor) -> tuple[Tensor, KernelRouting] | None:
-        """-> (out [T, D], the call's routing), or None where the layer takes torch's path."""
+        """-> (out [T, D], the call's routing), or None where the layer takes torch's path. The
+        guards unchecked (the caller checks `holds`)."""
         if self._fn is None:
             return None
+        if self.fast is not None:
+            return self.fast.run(x_TD)
         last = self._last()
         if last is not None:  # still referenced: its routing moves out of the buffers written now
             last.tensors()
         outputs = self._outputs
-        if not outputs:  # (one torch.empty after the caches were flushed costs 25-55 us; the next few 2-3)
-            outputs.extend(
-                (t, t.data_ptr()) for t in (torch.empty(self._out_shape) for _ in range(self._batch))
-            )
+        if not outputs:
+            outputs.extend((t, t.data_ptr()) for t in self._new_outputs())
         out_TD, out_ptr = outputs.pop()
         status = self._fn(x_TD.data_ptr(), out_ptr, self._args_ptr)
         if status == 1:

@@ -33,6 +33,47 @@ static inline float dot(const float *a, const float *b, int64_t n)
     return total;
 }
 
+/* One token's routing (moekit_topk_route): logits, probs, top-k into lt, pt, it, wt. Returns the
+   number of non-finite logits (then it and wt are not written). */
+static int64_t route_token(const float *xt, int64_t D, const float *W, const float *b, int64_t E, int64_t K,
+                           int renormalize, float *lt, float *pt, int64_t *it, float *wt)
+{
+    float top = -INFINITY;
+    int64_t nonfinite = 0;
+    for (int64_t e = 0; e < E; e++) {
+        lt[e] = dot(xt, W + e * D, D) + (b ? b[e] : 0.0f);
+        if (!isfinite(lt[e])) nonfinite++;
+        top = lt[e] > top ? lt[e] : top;
+    }
+    if (nonfinite) return nonfinite;
+    float sum = 0.0f;
+    for (int64_t e = 0; e < E; e++) sum += pt[e] = expf(lt[e] - top);
+    for (int64_t e = 0; e < E; e++) pt[e] /= sum;
+    /* top-k by insertion into the K-long sorted prefix of (idx, weight) */
+    float chosen = 0.0f;
+    int64_t n = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const float p = pt[e];
+        if (n == K && !(p > wt[K - 1])) continue;
+        int64_t j = n < K ? n++ : K - 1;
+        for (; j > 0 && p > wt[j - 1]; j--) {
+            wt[j] = wt[j - 1];
+            it[j] = it[j - 1];
+        }
+        wt[j] = p;
+        it[j] = e;
+    }
+    for (int64_t k = 0; k < K; k++) chosen += wt[k];
+    if (renormalize)
+        for (int64_t k = 0; k < K; k++) wt[k] /= chosen;
+    return 0;
+}
+
+/* Routing work (multiply-adds) below which the tokens are routed on the calling thread alone:
+   starting a parallel region, even of one thread, took 20 us of a one-token layer call on the caches
+   a decode step's other layers flush, more than routing a few tokens. */
+#define ROUTE_SERIAL_MACS (1 << 19)
+
 /* For every token t: logits[t] = W x[t] (+ b) (W [E, D], nn.Linear's layout), probs[t] =
    softmax(logits[t]), and its K largest probabilities, largest first (ties: the lower expert
    first), into idx[t] and weight[t], divided by their sum when `renormalize`. Returns the number of
@@ -42,45 +83,22 @@ int64_t moekit_topk_route(const float *x, int64_t T, int64_t D, const float *W, 
                           int nthreads)
 {
     int64_t bad = 0;
-#pragma omp parallel for num_threads(T > 1 ? nthreads : 1) reduction(+ : bad) schedule(static)
-    for (int64_t t = 0; t < T; t++) {
-        const float *xt = x + t * D;
-        float *lt = logits + t * E, *pt = probs + t * E;
-        float top = -INFINITY;
-        int64_t nonfinite = 0;
-        for (int64_t e = 0; e < E; e++) {
-            lt[e] = dot(xt, W + e * D, D) + (b ? b[e] : 0.0f);
-            if (!isfinite(lt[e])) nonfinite++;
-            top = lt[e] > top ? lt[e] : top;
-        }
-        if (nonfinite) {
-            bad += nonfinite;
-            continue;
-        }
-        float sum = 0.0f;
-        for (int64_t e = 0; e < E; e++) sum += pt[e] = expf(lt[e] - top);
-        for (int64_t e = 0; e < E; e++) pt[e] /= sum;
-        /* top-k by insertion into the K-long sorted prefix of (idx, weight) */
-        int64_t *it = idx + t * K;
-        float *wt = weight + t * K, chosen = 0.0f;
-        int64_t n = 0;
-        for (int64_t e = 0; e < E; e++) {
-            const float p = pt[e];
-            if (n == K && !(p > wt[K - 1])) continue;
-            int64_t j = n < K ? n++ : K - 1;
-            for (; j > 0 && p > wt[j - 1]; j--) {
-                wt[j] = wt[j - 1];
-                it[j] = it[j - 1];
-            }
-            wt[j] = p;
-            it[j] = e;
-        }
-        for (int64_t k = 0; k < K; k++) chosen += wt[k];
-        if (renormalize)
-            for (int64_t k = 0; k < K; k++) wt[k] /= chosen;
+    if (T * E * D <= ROUTE_SERIAL_MACS || nthreads == 1) {
+        for (int64_t t = 0; t < T; t++)
+            bad += route_token(x + t * D, D, W, b, E, K, renormalize, logits + t * E, probs + t * E, idx + t * K,
+                               weight + t * K);
+        return bad;
     }
+#pragma omp parallel for num_threads(nthreads) reduction(+ : bad) schedule(static)
+    for (int64_t t = 0; t < T; t++)
+        bad += route_token(x + t * D, D, W, b, E, K, renormalize, logits + t * E, probs + t * E, idx + t * K,
+                           weight + t * K);
     return bad;
 }
+
+/* Calls of moekit_topk_layer so far (the tests count the layer's native calls by it, whichever path
+   made them: ctypes or the C++ decode call). */
+int64_t moekit_topk_layer_calls = 0;
 
 /* The layer at decode sizes: route (moekit_topk_route), then the experts (moekit_routed, few-row
    regime) into out [T, D], which is cleared first. Returns moekit_routed's status, or 1 when a logit
@@ -90,6 +108,7 @@ int moekit_topk_layer(const float *x, int64_t T, const float *W, const float *b,
                       const float *w_out, const float *b_in, const float *b_out, int64_t D, int64_t F, int glu,
                       int act, float *out, float *work, int nthreads)
 {
+    moekit_topk_layer_calls++;
     if (moekit_topk_route(x, T, D, W, b, E, K, renormalize, logits, probs, idx, weight, nthreads) > 0) return 1;
     memset(out, 0, (size_t)(T * D) * sizeof(float));
     return moekit_routed(x, idx, weight, K, E, w_in, w_out, b_in, b_out, D, F, glu, act, T * K, out, work, nthreads,
