@@ -547,62 +547,95 @@ def test_decode_call_answers_only_for_what_it_was_prepared_for(call_path):
     call = layer._native_call
     assert (call.fast is not None) == (call_path == "cpp")
     with torch.no_grad():
-        assert call.holds(x) and call.holds(torch.nn.Parameter(x, requires_grad=False))
+        assert call.holds(layer, x) and call.holds(layer, torch.nn.Parameter(x, requires_grad=False))
         strided = torch.randn(1, 64)[:, ::2]
         for other in (x.double(), torch.randn(2, 32), strided, torch.randn(1, 33)):
-            assert not call.holds(other)
+            assert not call.holds(layer, other)
         found = []
-        torch.vmap(lambda row: found.append(call.holds(row[None])) or row)(torch.randn(3, 32))
+        torch.vmap(lambda row: found.append(call.holds(layer, row[None])) or row)(torch.randn(3, 32))
         assert found == [False]  # (vmap's batched tensor is no plain tensor)
-        worker = threading.Thread(target=lambda: found.append(call.holds(x)))
+        worker = threading.Thread(target=lambda: found.append(call.holds(layer, x)))
         worker.start()
         worker.join()
         assert found == [False, False]  # another thread: other work memory
-    assert not call.holds(x)  # autograd on
+    assert not call.holds(layer, x)  # autograd on
     with torch.no_grad():
         threads = torch.get_num_threads()
         torch.set_num_threads(threads + 1)
         try:
-            assert not call.holds(x)
+            assert not call.holds(layer, x)
         finally:
             torch.set_num_threads(threads)
-        assert call.holds(x)
+        assert call.holds(layer, x)
         if call.fast is not None:
-            assert call.fast(x) is not None and call.fast(strided) is None
+            assert call.fast(layer, x) is not None and call.fast(layer, strided) is None
             with pytest.raises(ValueError, match="plain CPU float32 tensor"):
                 call.fast.run(x.double())
         layer.experts.w_out_EFD.data = layer.experts.w_out_EFD.data * 2  # new memory
-        assert not call.holds(x)
+        assert not call.holds(layer, x)
         torch.testing.assert_close(layer(x).output, reference_moe(layer, x)[0], rtol=1e-5, atol=1e-5)
         assert layer._native_call is not call
         call = layer._native_call
         handle = layer.register_forward_hook(lambda module, args, out: None)
-        assert not call.holds(x)  # a hook added
+        assert not call.holds(layer, x)  # a hook added
         seen = []
         handle.remove()
         handle = layer.register_forward_pre_hook(lambda module, args: seen.append(1))
         out = layer(x)  # prepared again with the hook: not direct
         torch.testing.assert_close(out.output, reference_moe(layer, x)[0], rtol=1e-5, atol=1e-5)
         call = layer._native_call
-        assert seen == [1] and call.holds(x)
+        assert seen == [1] and call.holds(layer, x)
         if call.fast is not None:
-            assert call.fast(x) is None  # the layer's call runs its hooks: not the C++ call's to skip
+            assert call.fast(layer, x) is None  # the layer's call runs its hooks: not the C++ call's to skip
         layer(x)
         assert seen == [1, 1]
         handle.remove()
+
+
+@needs_kernel
+def test_decode_call_output_is_what_init_makes_and_a_deleted_layer_is_freed(call_path):
+    # The C++ call fills the output's slots itself (csrc/decode.cpp): every slot as _NativeOutput's
+    # __init__ sets it. The prepared call lives in the layer's __dict__ and names that dict without
+    # holding it: a deleted layer (and its weights) is freed at once, not by the garbage collector.
+    import gc
+    import weakref
+
+    from moekit.moe.layer import MoEOutput, _NativeOutput
+
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=5, top_k=2)).eval()
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        layer(x)
+        out = layer(x)
+    assert type(out) is _NativeOutput
+    made = _NativeOutput(out.output, layer, x, out._kernel_routing, 2)
+    for slot in (*MoEOutput.__slots__, *_NativeOutput.__slots__):
+        assert getattr(out, slot) is getattr(made, slot), slot
+    assert out._kernel_routing._copied is False and len(out._kernel_routing._tensors) == 4
+    gc.disable()
+    try:
+        freed = weakref.ref(layer.experts.w_in_EDF)
+        gone = weakref.ref(layer)
+        del layer, out, made
+        assert gone() is None and freed() is None
+    finally:
+        gc.enable()
 
 
 def test_decode_call_checks_its_arguments():
     decode = native.decode_module()
     if decode is None:
         pytest.skip("the C++ decode call cannot be built here")
-    args = [0, 0, 1, 4, 1, 0, False, (), (), (), (), list, native.KernelRouting, ()]
+    args = [0, 0, 1, 4, 1, 0, (), (), (), (), list, native.KernelRouting, (), None]
     decode.Call(*args)
     for i, bad, error, message in [
-        (7, ((1, 2, 3),), TypeError, r"same\[0\] must be a \(dict, key, value\) tuple"),
-        (8, (({}, "1"),), TypeError, r"sizes\[0\] must be a \(dict, int\) tuple"),
-        (9, (torch.zeros(1),), ValueError, "tensors and pointers must be tuples of the same length"),
-        (12, native.KernelRouting(()), TypeError, "routing must be the routing objects' type"),
+        (6, ((1, 2, 3),), TypeError, r"same\[0\] must be a \(dict or None, key, value\) tuple"),
+        (7, (({}, "1"),), TypeError, r"sizes\[0\] must be a \(dict, int\) tuple"),
+        (8, (torch.zeros(1),), ValueError, "tensors and pointers must be tuples of the same length"),
+        (11, native.KernelRouting(()), TypeError, "routing must be the routing objects' type"),
+        (13, (list, 2), TypeError, "has no object slot output"),
+        (13, (list,), TypeError, r"direct must be None or \(the output objects' type, top_k\)"),
     ]:
         with pytest.raises(error, match=message):
             decode.Call(*args[:i], bad, *args[i + 1 :])

@@ -220,9 +220,12 @@ class MoE(nn.Module):
             # (torch.compile traces the layer's forward: dynamo reads is_dynamo_compiling() as True;
             # other tracers' tensors are not plain CPU tensors, which the call turns away)
             if fast is not None and not torch.compiler.is_dynamo_compiling():
-                result = fast(x)  # None where a guard fails, or the call is not prepared direct
-                if result is not None:
-                    return self._native_output(x, *result, call.top_k)
+                out = fast(self, x)  # None where a guard fails, or the call is not prepared direct
+                if out is not None:
+                    shared = self._modules.get("shared")
+                    if shared is not None:
+                        out.output = out.output + shared(x)
+                    return out
             if not _has_hooks(self, call=True):
                 native_out = self._native_inference(x) if isinstance(x, Tensor) and x.ndim == 2 else None
                 if native_out is not None:
@@ -391,7 +394,7 @@ class MoE(nn.Module):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (traced tensors have no memory)
             return None
         call = self.__dict__.get("_native_call")
-        if call is None or not call.holds(x_TD):
+        if call is None or not call.holds(self, x_TD):
             call = self._prepare_native(x_TD)
             self.__dict__["_native_call"] = call
         result = call(x_TD)
@@ -415,7 +418,9 @@ class MoE(nn.Module):
         )
         same = [
             *native.same(modules, *modules),
-            *native.same(attrs, "dispatcher", "training", "config", "_compiled_call_impl", *_HOOKS),
+            *native.same(
+                attrs, "dispatcher", "training", "config", "_compiled_call_impl", *_HOOKS, holder=True
+            ),
             *native.same(router.__dict__, *_HOOKS),
             *native.same(self.config.__dict__, "_assignments"),
         ]
@@ -455,7 +460,7 @@ class MoE(nn.Module):
         gate_ED, bias_E = router.gate.weight, router.gate.bias
         top_k, renormalize = router.top_k, self.config.norm_topk_prob
         bank = experts._native_bank()
-        direct = not _has_hooks(self, call=True)
+        direct = None if _has_hooks(self, call=True) else _NativeOutput
         return native.TopKLayer(
             x_TD, gate_ED, bias_E, top_k, renormalize, bank, experts.strategy, guards, direct
         )
@@ -597,7 +602,8 @@ class _NativeOutput(MoEOutput):
     """A native call's output: its Routing (the tensors copied out of the kernel's buffers),
     statistics, router logits and losses computed when first read. One object built in one step: on
     the flushed caches of a decode step, each closure, cell or frame a call builds costs
-    microseconds."""
+    microseconds. (The C++ call, csrc/decode.cpp, fills in a new one's slots as __init__ does:
+    output, _layer, _x, _kernel_routing and _top_k given, the others None.)"""
 
     __slots__ = ("_layer", "_x", "_kernel_routing", "_top_k", "_routing")
 

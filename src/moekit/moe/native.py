@@ -720,7 +720,7 @@ class Guards(NamedTuple):
     (csrc/decode.cpp's header). Its holder names its own state; TopKLayer adds the input's size and
     layout, the thread count, this thread and the library's switches."""
 
-    same: tuple = ()  # (dict, key, value): dict.get(key) is value
+    same: tuple = ()  # (dict, key, value): dict.get(key) is value; dict None: the holder's __dict__
     sizes: tuple = ()  # (dict, size): len(dict) == size
     tensors: tuple = ()  # tensors whose memory stays where it was
 
@@ -728,9 +728,12 @@ class Guards(NamedTuple):
 NO_GUARDS = Guards()
 
 
-def same(d: dict, *keys: Any) -> list[tuple[dict, Any, Any]]:
-    """Guards.same entries for d's values at `keys` (as they are now; None where missing)."""
-    return [(d, k, d.get(k)) for k in keys]
+def same(d: dict, *keys: Any, holder: bool = False) -> list[tuple[dict | None, Any, Any]]:
+    """Guards.same entries for d's values at `keys` (as they are now; None where missing). With
+    `holder`, d is the holder's own __dict__, named by None: the holder keeps the call in that dict,
+    and a call holding it would make a reference cycle (a deleted model's weights kept until the
+    garbage collector runs)."""
+    return [(None if holder else d, k, d.get(k)) for k in keys]
 
 
 # A prepared call allocates its outputs (each its own tensor) a few at a time, up to this many and
@@ -789,9 +792,11 @@ class TopKLayer:
 
     Valid while its guards hold (`holds`: the holder's `Guards`, the input's size and layout, the
     thread count, this thread, the library's switches). Where the C++ call can be built (`fast`:
-    csrc/decode.cpp), the guards are checked and the kernel called there: `fast(x)` is the whole
-    decode-size layer call from the holder's `__call__` (`direct`: the holder's call does nothing but
-    forward), None where a guard fails. A copy or pickle of the holder drops it."""
+    csrc/decode.cpp), the guards are checked and the kernel called there: with `direct` (the type of
+    the holder's output, where the holder's call does nothing but forward), `fast(holder, x)` is the
+    whole decode-size call from the holder's `__call__` -> direct(out, holder, x, routing, top_k) as
+    that type's __init__ would make it, None where a guard fails. A copy or pickle of the holder
+    drops it."""
 
     def __init__(
         self,
@@ -803,7 +808,7 @@ class TopKLayer:
         experts: Experts,
         strategy: str = "auto",
         guards: Guards = NO_GUARDS,
-        direct: bool = False,
+        direct: type | None = None,
     ) -> None:
         """Prepared where `applies_topk_layer`; elsewhere the call answers None (kept all the same:
         the guards say when to ask again)."""
@@ -825,10 +830,10 @@ class TopKLayer:
             torch.empty(num_rows, dtype=torch.int64),  # expert_idx
             torch.empty(num_rows),  # weight
         )
-        self._out_shape = (tokens, dim)
         # (out, its data pointer): made a batch at a time, up to OUTPUT_BATCH and OUTPUT_BATCH_BYTES
         self._outputs: list[tuple[Tensor, int]] = []
-        self._batch = max(1, min(OUTPUT_BATCH, OUTPUT_BATCH_BYTES // (tokens * dim * 4)))
+        batch = max(1, min(OUTPUT_BATCH, OUTPUT_BATCH_BYTES // (tokens * dim * 4)))
+        self._new_outputs = functools.partial(_new_outputs, (tokens, dim), batch)
         gate = (gate_ED.data_ptr(), None if bias_E is None else bias_E.data_ptr(), top_k, int(renormalize))
         routing = tuple(t.data_ptr() for t in self._routing)
         # the call's other arguments, packed once (moekit_topk_layer_packed: tokens, gate, routing,
@@ -855,14 +860,14 @@ class TopKLayer:
                 dim,
                 self._threads,
                 self._thread,
-                direct,
                 self._guards.same,
                 self._guards.sizes,
                 self._guards.tensors,
                 self._pointers,
-                self._new_outputs,
+                self._new_outputs,  # (not a bound method: that would make a reference cycle)
                 KernelRouting,
                 self._routing,
+                None if direct is None else (direct, top_k),
             )
 
     def _guard(self, x_TD: Tensor, guards: Guards) -> None:
@@ -883,25 +888,20 @@ class TopKLayer:
         call.top_k, call._fn, call.fast, call._last = 0, None, None, _no_routing
         return call
 
-    def holds(self, x_TD: Tensor) -> bool:
-        """Whether the call is still the one for input x_TD: every guard holds (autograd off)."""
+    def holds(self, holder: Any, x_TD: Tensor) -> bool:
+        """Whether the call is still `holder`'s for input x_TD: every guard holds (autograd off)."""
         if self.fast is not None:
-            return self.fast.guards_hold(x_TD)
-        guards = self._guards
+            return self.fast.guards_hold(holder, x_TD)
+        guards, own = self._guards, holder.__dict__
         return (
             not torch.is_grad_enabled()
             and (x_TD.shape, x_TD.dtype, _plain(x_TD)) == self._input
             and torch.get_num_threads() == self._threads
             and threading.get_ident() == self._thread
-            and all(d.get(k) is v for d, k, v in guards.same)
+            and all((own if d is None else d).get(k) is v for d, k, v in guards.same)
             and all(len(d) == n for d, n in guards.sizes)
             and all(t.data_ptr() == p for t, p in zip(guards.tensors, self._pointers))
         )
-
-    def _new_outputs(self) -> list[Tensor]:
-        """A batch of outputs (one torch.empty after the caches were flushed costs 25-55 us; the
-        next few 2-3)."""
-        return [torch.empty(self._out_shape) for _ in range(self._batch)]
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a copied layer has other tensors: it prepares its own
@@ -935,6 +935,12 @@ class TopKLayer:
 
 def _nothing() -> None:
     return None
+
+
+def _new_outputs(shape: tuple[int, int], count: int) -> list[Tensor]:
+    """A batch of a prepared call's outputs (one torch.empty after the caches were flushed costs
+    25-55 us; the next few 2-3)."""
+    return [torch.empty(shape) for _ in range(count)]
 
 
 def _routed(x_TD, expert_idx_A, weight_A, top_k, experts, sgemm, block_rows, floats) -> tuple[Tensor, int]:
