@@ -219,7 +219,7 @@ class MoE(nn.Module):
             fast = None if call is None else call.fast
             # (torch.compile traces the layer's forward: dynamo reads is_dynamo_compiling() as True;
             # other tracers' tensors are not plain CPU tensors, which the call turns away)
-            if fast is not None and not torch.compiler.is_dynamo_compiling():
+            if fast is not None and not _is_dynamo_compiling():
                 out = fast(self, x)  # None where a guard fails, or the call is not prepared direct
                 if out is not None:
                     shared = self._modules.get("shared")
@@ -402,11 +402,11 @@ class MoE(nn.Module):
 
     def _native_guards(self) -> native.Guards:
         """What `_prepare_native` reads, as it is now: the submodules (the objects: a replaced one
-        prepares again), the dispatcher, the training flags, the hooks (the layer's, the router's and
-        the global ones), a compiled forward, the config (the object and its count of field
-        assignments: one number instead of every field), the router's and bank's settings and
+        prepares again), the dispatcher, the training flags, the hooks (how many the layer, the
+        router and torch's globals have), a compiled forward, the config (the object and its count of
+        field assignments: one number instead of every field), the router's and bank's settings and
         parameters, and the memory of the tensors the call reads (a parameter moved or converted
-        has new memory)."""
+        has new memory). On the caches a decode step flushes, each guard costs a few cache misses."""
         modules, attrs = self._modules, self.__dict__
         router, experts = modules["router"], modules["experts"]
         hooks = (
@@ -634,6 +634,10 @@ class _NativeOutput(MoEOutput):
             self._losses = self._layer._aux_losses(self._x, self.routing(), None, None)
         return self._losses
 
+
+# (dynamo reads it as True while it traces, by the function's identity: bound here, a decode step's
+# call skips two attribute lookups on cold caches)
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 
 # nn.Module's hook dicts that `_has_hooks` reads
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
