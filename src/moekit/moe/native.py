@@ -39,6 +39,13 @@ or a failed build takes the torch path (the same results up to float32 rounding)
 the environment turns them all off, MOEKIT_NATIVE_MANY=0 the GEMM-based ones (the many-row regime,
 the LM head + loss, attention and the linear layers), MOEKIT_NATIVE_GEMM=blas sends their products to
 the BLAS's sgemm.
+
+The decode-size layer call (`TopKLayer`, kept prepared by the MoE layer) checks that it still applies
+and calls the kernel in one C++ call where it can: `csrc/decode.cpp`, a Python extension module
+compiled on first use by the system's C++ compiler (`$CXX`, else `c++`) against this Python's and
+this torch's headers, cached like the library (`decode_module`). On the flushed caches of a decode
+step, the same checks in Python took a third of a one-token layer call (docs/benchmarks.md). Where it
+cannot be built, or with MOEKIT_DECODE_CALL=0, the checks run in Python and the kernel through ctypes.
 """
 
 from __future__ import annotations
