@@ -623,6 +623,32 @@ def test_decode_call_output_is_what_init_makes_and_a_deleted_layer_is_freed(call
         gc.enable()
 
 
+@needs_kernel
+@pytest.mark.parametrize("shared_gate", [False, True])
+def test_decode_call_adds_shared_experts_and_reads_losses_like_the_general_path(call_path, shared_gate):
+    # The layer's decode-size call with shared experts (added after the routed ones) and the
+    # statistics and losses read afterwards, against the reference and the general (autograd) path.
+    from tests.moe_reference import reference_moe
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        dim=32, hidden_dim=24, num_experts=5, top_k=2, num_shared_experts=1, shared_gate=shared_gate
+    )
+    layer = MoE(cfg).eval()
+    calls = native.topk_layer_calls()
+    for _ in range(3):
+        x = torch.randn(2, 32)
+        with torch.no_grad():
+            fast = layer(x)
+        general = layer(x)
+        torch.testing.assert_close(fast.output, reference_moe(layer, x)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.output, general.output.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.aux_loss, general.aux_loss.detach())
+        torch.testing.assert_close(fast.z_loss, general.z_loss.detach())
+        assert torch.equal(fast.stats.routed_per_expert, general.stats.routed_per_expert)
+    assert native.topk_layer_calls() == calls + 3
+
+
 def test_decode_call_checks_its_arguments():
     decode = native.decode_module()
     if decode is None:

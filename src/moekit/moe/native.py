@@ -234,6 +234,7 @@ def _compile(
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".so.tmp", dir=folder)
     os.close(fd)
+    log.info("compiling %s into %s (once: kept there)", names, folder)
     try:
         done = subprocess.run(
             [compiler, *flags, *map(str, sources), "-o", tmp, *libs],
