@@ -72,7 +72,7 @@ struct Call {
     PyObject *buffers;   /* the routing's buffers */
     PyObject *output;    /* the output objects' type, or NULL: not direct */
     PyObject *top_k;     /* int */
-    PyObject *last;      /* weak reference to the last call's routing object, or NULL */
+    PyObject *last;      /* the last call's routing object, or NULL */
     Py_ssize_t routing_at[N_ROUTING], output_at[N_OUTPUT], none_at[N_NONE]; /* slot offsets */
 };
 
@@ -165,15 +165,15 @@ int run_kernel(Call *self, PyObject *x, PyObject **out_obj, PyObject **routing_o
         PyErr_SetString(PyExc_ValueError, "the prepared call reads a plain CPU float32 tensor of its [T, D] shape");
         return -1;
     }
-    if (self->last) { /* the last call's routing, still referenced: moved out of the buffers first */
-        PyObject *last = PyWeakref_GetObject(self->last);
-        if (last != Py_None) {
-            PyObject *done = PyObject_CallMethod(last, "tensors", NULL);
-            if (!done) return -1;
-            Py_DECREF(done);
-        }
-        Py_CLEAR(self->last);
+    /* the last call's routing, referenced elsewhere too (its output is alive): moved out of the
+       buffers first. (A strong reference and its count, not a weak reference: one object fewer to
+       make and clear per call.) */
+    if (self->last && Py_REFCNT(self->last) > 1) {
+        PyObject *done = PyObject_CallMethod(self->last, "tensors", NULL);
+        if (!done) return -1;
+        Py_DECREF(done);
     }
+    Py_CLEAR(self->last);
     if (PyList_GET_SIZE(self->outputs) == 0) {
         PyObject *fresh = PyObject_CallNoArgs(self->refill);
         if (!fresh) return -1;
@@ -201,11 +201,11 @@ int run_kernel(Call *self, PyObject *x, PyObject **out_obj, PyObject **routing_o
     }
     PyObject *slots[N_ROUTING] = {self->buffers, Py_False};
     PyObject *routing = filled(self->routing, self->routing_at, slots, N_ROUTING);
-    if (!routing || !(self->last = PyWeakref_NewRef(routing, NULL))) {
-        Py_XDECREF(routing);
+    if (!routing) {
         Py_DECREF(out);
         return -1;
     }
+    self->last = Py_NewRef(routing);
     *out_obj = out;
     *routing_obj = routing;
     return 0;
@@ -282,7 +282,7 @@ PyObject *call_guards_hold(PyObject *self, PyObject *const *args, Py_ssize_t nar
 
 #define CALL_OBJECTS(apply)                                                                            \
     apply(same) apply(sizes) apply(tensors) apply(pointers) apply(outputs) apply(refill) apply(routing) \
-        apply(buffers) apply(output) apply(top_k)
+        apply(buffers) apply(output) apply(top_k) apply(last)
 
 int call_traverse(Call *self, visitproc visit, void *arg)
 {
@@ -297,7 +297,6 @@ int call_clear(Call *self)
 #define CLEAR(field) Py_CLEAR(self->field);
     CALL_OBJECTS(CLEAR)
 #undef CLEAR
-    Py_CLEAR(self->last);
     return 0;
 }
 
