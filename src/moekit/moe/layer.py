@@ -363,6 +363,12 @@ class MoE(nn.Module):
         """Steps 1-5 for one token without autograd (a decode step) -> [1, D], or None where the
         general path is needed (capacity, expert choice, task routing, another dispatcher or expert
         bank). The output of `forward`, without its losses and statistics."""
+        call = self.__dict__.get("_native_call")
+        fast = None if call is None else call.fast
+        if fast is not None and not _is_dynamo_compiling():
+            out = fast(self, x_1D)  # (as in __call__: None where a guard fails)
+            if out is not None:
+                return out.output if self.shared is None else out.output + self.shared(x_1D)
         if torch.is_grad_enabled() or getattr(self.router, "uses_task_ids", False):
             return None
         native_out = self._native_inference(x_1D)
