@@ -649,6 +649,35 @@ def test_decode_call_adds_shared_experts_and_reads_losses_like_the_general_path(
     assert native.topk_layer_calls() == calls + 3
 
 
+@needs_kernel
+def test_decode_call_from_two_threads_at_once_gives_each_its_own_output(call_path):
+    # The C++ call runs the kernel without the GIL: two threads calling one layer at once (each
+    # prepares its own call: the work memory is per thread) each get their own input's output.
+    import threading
+
+    from tests.moe_reference import reference_moe
+
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=5, top_k=2)).eval()
+    inputs = [[torch.randn(1, 32) for _ in range(20)] for _ in range(2)]
+    outputs: list[list[torch.Tensor]] = [[], []]
+
+    def decode(i: int) -> None:
+        with torch.no_grad():
+            for x in inputs[i]:
+                outputs[i].append(layer(x).output)
+
+    workers = [threading.Thread(target=decode, args=(i,)) for i in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    for xs, outs in zip(inputs, outputs):
+        assert len(outs) == len(xs)
+        for x, out in zip(xs, outs):
+            torch.testing.assert_close(out, reference_moe(layer, x)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_decode_call_checks_its_arguments():
     decode = native.decode_module()
     if decode is None:

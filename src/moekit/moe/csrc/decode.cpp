@@ -192,7 +192,10 @@ int run_kernel(Call *self, PyObject *x, PyObject **out_obj, PyObject **routing_o
     }
     const float *x_ptr = (const float *)THPVariable_Unpack(x).data_ptr();
     float *out_ptr = (float *)THPVariable_Unpack(out).data_ptr();
-    const int status = self->fn(x_ptr, out_ptr, self->args);
+    int status;
+    Py_BEGIN_ALLOW_THREADS /* (as torch's ops and ctypes do: other Python threads run meanwhile) */
+    status = self->fn(x_ptr, out_ptr, self->args);
+    Py_END_ALLOW_THREADS
     if (status != 0) {
         Py_DECREF(out);
         if (status == 1) return 1;
