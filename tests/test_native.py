@@ -531,6 +531,17 @@ def test_layer_routes_in_the_kernel_unless_the_router_is_hooked_or_the_logits_ar
         layer(x)
 
 
+def _prepared_decode_layer() -> tuple[MoE, torch.Tensor]:
+    """A small top-2 layer (dim 32, seeded, eval) and a one-token input it has been called on once
+    without autograd (its decode-size call prepared)."""
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=5, top_k=2)).eval()
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        layer(x)
+    return layer, x
+
+
 @needs_kernel
 def test_decode_call_answers_only_for_what_it_was_prepared_for(call_path):
     # The prepared call's guards (native.TopKLayer.holds; in C++ also the layer's direct call): each
@@ -539,11 +550,7 @@ def test_decode_call_answers_only_for_what_it_was_prepared_for(call_path):
 
     from tests.moe_reference import reference_moe
 
-    torch.manual_seed(0)
-    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=5, top_k=2)).eval()
-    x = torch.randn(1, 32)
-    with torch.no_grad():
-        layer(x)
+    layer, x = _prepared_decode_layer()
     call = layer._native_call
     assert (call.fast is not None) == (call_path == "cpp")
     with torch.no_grad():
@@ -602,11 +609,8 @@ def test_decode_call_output_is_what_init_makes_and_a_deleted_layer_is_freed(call
 
     from moekit.moe.layer import MoEOutput, _NativeOutput
 
-    torch.manual_seed(0)
-    layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=5, top_k=2)).eval()
-    x = torch.randn(1, 32)
+    layer, x = _prepared_decode_layer()
     with torch.no_grad():
-        layer(x)
         out = layer(x)
     assert type(out) is _NativeOutput
     made = _NativeOutput(out.output, layer, x, out._kernel_routing, 2)
@@ -700,12 +704,8 @@ def test_decode_call_unbuildable_falls_back_to_python(monkeypatch, tmp_path, cap
     # no C++ compiler: the prepared call checks its guards in Python and calls the kernel by ctypes
     if native.library() is None:
         pytest.skip("no native kernel on this machine")
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path))
     monkeypatch.delitem(native._state, "decode", raising=False)
-    with caplog.at_level(logging.WARNING, logger="moekit.moe.native"):
-        assert native.decode_module() is None
-    assert "no-such-compiler" in caplog.text
+    _unbuildable(monkeypatch, tmp_path, caplog, "CXX", native.decode_module)
     torch.manual_seed(0)
     layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=5, top_k=2)).eval()
     x = torch.randn(2, 32)
@@ -967,14 +967,19 @@ def test_a_fresh_process_can_start_with_a_large_inference_batch():
     assert "torch.Size([300, 32])" in done.stdout
 
 
-def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+def _unbuildable(monkeypatch, tmp_path, caplog, compiler_env: str, load) -> None:
+    """With $`compiler_env` naming no compiler and an empty cache, load() gives None and logs why."""
+    monkeypatch.setenv(compiler_env, str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="moekit.moe.native"):
+        assert load() is None
+    assert "no-such-compiler" in caplog.text
+
+
+def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setattr(native, "_supported_machine", lambda: True)
-    with caplog.at_level(logging.WARNING, logger="moekit.moe.native"):
-        assert native.library() is None
-    assert "no-such-compiler" in caplog.text
+    _unbuildable(monkeypatch, tmp_path, caplog, "CC", native.library)
     torch.manual_seed(0)
     layer = MoE(MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2)).eval()
     x = torch.randn(3, 32)
