@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import os
 import subprocess
 import sys
 
@@ -974,6 +975,20 @@ def _unbuildable(monkeypatch, tmp_path, caplog, compiler_env: str, load) -> None
     with caplog.at_level(logging.WARNING, logger="moekit.moe.native"):
         assert load() is None
     assert "no-such-compiler" in caplog.text
+
+
+def test_failed_build_reports_the_compilers_last_lines(tmp_path):
+    import shutil
+
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler")
+    source = tmp_path / "broken.c"
+    source.write_text("int f(void) { return }\n" * 100)  # an error (and its context) per line
+    with pytest.raises(RuntimeError, match="failed to build broken.c") as failed:
+        native.build(source, tmp_path / "out")
+    lines = str(failed.value).splitlines()
+    assert "error" in str(failed.value) and len(lines) == 41  # the first line and the last 40
+    assert not list((tmp_path / "out").iterdir())  # nothing half-written left behind
 
 
 def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path, caplog):

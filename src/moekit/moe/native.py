@@ -242,8 +242,9 @@ def _compile(
             text=True,
             timeout=300,
         )
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed to build {names}:\n{done.stderr.strip()}")
+        if done.returncode != 0:  # (the message's last lines: a C++ build's can run to thousands)
+            message = "\n".join(done.stderr.strip().splitlines()[-40:])
+            raise RuntimeError(f"{compiler} failed to build {names}:\n{message}")
         os.replace(tmp, target)
     except (OSError, subprocess.SubprocessError) as err:
         raise RuntimeError(f"could not run the compiler {compiler!r} for {names}: {err}") from err
