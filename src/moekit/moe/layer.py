@@ -424,10 +424,7 @@ class MoE(nn.Module):
         )
         same = [
             *native.same(modules, *modules),
-            *native.same(
-                attrs, "dispatcher", "training", "config", "_compiled_call_impl", *_HOOKS, holder=True
-            ),
-            *native.same(router.__dict__, *_HOOKS),
+            *native.same(attrs, "dispatcher", "training", "config", "_compiled_call_impl", holder=True),
             *native.same(self.config.__dict__, "_assignments"),
         ]
         sizes = [(modules, len(modules)), *((d, len(d)) for d in hooks)]
