@@ -397,8 +397,8 @@ class MoE(nn.Module):
         is prepared again. A decode step runs every other layer between two calls of this one, and
         their weights flush the caches: each Python and torch step of checking and building the
         call then misses on torch's code and data (see docs/benchmarks.md)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (traced tensors have no memory)
-            return None
+        if not x_TD.is_cpu or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None  # (the kernels are the CPU's; traced tensors have no memory)
         call = self.__dict__.get("_native_call")
         if call is None or not call.holds(self, x_TD):
             call = self._prepare_native(x_TD)
