@@ -370,9 +370,9 @@ def applies_linear(x_ND: Tensor, weight_OD: Tensor, bias_O: Tensor | None) -> bo
         and MANY_ROWS
         and not BLAS_GEMM
         and x_ND.dim() == 2
+        and applies_rows(x_ND, weight_OD, bias_O)  # (first: not while tracing, which has no threads)
         and x_ND.shape[0] >= 12 * torch.get_num_threads()
         and min(weight_OD.shape) >= 64
-        and applies_rows(x_ND, weight_OD, bias_O)
         and hasattr(library(), "moekit_matmul")  # (not in a build of older sources: bench_native --baseline)
     )
 
