@@ -136,14 +136,17 @@ int guards_hold(Call *self, PyObject *holder, PyObject *x)
 {
     if (at::GradMode::is_enabled() || !input_fits(self, x)) return 0;
     if (at::get_num_threads() != self->threads || PyThread_get_thread_ident() != self->thread_id) return 0;
-    PyObject **holder_dict = _PyObject_GetDictPtr(holder);
-    if (!holder_dict || !*holder_dict) return 0;
+    PyObject *holder_dict = PyObject_GenericGetDict(holder, NULL);
+    if (!holder_dict) return -1;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->same); i++) {
         PyObject *triple = PyTuple_GET_ITEM(self->same, i), *dict = PyTuple_GET_ITEM(triple, 0);
-        PyObject *value = PyDict_GetItemWithError(dict == Py_None ? *holder_dict : dict, PyTuple_GET_ITEM(triple, 1));
-        if (value == NULL && PyErr_Occurred()) return -1;
-        if ((value ? value : Py_None) != PyTuple_GET_ITEM(triple, 2)) return 0;
+        PyObject *value = PyDict_GetItemWithError(dict == Py_None ? holder_dict : dict, PyTuple_GET_ITEM(triple, 1));
+        if ((value == NULL && PyErr_Occurred()) || (value ? value : Py_None) != PyTuple_GET_ITEM(triple, 2)) {
+            Py_DECREF(holder_dict);
+            return PyErr_Occurred() ? -1 : 0;
+        }
     }
+    Py_DECREF(holder_dict);
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->sizes); i++) {
         PyObject *pair = PyTuple_GET_ITEM(self->sizes, i);
         if (PyDict_GET_SIZE(PyTuple_GET_ITEM(pair, 0)) != PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 1))) return 0;
