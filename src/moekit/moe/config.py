@@ -97,7 +97,7 @@ class MoEConfig:
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Every assignment is counted (`assignments`): a layer's prepared native call compares the
-        # count, not every field, on each decode step (MoE._native_key).
+        # count, not every field, on each decode step (MoE._native_guards).
         object.__setattr__(self, name, value)
         object.__setattr__(self, "_assignments", self.__dict__.get("_assignments", 0) + 1)
 
