@@ -215,17 +215,9 @@ class MoE(nn.Module):
         call cost as much as reading a small expert's weights."""
         if len(args) == 1 and not kwargs:
             x = args[0]
-            call = self.__dict__.get("_native_call")
-            fast = None if call is None else call.fast
-            # (torch.compile traces the layer's forward: dynamo reads is_dynamo_compiling() as True;
-            # other tracers' tensors are not plain CPU tensors, which the call turns away)
-            if fast is not None and not _is_dynamo_compiling():
-                out = fast(self, x)  # None where a guard fails, or the call is not prepared direct
-                if out is not None:
-                    shared = self._modules.get("shared")
-                    if shared is not None:
-                        out.output = out.output + shared(x)
-                    return out
+            out = self._direct(x)
+            if out is not None:
+                return out
             if not _has_hooks(self, call=True):
                 native_out = self._native_inference(x) if isinstance(x, Tensor) and x.ndim == 2 else None
                 if native_out is not None:
@@ -363,12 +355,9 @@ class MoE(nn.Module):
         """Steps 1-5 for one token without autograd (a decode step) -> [1, D], or None where the
         general path is needed (capacity, expert choice, task routing, another dispatcher or expert
         bank). The output of `forward`, without its losses and statistics."""
-        call = self.__dict__.get("_native_call")
-        fast = None if call is None else call.fast
-        if fast is not None and not _is_dynamo_compiling():
-            out = fast(self, x_1D)  # (as in __call__: None where a guard fails)
-            if out is not None:
-                return out.output if self.shared is None else out.output + self.shared(x_1D)
+        out = self._direct(x_1D)
+        if out is not None:
+            return out.output
         if torch.is_grad_enabled() or getattr(self.router, "uses_task_ids", False):
             return None
         native_out = self._native_inference(x_1D)
@@ -383,6 +372,23 @@ class MoE(nn.Module):
         if straight is None:
             return None
         return straight[0] if self.shared is None else straight[0] + self.shared(x_1D)
+
+    def _direct(self, x: Tensor) -> MoEOutput | None:
+        """The whole call on x [T, D] by the prepared C++ call (native.TopKLayer.fast, shared experts
+        added after it), or None: no such call, one of its guards fails, or the layer's call does
+        more than forward (hooks: not prepared direct). (torch.compile traces the layer's forward:
+        dynamo reads is_dynamo_compiling() as True; other tracers' tensors are not plain CPU tensors,
+        which the call turns away.)"""
+        call = self.__dict__.get("_native_call")
+        fast = None if call is None else call.fast
+        if fast is None or _is_dynamo_compiling():
+            return None
+        out = fast(self, x)
+        if out is not None:
+            shared = self._modules.get("shared")
+            if shared is not None:
+                out.output = out.output + shared(x)
+        return out
 
     def _native_inference(self, x_TD: Tensor) -> tuple[Tensor, native.KernelRouting, int] | None:
         """Steps 1-4 of an inference call in one native call (native.TopKLayer), where they can run

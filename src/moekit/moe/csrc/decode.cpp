@@ -160,14 +160,10 @@ int guards_hold(Call *self, PyObject *holder, PyObject *x)
     return 1;
 }
 
-/* The kernel on x -> (out, its routing object) as new references (0), None where a logit was not
-   finite (1), or -1 with an exception set */
+/* The kernel on x (which the caller found to fit: input_fits) -> (out, its routing object) as new
+   references (0), None where a logit was not finite (1), or -1 with an exception set */
 int run_kernel(Call *self, PyObject *x, PyObject **out_obj, PyObject **routing_obj)
 {
-    if (!input_fits(self, x)) {
-        PyErr_SetString(PyExc_ValueError, "the prepared call reads a plain CPU float32 tensor of its [T, D] shape");
-        return -1;
-    }
     /* the last call's routing, referenced elsewhere too (its output is alive): moved out of the
        buffers first. (A strong reference and its count, not a weak reference: one object fewer to
        make and clear per call.) */
@@ -258,6 +254,10 @@ PyObject *call_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, 
 PyObject *call_run(PyObject *self, PyObject *x)
 {
     try {
+        if (!input_fits((Call *)self, x)) {
+            PyErr_SetString(PyExc_ValueError, "the prepared call reads a plain CPU float32 tensor of its [T, D] shape");
+            return NULL;
+        }
         PyObject *out, *routing;
         const int status = run_kernel((Call *)self, x, &out, &routing);
         if (status != 0) {
